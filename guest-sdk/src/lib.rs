@@ -1,0 +1,241 @@
+#![doc = include_str!("../README.md")]
+
+#[doc(hidden)]
+pub mod abi;
+mod context;
+mod event;
+mod manifest;
+mod state;
+pub mod testing;
+
+pub use context::{Alert, Context, Error, Severity};
+pub use event::{Event, Events, Field};
+pub use manifest::{Literal, Manifest};
+pub use serde_json::json;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// An alert rule: a plain type, its state, and what it does with events.
+///
+/// Make it a component with [`export!`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a Tocsin rule",
+    label = "`tocsin_rule::export!` needs a type implementing `tocsin_rule::Rule`",
+    note = "add `impl tocsin_rule::Rule for {Self} {{ type State = ...; fn manifest() ...; fn evaluate(...) ... }}`"
+)]
+pub trait Rule {
+    /// What the rule remembers per bucket between batches. Starts at
+    /// `Default`; a state equal to its default is not stored at all.
+    type State: Serialize + DeserializeOwned + Default;
+
+    /// Name, version, filter, bucket key and fields. Called once at load.
+    fn manifest() -> Manifest;
+
+    /// Called once per bucket per batch with that bucket's events in order.
+    fn evaluate(state: &mut Self::State, events: Events<'_>, ctx: &mut Context<'_>)
+    -> Result<(), Error>;
+
+    /// Called when a timer set with [`Context::set_timer`] is due.
+    fn on_timer(state: &mut Self::State, ctx: &mut Context<'_>) -> Result<(), Error> {
+        let _ = (state, ctx);
+        Ok(())
+    }
+}
+
+/// A message for the rule's log, which the host keeps per rule and bounds.
+pub fn log(level: Level, message: &str) {
+    #[cfg(target_arch = "wasm32")]
+    crate::bindings::tocsin::rule::host::log(level.into_abi(), message);
+    #[cfg(not(target_arch = "wasm32"))]
+    eprintln!("[{level:?}] {message}");
+}
+
+/// Log levels, as the host's log records them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    #[cfg(target_arch = "wasm32")]
+    fn into_abi(self) -> abi::Level {
+        match self {
+            Level::Trace => abi::Level::Trace,
+            Level::Debug => abi::Level::Debug,
+            Level::Info => abi::Level::Info,
+            Level::Warn => abi::Level::Warn,
+            Level::Error => abi::Level::Error,
+        }
+    }
+}
+
+/// Makes a [`Rule`] type the component's implementation of the
+/// `tocsin:rule` world. Use it once per crate:
+///
+/// ```ignore
+/// tocsin_rule::export!(MyRule);
+/// ```
+#[macro_export]
+macro_rules! export {
+    ($rule:ty) => {
+        const _: () = {
+            fn assert_rule<R: $crate::Rule>() {}
+            let _ = assert_rule::<$rule>;
+        };
+
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct TocsinRuleExport;
+
+            static FIELDS: ::std::sync::OnceLock<::std::vec::Vec<::std::string::String>> =
+                ::std::sync::OnceLock::new();
+
+            fn fields() -> &'static [::std::string::String] {
+                FIELDS.get_or_init(|| {
+                    <$rule as $crate::Rule>::manifest()
+                        .field_names()
+                        .to_vec()
+                })
+            }
+
+            impl $crate::bindings::Guest for TocsinRuleExport {
+                fn manifest() -> $crate::bindings::tocsin::rule::types::Manifest {
+                    $crate::__private::install_panic_hook();
+                    <$rule as $crate::Rule>::manifest().into_abi()
+                }
+
+                fn evaluate(
+                    bucket: ::std::string::String,
+                    state: ::std::option::Option<::std::vec::Vec<u8>>,
+                    events: $crate::bindings::tocsin::rule::types::EventBatch,
+                    now: i64,
+                ) -> ::std::result::Result<
+                    $crate::bindings::tocsin::rule::types::Outcome,
+                    $crate::bindings::tocsin::rule::types::RuleError,
+                > {
+                    $crate::__private::install_panic_hook();
+                    $crate::__private::evaluate::<$rule>(fields(), &bucket, state.as_deref(), &events, now)
+                        .map(|(outcome, _)| outcome)
+                }
+
+                fn on_timer(
+                    bucket: ::std::string::String,
+                    state: ::std::option::Option<::std::vec::Vec<u8>>,
+                    now: i64,
+                ) -> ::std::result::Result<
+                    $crate::bindings::tocsin::rule::types::Outcome,
+                    $crate::bindings::tocsin::rule::types::RuleError,
+                > {
+                    $crate::__private::install_panic_hook();
+                    $crate::__private::on_timer::<$rule>(&bucket, state.as_deref(), now)
+                        .map(|(outcome, _)| outcome)
+                }
+            }
+
+            $crate::bindings::export_rule_world!(TocsinRuleExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "rule",
+        pub_export_macro: true,
+        export_macro_name: "export_rule_world",
+        default_bindings_module: "tocsin_rule::bindings",
+    });
+}
+
+/// The glue between the WIT calls and a [`Rule`]; shared by the component
+/// export and the native harness so both run the same code.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::abi;
+    use crate::{Context, Events, Rule, state};
+
+    /// Alerts the call emitted: collected natively, already handed to the
+    /// host inside a component.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub type Emitted = Vec<crate::Alert>;
+    #[cfg(target_arch = "wasm32")]
+    pub type Emitted = ();
+
+    pub fn evaluate<R: Rule>(
+        fields: &[String],
+        bucket: &str,
+        stored: Option<&[u8]>,
+        batch: &abi::EventBatch,
+        now: i64,
+    ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
+        let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
+        let mut ctx = Context::new(bucket, now);
+        R::evaluate(&mut state, Events::new(batch, fields), &mut ctx).map_err(|e| e.into_abi())?;
+        finish::<R>(state, stored, ctx)
+    }
+
+    pub fn on_timer<R: Rule>(
+        bucket: &str,
+        stored: Option<&[u8]>,
+        now: i64,
+    ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
+        let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
+        let mut ctx = Context::new(bucket, now);
+        R::on_timer(&mut state, &mut ctx).map_err(|e| e.into_abi())?;
+        finish::<R>(state, stored, ctx)
+    }
+
+    fn finish<R: Rule>(
+        state: R::State,
+        stored: Option<&[u8]>,
+        ctx: Context<'_>,
+    ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
+        let change = if ctx.deletes() {
+            deletion(stored)
+        } else {
+            let bytes = state::encode(&state).map_err(abi::RuleError::Failed)?;
+            if Some(bytes.as_slice()) == stored {
+                abi::StateChange::Unchanged
+            } else if bytes == state::encode(&R::State::default()).map_err(abi::RuleError::Failed)? {
+                deletion(stored)
+            } else {
+                abi::StateChange::Set(bytes)
+            }
+        };
+        let outcome = abi::Outcome {
+            state: change,
+            timer: ctx.timer(),
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        return Ok((outcome, ctx.alerts));
+        #[cfg(target_arch = "wasm32")]
+        Ok((outcome, ()))
+    }
+
+    fn deletion(stored: Option<&[u8]>) -> abi::StateChange {
+        match stored {
+            Some(_) => abi::StateChange::Delete,
+            None => abi::StateChange::Unchanged,
+        }
+    }
+
+    /// Routes panic messages to the rule log at error level, so a panic is
+    /// readable even in a component without WASI stderr.
+    pub fn install_panic_hook() {
+        #[cfg(target_arch = "wasm32")]
+        {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                std::panic::set_hook(Box::new(|info| {
+                    crate::log(crate::Level::Error, &format!("rule panicked: {info}"));
+                }));
+            });
+        }
+    }
+}
