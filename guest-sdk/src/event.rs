@@ -1,7 +1,7 @@
 //! Read access to one bucket's events, typed, without parsing JSON.
 
-use crate::abi::{self, Span, Value};
 use crate::Error;
+use crate::abi::{self, Span, Value};
 
 /// One bucket's events from one batch, in arrival order.
 #[derive(Clone, Copy)]

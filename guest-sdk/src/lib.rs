@@ -32,8 +32,11 @@ pub trait Rule {
     fn manifest() -> Manifest;
 
     /// Called once per bucket per batch with that bucket's events in order.
-    fn evaluate(state: &mut Self::State, events: Events<'_>, ctx: &mut Context<'_>)
-    -> Result<(), Error>;
+    fn evaluate(
+        state: &mut Self::State,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error>;
 
     /// Called when a timer set with [`Context::set_timer`] is due.
     fn on_timer(state: &mut Self::State, ctx: &mut Context<'_>) -> Result<(), Error> {
@@ -95,11 +98,7 @@ macro_rules! export {
                 ::std::sync::OnceLock::new();
 
             fn fields() -> &'static [::std::string::String] {
-                FIELDS.get_or_init(|| {
-                    <$rule as $crate::Rule>::manifest()
-                        .field_names()
-                        .to_vec()
-                })
+                FIELDS.get_or_init(|| <$rule as $crate::Rule>::manifest().field_names().to_vec())
             }
 
             impl $crate::bindings::Guest for TocsinRuleExport {
@@ -118,8 +117,14 @@ macro_rules! export {
                     $crate::bindings::tocsin::rule::types::RuleError,
                 > {
                     $crate::__private::install_panic_hook();
-                    $crate::__private::evaluate::<$rule>(fields(), &bucket, state.as_deref(), &events, now)
-                        .map(|(outcome, _)| outcome)
+                    $crate::__private::evaluate::<$rule>(
+                        fields(),
+                        &bucket,
+                        state.as_deref(),
+                        &events,
+                        now,
+                    )
+                    .map(|(outcome, _)| outcome)
                 }
 
                 fn on_timer(
@@ -134,7 +139,7 @@ macro_rules! export {
                     $crate::__private::on_timer::<$rule>(&bucket, state.as_deref(), now)
                         .map(|(outcome, _)| outcome)
                 }
-            }
+    }
 
             $crate::bindings::export_rule_world!(TocsinRuleExport with_types_in $crate::bindings);
         };
@@ -202,7 +207,9 @@ pub mod __private {
             let bytes = state::encode(&state).map_err(abi::RuleError::Failed)?;
             if Some(bytes.as_slice()) == stored {
                 abi::StateChange::Unchanged
-            } else if bytes == state::encode(&R::State::default()).map_err(abi::RuleError::Failed)? {
+            } else if bytes
+                == state::encode(&R::State::default()).map_err(abi::RuleError::Failed)?
+            {
                 deletion(stored)
             } else {
                 abi::StateChange::Set(bytes)

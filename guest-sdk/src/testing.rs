@@ -33,7 +33,7 @@ use std::marker::PhantomData;
 use serde_json::Value as Json;
 
 pub use crate::abi;
-use crate::{Alert, Manifest, Rule, __private, state};
+use crate::{__private, Alert, Manifest, Rule, state};
 
 /// A failed call, as the host would see it.
 #[derive(Clone, Debug, PartialEq)]

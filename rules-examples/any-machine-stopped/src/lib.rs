@@ -69,13 +69,20 @@ mod tests {
         assert_eq!(alerts[0].title(), "machine machine-03 stopped");
 
         let repeated = rule.evaluate("machine-03", &[status("stopped")]).unwrap();
-        assert!(repeated.is_empty(), "a repeated stopped must not fire again");
+        assert!(
+            repeated.is_empty(),
+            "a repeated stopped must not fire again"
+        );
 
         let resolved = rule.evaluate("machine-03", &[status("starting")]).unwrap();
         assert_eq!(resolved.len(), 1);
         assert!(!resolved[0].is_firing());
         assert_eq!(resolved[0].key(), "stopped");
-        assert_eq!(rule.state("machine-03"), None, "a running machine needs no state");
+        assert_eq!(
+            rule.state("machine-03"),
+            None,
+            "a running machine needs no state"
+        );
     }
 
     #[test]

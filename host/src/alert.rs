@@ -1,0 +1,111 @@
+//! Alerts as the host publishes them: the rule's alert plus where it came
+//! from, under an id that is the same whenever the same input is processed
+//! again, so consumers can deduplicate.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::runtime::{self, AlertStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Firing,
+    Resolved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+/// One published alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    /// Deterministic: see [`alert_id`].
+    pub id: String,
+    pub tenant: String,
+    /// The rule's name (without version).
+    pub rule: String,
+    pub rule_version: String,
+    pub bucket: String,
+    /// The rule's key for this alert, unique within the bucket.
+    pub key: String,
+    pub status: Status,
+    pub severity: Severity,
+    pub title: String,
+    /// The rule's JSON detail (a string if the rule's text was not JSON).
+    pub detail: serde_json::Value,
+    /// Processing time of the batch that raised it, epoch milliseconds.
+    pub at: i64,
+}
+
+/// Where an alert came from, for its id.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub tenant: &'a str,
+    pub rule: &'a str,
+    pub bucket: &'a str,
+    /// The source position of the batch (a line number, a sequence number).
+    pub position: &'a str,
+}
+
+/// SHA-256 (first 128 bits, hex) of the origin, the alert's key and status,
+/// and its place among the alerts of that call.
+pub fn alert_id(origin: Origin<'_>, key: &str, status: Status, seq: usize) -> String {
+    let mut hash = Sha256::new();
+    for part in [
+        origin.tenant,
+        origin.rule,
+        origin.bucket,
+        origin.position,
+        key,
+        match status {
+            Status::Firing => "firing",
+            Status::Resolved => "resolved",
+        },
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hash.update(seq.to_le_bytes());
+    hex::encode(&hash.finalize()[..16])
+}
+
+impl AlertRecord {
+    /// The record of the `seq`-th alert a call for `origin` emitted.
+    pub fn new(
+        origin: Origin<'_>,
+        rule_version: &str,
+        alert: runtime::Alert,
+        seq: usize,
+        at: i64,
+    ) -> Self {
+        let status = match alert.status {
+            AlertStatus::Firing => Status::Firing,
+            AlertStatus::Resolved => Status::Resolved,
+        };
+        let detail =
+            serde_json::from_str(&alert.detail).unwrap_or(serde_json::Value::String(alert.detail));
+        AlertRecord {
+            id: alert_id(origin, &alert.key, status, seq),
+            tenant: origin.tenant.to_owned(),
+            rule: origin.rule.to_owned(),
+            rule_version: rule_version.to_owned(),
+            bucket: origin.bucket.to_owned(),
+            key: alert.key,
+            status,
+            severity: match alert.severity {
+                runtime::Severity::Info => Severity::Info,
+                runtime::Severity::Warning => Severity::Warning,
+                runtime::Severity::Critical => Severity::Critical,
+            },
+            title: alert.title,
+            detail,
+            at,
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! `tocsin rule test`: run a file of events through one rule component the
+//! way the service does — manifest filter, tenant per event, buckets, batches,
+//! state carried between batches — and report every alert.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+use crate::alert::AlertRecord;
+use crate::batch::BadEventTime;
+use crate::clock::Clock;
+use crate::event::Incoming;
+use crate::pipeline;
+use crate::runtime::{Cause, LoadedRule, RuleError, Runtime, StateChange};
+
+/// How `rule test` runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub tenant_field: String,
+    pub batch_size: usize,
+}
+
+/// What a run did, for the summary line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub events: usize,
+    pub matched: usize,
+    pub tenants: usize,
+    /// Distinct (tenant, bucket) pairs evaluated.
+    pub buckets: usize,
+    /// Buckets holding state at the end.
+    pub stored_buckets: usize,
+    pub alerts: usize,
+    pub fuel: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read events: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("line {line}: {reason}")]
+    BadLine { line: usize, reason: String },
+    #[error("{0}")]
+    Component(RuleError),
+    #[error("line {line}: {error}")]
+    Rule { line: usize, error: RuleError },
+    #[error("bucket `{bucket}` (batch from line {line}): {error}")]
+    Bucket {
+        bucket: String,
+        line: usize,
+        error: RuleError,
+    },
+}
+
+struct Line {
+    number: usize,
+    event: Incoming,
+}
+
+/// Run the events of `input` (NDJSON) through the component `wasm`, calling
+/// `on_alert` for each alert in order.
+pub fn run(
+    runtime: &Runtime,
+    origin: &str,
+    wasm: &[u8],
+    input: impl BufRead,
+    options: &Options,
+    clock: &dyn Clock,
+    mut on_alert: impl FnMut(&AlertRecord),
+) -> Result<Summary, Error> {
+    let started = Instant::now();
+    // Fail on a bad component before reading a possibly long input.
+    let mut rules: HashMap<String, LoadedRule> = HashMap::new();
+    let probe = runtime.load("-", origin, wasm).map_err(Error::Component)?;
+    drop(probe);
+
+    let lines = read_lines(input, &options.tenant_field, clock)?;
+    let mut summary = Summary {
+        events: lines.len(),
+        ..Summary::default()
+    };
+    let mut states: HashMap<(String, String), Vec<u8>> = HashMap::new();
+    let mut seen_buckets = std::collections::HashSet::new();
+
+    for chunk in lines.chunks(options.batch_size.max(1)) {
+        let first_line = chunk[0].number;
+        let position = format!("line-{first_line}");
+        let now = clock.now_ms();
+        // Tenants in order of first appearance within the batch.
+        let mut tenants: Vec<(&str, Vec<&Line>)> = Vec::new();
+        for line in chunk {
+            match tenants.iter_mut().find(|(t, _)| *t == line.event.tenant) {
+                Some((_, members)) => members.push(line),
+                None => tenants.push((&line.event.tenant, vec![line])),
+            }
+        }
+        for (tenant, members) in tenants {
+            if !rules.contains_key(tenant) {
+                let rule = runtime
+                    .load(tenant, origin, wasm)
+                    .map_err(Error::Component)?;
+                rules.insert(tenant.to_owned(), rule);
+            }
+            let rule = &rules[tenant];
+            let events: Vec<&Incoming> = members.iter().map(|l| &l.event).collect();
+            let run = pipeline::run_rule(rule, &events, &position, now, |bucket| {
+                states.get(&(tenant.to_owned(), bucket.to_owned())).cloned()
+            })
+            .map_err(|e: BadEventTime| Error::BadLine {
+                line: members[e.index].number,
+                reason: format!("event-time field `{}` {}", e.field, e.reason),
+            })?;
+            summary.matched += run.matched;
+            for bucket in run.buckets {
+                let outcome = bucket.result.map_err(|error| match &error.cause {
+                    Cause::BadEvent { index, .. } => Error::Rule {
+                        line: members[bucket.members[*index as usize]].number,
+                        error,
+                    },
+                    _ => Error::Bucket {
+                        bucket: bucket.key.clone(),
+                        line: first_line,
+                        error,
+                    },
+                })?;
+                for line in &outcome.log {
+                    tracing::info!(tenant, rule = rule.name(), bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
+                }
+                summary.fuel += outcome.fuel;
+                let key = (tenant.to_owned(), bucket.key);
+                match outcome.state {
+                    StateChange::Unchanged => {}
+                    StateChange::Set(bytes) => {
+                        states.insert(key.clone(), bytes);
+                    }
+                    StateChange::Delete => {
+                        states.remove(&key);
+                    }
+                }
+                seen_buckets.insert(key);
+                for alert in &outcome.alerts {
+                    on_alert(alert);
+                }
+                summary.alerts += outcome.alerts.len();
+            }
+        }
+    }
+    summary.tenants = rules.len();
+    summary.buckets = seen_buckets.len();
+    summary.stored_buckets = states.len();
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn read_lines(
+    input: impl BufRead,
+    tenant_field: &str,
+    clock: &dyn Clock,
+) -> Result<Vec<Line>, Error> {
+    let mut lines = Vec::new();
+    for (i, text) in input.lines().enumerate() {
+        let text = text?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let number = i + 1;
+        let event =
+            Incoming::parse(&text, tenant_field, clock.now_ms()).map_err(|e| Error::BadLine {
+                line: number,
+                reason: e.to_string(),
+            })?;
+        lines.push(Line { number, event });
+    }
+    Ok(lines)
+}

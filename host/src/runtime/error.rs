@@ -1,0 +1,97 @@
+//! Every way a rule can fail, as a value naming tenant, rule and cause.
+//!
+//! Causes split in three: the component could not be loaded; the sandbox
+//! stopped the call (a trap: the instance is discarded); the rule returned an
+//! error itself (the instance stays healthy).
+
+use std::time::Duration;
+
+/// A failure of one tenant's rule.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("rule `{rule}` of tenant `{tenant}`: {cause}")]
+pub struct RuleError {
+    pub tenant: String,
+    /// `name@version` once the manifest is known, else where it came from.
+    pub rule: String,
+    pub cause: Cause,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Cause {
+    // Loading.
+    #[error("not a valid rule component: {0}")]
+    InvalidComponent(String),
+    #[error(
+        "imports `{import}`, which rules may not use (allowed: tocsin:rule/host, and wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem with nothing to open)"
+    )]
+    ForbiddenImport { import: String },
+    #[error("invalid manifest: {0}")]
+    BadManifest(String),
+
+    // The sandbox stopped the call.
+    #[error("ran out of fuel (limit {limit} per call)")]
+    OutOfFuel { limit: u64 },
+    #[error("exceeded its memory limit of {limit_bytes} bytes")]
+    OutOfMemory { limit_bytes: usize },
+    #[error("overflowed its stack (limit {limit_bytes} bytes)")]
+    StackOverflow { limit_bytes: usize },
+    #[error("exceeded the deadline of {limit:?} per call")]
+    Deadline { limit: Duration },
+    #[error("produced too much {what} (limit {limit})")]
+    OutputTooLarge { what: Output, limit: usize },
+    #[error("panicked: {message}")]
+    Panic { message: String },
+    #[error("trapped: {0}")]
+    Trap(String),
+
+    // The rule reported a failure.
+    #[error("rejected event #{index} of the batch: {reason}")]
+    BadEvent { index: u32, reason: String },
+    #[error("cannot read its stored state: {0}")]
+    BadState(String),
+    #[error("failed: {0}")]
+    Failed(String),
+}
+
+/// Which output bound a call exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Alerts,
+    AlertBytes,
+    StateBytes,
+    LogBytes,
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Output::Alerts => "alerts",
+            Output::AlertBytes => "alert bytes",
+            Output::StateBytes => "state bytes",
+            Output::LogBytes => "log bytes",
+        })
+    }
+}
+
+impl Cause {
+    /// Whether the sandbox stopped the call: the instance is then discarded
+    /// and never entered again.
+    pub fn is_trap(&self) -> bool {
+        matches!(
+            self,
+            Cause::OutOfFuel { .. }
+                | Cause::OutOfMemory { .. }
+                | Cause::StackOverflow { .. }
+                | Cause::Deadline { .. }
+                | Cause::OutputTooLarge { .. }
+                | Cause::Panic { .. }
+                | Cause::Trap(_)
+        )
+    }
+}
+
+/// Raised inside a host import or limiter to trap the guest with a cause the
+/// runtime can recognise afterwards.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Stop(pub Cause);
