@@ -75,6 +75,7 @@ impl Alert {
         &self.detail
     }
 
+    #[cfg(target_arch = "wasm32")]
     fn into_abi(self) -> abi::Alert {
         abi::Alert {
             key: self.key,
@@ -118,7 +119,7 @@ impl<'a> Context<'a> {
     }
 
     /// The bucket key: the manifest's `bucket_by` values joined by `/`.
-    pub fn bucket(&self) -> &str {
+    pub fn bucket(&self) -> &'a str {
         self.bucket
     }
 

@@ -139,9 +139,9 @@ macro_rules! export {
                     $crate::__private::on_timer::<$rule>(&bucket, state.as_deref(), now)
                         .map(|(outcome, _)| outcome)
                 }
-    }
+            }
 
-            $crate::bindings::export_rule_world!(TocsinRuleExport with_types_in $crate::bindings);
+    $crate::bindings::export_rule_world!(TocsinRuleExport with_types_in $crate::bindings);
         };
     };
 }

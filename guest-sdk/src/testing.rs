@@ -89,7 +89,7 @@ impl<R: Rule> Harness<R> {
 
     /// One `evaluate` call for `bucket` with these events, in order.
     pub fn evaluate(&mut self, bucket: &str, events: &[Json]) -> Result<Vec<Alert>, CallError> {
-        let batch = batch_from_json(&self.manifest, events, self.now);
+        let batch = batch_from_json(&self.manifest, events, self.now).map_err(CallError)?;
         let stored = self.states.get(bucket).map(Vec::as_slice);
         let (outcome, alerts) = __private::evaluate::<R>(
             self.manifest.field_names(),
@@ -147,15 +147,27 @@ impl<R: Rule> Harness<R> {
 }
 
 /// The typed batch the host would build for these events: declared fields
-/// as values, strings in one text buffer. Event time is an integer field
-/// (epoch milliseconds) or an RFC 3339 string, else `arrival`.
-pub fn batch_from_json(manifest: &Manifest, events: &[Json], arrival: i64) -> abi::EventBatch {
+/// as values, strings in one text buffer. Event time is `arrival`, or the
+/// manifest's event-time field (epoch milliseconds or RFC 3339): an event
+/// without a readable one is a bad event, as in the host.
+pub fn batch_from_json(
+    manifest: &Manifest,
+    events: &[Json],
+    arrival: i64,
+) -> Result<abi::EventBatch, abi::RuleError> {
     let mut batch = abi::EventBatch::default();
     let abi = manifest.as_abi();
-    for event in events {
+    for (index, event) in events.iter().enumerate() {
         let time = match &abi.event_time {
             abi::EventTime::Arrival => arrival,
-            abi::EventTime::Field(field) => event_time(event.get(field)).unwrap_or(arrival),
+            abi::EventTime::Field(field) => event_time(event.get(field)).ok_or_else(|| {
+                abi::RuleError::BadEvent(abi::BadEvent {
+                    index: index as u32,
+                    reason: format!(
+                        "event-time field `{field}` must be an RFC 3339 string or epoch milliseconds"
+                    ),
+                })
+            })?,
         };
         let raw = if abi.raw_json {
             push_text(&mut batch.text, &event.to_string())
@@ -178,7 +190,7 @@ pub fn batch_from_json(manifest: &Manifest, events: &[Json], arrival: i64) -> ab
             batch.values.push(value);
         }
     }
-    batch
+    Ok(batch)
 }
 
 fn push_text(text: &mut Vec<u8>, s: &str) -> abi::Span {

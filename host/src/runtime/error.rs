@@ -74,19 +74,20 @@ impl std::fmt::Display for Output {
 }
 
 impl Cause {
-    /// Whether the sandbox stopped the call: the instance is then discarded
-    /// and never entered again.
+    /// Whether the sandbox stopped the call midway: the instance is then
+    /// discarded and never entered again. (Oversized state is refused after
+    /// the guest returned, so it is not a trap.)
     pub fn is_trap(&self) -> bool {
-        matches!(
-            self,
+        match self {
+            Cause::OutputTooLarge { what, .. } => *what != Output::StateBytes,
             Cause::OutOfFuel { .. }
-                | Cause::OutOfMemory { .. }
-                | Cause::StackOverflow { .. }
-                | Cause::Deadline { .. }
-                | Cause::OutputTooLarge { .. }
-                | Cause::Panic { .. }
-                | Cause::Trap(_)
-        )
+            | Cause::OutOfMemory { .. }
+            | Cause::StackOverflow { .. }
+            | Cause::Deadline { .. }
+            | Cause::Panic { .. }
+            | Cause::Trap(_) => true,
+            _ => false,
+        }
     }
 }
 

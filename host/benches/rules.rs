@@ -1,0 +1,164 @@
+//! Each seed rule as a Wasm component (fuel and epoch on) against the same
+//! rule type compiled natively, on the same typed batches, with state encoded
+//! and decoded between batches in both. Criterion reports events/s for each;
+//! their ratio is the sandbox's cost.
+//!
+//! Routing (filter, bucket key, typed batch) is done once up front: it is the
+//! host's native work in both cases and is measured by the service benchmark.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tocsin::batch::{self, Bucket};
+use tocsin::event::Incoming;
+use tocsin::runtime::{self, LoadedRule, Runtime, RuntimeConfig, StateChange};
+use tocsin_rule::Rule;
+use tocsin_rule::testing::abi;
+use tocsin_test_support::seed_component;
+
+const NOW: i64 = 1_795_564_800_000;
+
+/// `n` events of the seed's shape for one tenant: machines cycling through
+/// stopped → starting → running → stopped, one in ten a test event.
+fn events(n: usize) -> Vec<Incoming> {
+    const STATES: [&str; 3] = ["starting", "running", "stopped"];
+    (0..n)
+        .map(|i| {
+            let line = if i % 10 == 9 {
+                r#"{"eventType":"test-event","clientId":"client-01"}"#.to_owned()
+            } else {
+                let machine = (i * 7) % 5 + 1;
+                let state = STATES[(i / 5) % 3];
+                format!(
+                    r#"{{"eventType":"machineStatusChange","clientId":"client-01","machineId":"machine-{machine:02}","state":"{state}"}}"#
+                )
+            };
+            Incoming::parse(&line, "clientId", NOW).unwrap()
+        })
+        .collect()
+}
+
+fn to_native(batch: &runtime::EventBatch) -> abi::EventBatch {
+    let span = |s: &runtime::Span| abi::Span {
+        offset: s.offset,
+        len: s.len,
+    };
+    abi::EventBatch {
+        events: batch
+            .events
+            .iter()
+            .map(|e| abi::Event {
+                time: e.time,
+                raw: span(&e.raw),
+            })
+            .collect(),
+        values: batch
+            .values
+            .iter()
+            .map(|v| match v {
+                runtime::Value::Absent => abi::Value::Absent,
+                runtime::Value::Null => abi::Value::Null,
+                runtime::Value::Boolean(b) => abi::Value::Boolean(*b),
+                runtime::Value::Integer(i) => abi::Value::Integer(*i),
+                runtime::Value::Float(f) => abi::Value::Float(*f),
+                runtime::Value::Text(s) => abi::Value::Text(span(s)),
+                runtime::Value::Json(s) => abi::Value::Json(span(s)),
+            })
+            .collect(),
+        text: batch.text.clone(),
+    }
+}
+
+fn apply(states: &mut HashMap<String, Vec<u8>>, bucket: &str, change: StateChange) {
+    match change {
+        StateChange::Unchanged => {}
+        StateChange::Set(bytes) => {
+            states.insert(bucket.to_owned(), bytes);
+        }
+        StateChange::Delete => {
+            states.remove(bucket);
+        }
+    }
+}
+
+fn wasm_batch(
+    rule: &LoadedRule,
+    buckets: &[Bucket],
+    states: &mut HashMap<String, Vec<u8>>,
+) -> usize {
+    let mut alerts = 0;
+    for bucket in buckets {
+        let state = states.get(&bucket.key).map(Vec::as_slice);
+        let out = rule
+            .evaluate(&bucket.key, state, &bucket.batch, NOW)
+            .unwrap();
+        alerts += out.alerts.len();
+        apply(states, &bucket.key, out.state);
+    }
+    alerts
+}
+
+fn native_batch<R: Rule>(
+    fields: &[String],
+    buckets: &[(String, abi::EventBatch)],
+    states: &mut HashMap<String, Vec<u8>>,
+) -> usize {
+    let mut alerts = 0;
+    for (key, batch) in buckets {
+        let state = states.get(key).map(Vec::as_slice);
+        let (outcome, emitted) =
+            tocsin_rule::__private::evaluate::<R>(fields, key, state, batch, NOW).unwrap();
+        alerts += emitted.len();
+        match outcome.state {
+            abi::StateChange::Unchanged => {}
+            abi::StateChange::Set(bytes) => {
+                states.insert(key.clone(), bytes);
+            }
+            abi::StateChange::Delete => {
+                states.remove(key);
+            }
+        }
+    }
+    alerts
+}
+
+fn bench_rule<R: Rule>(c: &mut Criterion, runtime: &Runtime, name: &str) {
+    let wasm = std::fs::read(seed_component(name)).unwrap();
+    let rule = runtime.load("client-01", name, &wasm).unwrap();
+    let fields = R::manifest().field_names().to_vec();
+    let mut group = c.benchmark_group(name);
+    for size in [100usize, 1_000] {
+        let events = events(size);
+        let refs: Vec<&Incoming> = events.iter().collect();
+        let buckets = batch::route(rule.manifest(), &refs).unwrap();
+        let native: Vec<(String, abi::EventBatch)> = buckets
+            .iter()
+            .map(|b| (b.key.clone(), to_native(&b.batch)))
+            .collect();
+        group.throughput(Throughput::Elements(size as u64));
+        let mut states = HashMap::new();
+        group.bench_function(BenchmarkId::new("wasm", size), |b| {
+            b.iter(|| black_box(wasm_batch(&rule, &buckets, &mut states)))
+        });
+        let mut states = HashMap::new();
+        group.bench_function(BenchmarkId::new("native", size), |b| {
+            b.iter(|| black_box(native_batch::<R>(&fields, &native, &mut states)))
+        });
+    }
+    group.finish();
+}
+
+fn rules(c: &mut Criterion) {
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    bench_rule::<test_event::TestEvent>(c, &runtime, "test-event");
+    bench_rule::<all_machines_stopped::AllMachinesStopped>(c, &runtime, "all-machines-stopped");
+    bench_rule::<any_machine_stopped::AnyMachineStopped>(c, &runtime, "any-machine-stopped");
+}
+
+criterion_group!(benches, rules);
+criterion_main!(benches);

@@ -1,0 +1,277 @@
+//! Example rule: a cloned SIM shows up as calls of one IMSI through two
+//! different switches at (nearly) the same time. One bucket per IMSI; the rule
+//! fires `sim-clone` once when a call comes through a different switch than
+//! an earlier call of the same IMSI no more than 5 s apart in event time, and
+//! never again for that IMSI. The state keeps only the calls of the last 5 s
+//! before the newest call seen, and whether the alert has fired.
+
+use serde::{Deserialize, Serialize};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
+
+pub struct SimFraud;
+
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Recent calls, within [`WINDOW_MS`] of the newest one.
+    pub calls: Vec<Call>,
+    /// Whether `sim-clone` has fired for this IMSI; it never fires again.
+    pub fired: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    pub switch: String,
+    /// Event time, epoch milliseconds.
+    pub at: i64,
+}
+
+/// Two calls through different switches at most this far apart are a clone.
+const WINDOW_MS: i64 = 5_000;
+const ALERT_KEY: &str = "sim-clone";
+
+impl Rule for SimFraud {
+    type State = State;
+
+    fn manifest() -> Manifest {
+        Manifest::new("sim-fraud", "1.0.0")
+            .when_equals("eventType", "call")
+            .bucket_by(["imsi"])
+            .event_time("time")
+            .fields(["switch"])
+    }
+
+    fn evaluate(state: &mut State, events: Events<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+        if state.fired {
+            return Ok(());
+        }
+        for event in events.iter() {
+            let switch = event.require_str("switch")?;
+            let at = event.time();
+            let clone = state
+                .calls
+                .iter()
+                .find(|c| c.switch != switch && (at - c.at).abs() <= WINDOW_MS);
+            if let Some(earlier) = clone {
+                let imsi = ctx.bucket();
+                let alert = Alert::firing(
+                    ALERT_KEY,
+                    format!(
+                        "SIM {imsi} cloned: calls via {} and {switch} {} ms apart",
+                        earlier.switch,
+                        (at - earlier.at).abs()
+                    ),
+                )
+                .severity(Severity::Critical)
+                .detail(json!({
+                    "imsi": imsi,
+                    "first": { "switch": earlier.switch, "at": earlier.at },
+                    "second": { "switch": switch, "at": at },
+                }));
+                ctx.emit(alert);
+                state.fired = true;
+                state.calls.clear();
+                return Ok(());
+            }
+            state.calls.push(Call {
+                switch: switch.to_owned(),
+                at,
+            });
+            let newest = state.calls.iter().map(|c| c.at).max().unwrap_or(at);
+            state.calls.retain(|c| c.at >= newest - WINDOW_MS);
+        }
+        Ok(())
+    }
+}
+
+tocsin_rule::export!(SimFraud);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tocsin_rule::testing::{Harness, abi};
+
+    const IMSI: &str = "234150999999999";
+
+    fn call(switch: &str, time: &str) -> serde_json::Value {
+        json!({"eventType": "call", "clientId": "client-04", "imsi": IMSI, "switch": switch, "time": time})
+    }
+
+    fn call_at(switch: &str, at: i64) -> Call {
+        Call {
+            switch: switch.to_owned(),
+            at,
+        }
+    }
+
+    /// 2026-01-01T00:00:00Z in epoch milliseconds.
+    const T0: i64 = 1_767_225_600_000;
+
+    #[test]
+    fn the_manifest_buckets_by_imsi_on_event_time() {
+        let rule = Harness::<SimFraud>::new();
+        let manifest = rule.manifest().as_abi();
+        assert_eq!(manifest.name, "sim-fraud");
+        assert_eq!(manifest.version, "1.0.0");
+        assert_eq!(manifest.bucket_key, ["imsi"]);
+        assert_eq!(manifest.fields, ["switch"]);
+        assert_eq!(
+            manifest.event_time,
+            abi::EventTime::Field("time".to_owned())
+        );
+    }
+
+    #[test]
+    fn two_switches_within_five_seconds_fire_once_and_never_again() {
+        let mut rule = Harness::<SimFraud>::new();
+        let alerts = rule
+            .evaluate(IMSI, &[call("UK", "2026-01-01T00:00:00Z")])
+            .unwrap();
+        assert!(alerts.is_empty());
+        assert_eq!(
+            rule.state(IMSI),
+            Some(State {
+                calls: vec![call_at("UK", T0)],
+                fired: false
+            })
+        );
+
+        let alerts = rule
+            .evaluate(IMSI, &[call("FR", "2026-01-01T00:00:05Z")])
+            .unwrap();
+        assert_eq!(alerts.len(), 1, "exactly 5 s apart counts");
+        let alert = &alerts[0];
+        assert_eq!(alert.key(), "sim-clone");
+        assert!(alert.is_firing());
+        assert_eq!(alert.severity_level(), Severity::Critical);
+        assert_eq!(
+            alert.title(),
+            "SIM 234150999999999 cloned: calls via UK and FR 5000 ms apart"
+        );
+        let detail: serde_json::Value = serde_json::from_str(alert.detail_json()).unwrap();
+        assert_eq!(
+            detail,
+            json!({
+                "imsi": IMSI,
+                "first": {"switch": "UK", "at": T0},
+                "second": {"switch": "FR", "at": T0 + 5_000},
+            })
+        );
+        assert_eq!(
+            rule.state(IMSI),
+            Some(State {
+                calls: vec![],
+                fired: true
+            })
+        );
+
+        let again = rule
+            .evaluate(
+                IMSI,
+                &[
+                    call("UK", "2026-01-01T00:00:06Z"),
+                    call("DE", "2026-01-01T00:00:07Z"),
+                ],
+            )
+            .unwrap();
+        assert!(again.is_empty(), "fires once per IMSI: {again:?}");
+        assert_eq!(
+            rule.state(IMSI),
+            Some(State {
+                calls: vec![],
+                fired: true
+            })
+        );
+    }
+
+    #[test]
+    fn the_same_switch_or_calls_more_than_five_seconds_apart_do_not_fire() {
+        let mut rule = Harness::<SimFraud>::new();
+        let alerts = rule
+            .evaluate(
+                IMSI,
+                &[
+                    call("UK", "2026-01-01T00:00:00Z"),
+                    call("UK", "2026-01-01T00:00:02Z"),
+                    call("FR", "2026-01-01T00:00:07.001Z"), // 5.001 s after the last UK call
+                    call("FR", "2026-01-01T00:00:09Z"),
+                ],
+            )
+            .unwrap();
+        assert!(alerts.is_empty(), "{alerts:?}");
+        assert_eq!(
+            rule.state(IMSI),
+            Some(State {
+                calls: vec![call_at("FR", T0 + 7_001), call_at("FR", T0 + 9_000)],
+                fired: false,
+            }),
+            "calls more than 5 s before the newest are pruned"
+        );
+    }
+
+    #[test]
+    fn a_late_call_fires_against_a_later_one_within_five_seconds() {
+        let mut rule = Harness::<SimFraud>::new();
+        rule.evaluate(IMSI, &[call("UK", "2026-01-01T00:00:10Z")])
+            .unwrap();
+        // Arrives later but happened 3 s earlier: |Δt| counts.
+        let alerts = rule
+            .evaluate(IMSI, &[call("ES", "2026-01-01T00:00:07Z")])
+            .unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(
+            alerts[0].title(),
+            "SIM 234150999999999 cloned: calls via UK and ES 3000 ms apart"
+        );
+        assert!(rule.state(IMSI).unwrap().fired);
+    }
+
+    #[test]
+    fn a_late_call_more_than_five_seconds_before_a_later_one_does_not_fire() {
+        let mut rule = Harness::<SimFraud>::new();
+        rule.evaluate(IMSI, &[call("UK", "2026-01-01T00:00:20Z")])
+            .unwrap();
+        let alerts = rule
+            .evaluate(IMSI, &[call("ES", "2026-01-01T00:00:14Z")])
+            .unwrap();
+        assert!(alerts.is_empty(), "6 s apart: {alerts:?}");
+        assert_eq!(
+            rule.state(IMSI),
+            Some(State {
+                calls: vec![call_at("UK", T0 + 20_000)],
+                fired: false,
+            }),
+            "the late call is already outside the window"
+        );
+    }
+
+    #[test]
+    fn imsis_are_independent() {
+        let mut rule = Harness::<SimFraud>::new();
+        rule.evaluate(IMSI, &[call("UK", "2026-01-01T00:00:00Z")])
+            .unwrap();
+        let other = "234150888888888";
+        let alerts = rule
+            .evaluate(
+                other,
+                &[json!({"eventType": "call", "imsi": other, "switch": "FR", "time": "2026-01-01T00:00:01Z"})],
+            )
+            .unwrap();
+        assert!(alerts.is_empty());
+        assert_eq!(
+            rule.state(other).unwrap().calls,
+            [call_at("FR", T0 + 1_000)]
+        );
+    }
+
+    #[test]
+    fn a_call_without_switch_is_a_bad_event() {
+        let mut rule = Harness::<SimFraud>::new();
+        let err = rule
+            .evaluate(
+                IMSI,
+                &[json!({"eventType": "call", "imsi": IMSI, "time": "2026-01-01T00:00:00Z"})],
+            )
+            .unwrap_err();
+        assert_eq!(err.to_string(), "bad event #0: `switch` must be a string");
+    }
+}

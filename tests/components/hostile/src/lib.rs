@@ -1,0 +1,92 @@
+//! A rule that attacks its sandbox on request: each event's `attack` field
+//! picks the misbehaviour, so one component exercises every bound. Events
+//! without an attack raise one `ok-N` alert each, proving the rule healthy.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tocsin_rule::{Alert, Context, Error, Events, Level, Manifest, Rule, json, log};
+
+pub struct Hostile;
+
+/// Calls this instance has served: lives in linear memory, so it starts
+/// again at 1 whenever the host replaces the instance.
+static CALLS: AtomicU32 = AtomicU32::new(0);
+
+impl Rule for Hostile {
+    type State = Vec<u8>;
+
+    fn manifest() -> Manifest {
+        Manifest::new("hostile", "0.1.0").fields(["attack"])
+    }
+
+    fn evaluate(
+        state: &mut Vec<u8>,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
+        let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+        for event in events.iter() {
+            match event.str("attack").unwrap_or("none") {
+                "loop" => {
+                    let mut n = 0u64;
+                    loop {
+                        n = black_box(n.wrapping_add(1));
+                    }
+                }
+                "memory" => {
+                    let mut hoard = Vec::new();
+                    loop {
+                        hoard.push(black_box(vec![1u8; 1 << 20]));
+                    }
+                }
+                "recursion" => {
+                    black_box(recurse(black_box(1)));
+                }
+                "panic" => panic!("boom on purpose"),
+                "alerts" => {
+                    for n in 0.. {
+                        ctx.emit(Alert::firing(format!("flood-{n}"), "flood"));
+                    }
+                }
+                "log" => loop {
+                    log(Level::Info, "spam spam spam spam spam spam spam spam");
+                },
+                "print" => loop {
+                    println!("spam on stdout");
+                },
+                "state" => state.resize(512 << 10, 7),
+                "fail" => return Err(Error::failed("refusing on purpose")),
+                "peek" => {
+                    // What the sandbox lets a rule see of its host.
+                    let env = std::env::vars().count();
+                    let args = std::env::args().count();
+                    let root = std::fs::read_dir("/").is_ok();
+                    let file = std::fs::read("/etc/passwd").is_ok();
+                    ctx.emit(Alert::firing("peek", "what the sandbox shows").detail(
+                        json!({"env": env, "args": args, "root_dir": root, "etc_passwd": file}),
+                    ));
+                }
+                _ => {
+                    let n = state.len();
+                    state.push(1);
+                    ctx.emit(
+                        Alert::firing(format!("ok-{n}"), "healthy")
+                            .detail(json!({"instance_calls": calls})),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn recurse(depth: u64) -> u64 {
+    let pad = black_box([depth; 16]);
+    if black_box(depth) == 0 {
+        return pad[0];
+    }
+    recurse(depth + 1).wrapping_add(pad[3])
+}
+
+tocsin_rule::export!(Hostile);

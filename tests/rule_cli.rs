@@ -1,0 +1,306 @@
+//! `tocsin rule test` and `tocsin rule inspect` as a user runs them: exit
+//! codes, alerts on stdout, errors on stderr.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use tocsin_test_support::{self as support, components};
+
+fn tocsin(args: &[&str], stdin: Option<&str>) -> Output {
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tocsin"))
+        .args(args)
+        .env("TOCSIN_CACHE_DIR", cache.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tocsin");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn events_file(lines: &[String]) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    for line in lines {
+        writeln!(file, "{line}").unwrap();
+    }
+    file
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn alerts(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8(output.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each stdout line is a JSON alert"))
+        .collect()
+}
+
+#[test]
+fn prints_each_alert_as_a_json_line_and_a_summary() {
+    let file = events_file(&support::seed_events());
+    let path = file.path().to_str().unwrap();
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            components::ALL_MACHINES_STOPPED,
+            "--events",
+            path,
+            "--batch-size",
+            "4",
+            "--now",
+            "2026-11-25T00:00:00Z",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let alerts = alerts(&out);
+    let client_01: Vec<_> = alerts
+        .iter()
+        .filter(|a| a["tenant"] == "client-01")
+        .collect();
+    assert_eq!(client_01.len(), 3);
+    let first = client_01[0];
+    assert_eq!(first["rule"], "all-machines-stopped");
+    assert_eq!(first["bucket"], "");
+    assert_eq!(first["status"], "firing");
+    assert_eq!(first["key"], "all-stopped");
+    assert_eq!(first["at"], 1_795_564_800_000i64);
+    assert_eq!(first["id"].as_str().unwrap().len(), 32);
+    assert!(
+        first["title"].as_str().unwrap().contains("stopped"),
+        "{first}"
+    );
+    let summary = stderr(&out);
+    let events = support::seed_events().len();
+    assert!(
+        summary.contains(&format!("events: {events} (")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("tenants: 2") && summary.contains("alerts: 6"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn reads_standard_input_and_honours_the_tenant_field() {
+    let input = r#"{"eventType":"test-event","tenant":"acme"}
+{"eventType":"other","tenant":"acme"}
+{"eventType":"test-event","tenant":"globex"}
+"#;
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            components::TEST_EVENT,
+            "--events",
+            "-",
+            "--tenant-field",
+            "tenant",
+        ],
+        Some(input),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tenants: Vec<_> = alerts(&out)
+        .iter()
+        .map(|a| a["tenant"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tenants, ["acme", "globex"]);
+}
+
+#[test]
+fn a_bad_line_fails_with_its_number_and_reason() {
+    let lines = [
+        r#"{"eventType":"test-event","clientId":"c1"}"#.to_owned(),
+        String::new(),
+        r#"{"eventType":"test-event","clientId":"c1""#.to_owned(),
+    ];
+    let file = events_file(&lines);
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            components::TEST_EVENT,
+            "--events",
+            file.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("line 3: not valid JSON"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing runs before the input is read whole"
+    );
+
+    let out = tocsin(
+        &["rule", "test", components::TEST_EVENT, "--events", "-"],
+        Some("{\"eventType\":\"test-event\"}\n"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("line 1: no tenant: field `clientId` is missing"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = tocsin(
+        &["rule", "test", components::TEST_EVENT, "--events", "-"],
+        Some("[1,2]\n"),
+    );
+    assert!(
+        stderr(&out).contains("line 1: not a JSON object"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn unreadable_files_and_invalid_components_fail_clearly() {
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            components::TEST_EVENT,
+            "--events",
+            "/nonexistent/events.ndjson",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot read events file /nonexistent/events.ndjson"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = tocsin(
+        &["rule", "test", "/nonexistent/rule.wasm", "--events", "-"],
+        Some(""),
+    );
+    assert!(
+        stderr(&out).contains("cannot read rule component /nonexistent/rule.wasm"),
+        "{}",
+        stderr(&out)
+    );
+
+    let junk = events_file(&["this is not wasm".to_owned()]);
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            junk.path().to_str().unwrap(),
+            "--events",
+            "-",
+        ],
+        Some(""),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not a valid rule component"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            components::FORBIDDEN_IMPORT,
+            "--events",
+            "-",
+        ],
+        Some(""),
+    );
+    assert!(
+        stderr(&out).contains("imports `evil:net/exfil`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            components::TEST_EVENT,
+            "--events",
+            "-",
+            "--batch-size",
+            "0",
+        ],
+        Some(""),
+    );
+    assert_eq!(out.status.code(), Some(2), "clap rejects a zero batch size");
+}
+
+#[test]
+fn a_rule_failure_names_tenant_rule_and_cause() {
+    let input = "{\"clientId\":\"evil\"}\n{\"clientId\":\"evil\",\"attack\":\"loop\"}\n";
+    let out = tocsin(
+        &["rule", "test", components::HOSTILE, "--events", "-"],
+        Some(input),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("rule `hostile@0.1.0` of tenant `evil`: ran out of fuel"),
+        "{err}"
+    );
+
+    let input = r#"{"clientId":"c","eventType":"machineStatusChange","machineId":"m","state":"running"}
+{"clientId":"c","eventType":"machineStatusChange","machineId":"m"}
+"#;
+    let out = tocsin(
+        &[
+            "rule",
+            "test",
+            components::ANY_MACHINE_STOPPED,
+            "--events",
+            "-",
+        ],
+        Some(input),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("line 2: rule `any-machine-stopped@1.0.0` of tenant `c`: rejected event"),
+        "{err}"
+    );
+    assert!(err.contains("`state` must be a string"), "{err}");
+}
+
+#[test]
+fn inspect_prints_manifest_and_imports() {
+    let out = tocsin(&["rule", "inspect", components::ANY_MACHINE_STOPPED], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("rule:        any-machine-stopped@1.0.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("filter:      eventType == \"machineStatusChange\""),
+        "{text}"
+    );
+    assert!(text.contains("bucket key:  machineId"), "{text}");
+    assert!(text.contains("tocsin:rule/host@0.1.0"), "{text}");
+    assert!(!text.contains("wasi:sockets"), "{text}");
+}

@@ -1,0 +1,349 @@
+//! The sandboxed runtime end to end: the seed rules as real components over
+//! the seed scenario, and hostile components stopped with the right typed
+//! error while healthy rules go on.
+
+use std::collections::BTreeMap;
+
+use tocsin::alert::AlertRecord;
+use tocsin::clock::ManualClock;
+use tocsin::event::Incoming;
+use tocsin::pipeline;
+use tocsin::rule_test::{self, Options};
+use tocsin::runtime::{Cause, Limits, LoadedRule, Output, RuleError, Runtime, RuntimeConfig};
+use tocsin_test_support::{self as support, components};
+
+fn runtime_with(limits: Limits) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        limits,
+        max_instances: 16,
+        cache_dir: None,
+    })
+    .expect("runtime")
+}
+
+fn runtime() -> Runtime {
+    runtime_with(Limits::default())
+}
+
+fn load(runtime: &Runtime, tenant: &str, path: &str) -> Result<LoadedRule, RuleError> {
+    let wasm = std::fs::read(path).expect("built component");
+    runtime.load(tenant, path, &wasm)
+}
+
+/// Run every seed event through `rule` as `tocsin rule test` does, and
+/// return each tenant's alerts.
+fn run_seed(
+    runtime: &Runtime,
+    rule: &str,
+    batch_size: usize,
+) -> BTreeMap<String, Vec<AlertRecord>> {
+    let path = support::seed_component(rule);
+    let wasm = std::fs::read(path).unwrap();
+    let input = support::seed_events().join("\n");
+    let mut alerts: BTreeMap<String, Vec<AlertRecord>> = BTreeMap::new();
+    let options = Options {
+        tenant_field: "clientId".into(),
+        batch_size,
+    };
+    rule_test::run(
+        runtime,
+        path,
+        &wasm,
+        input.as_bytes(),
+        &options,
+        &ManualClock::new(1_000),
+        |alert| {
+            alerts
+                .entry(alert.tenant.clone())
+                .or_default()
+                .push(alert.clone())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{rule}: {e}"));
+    alerts
+}
+
+/// Alerts per bucket, in order: a batch keeps each bucket's order, not the
+/// order across buckets.
+fn by_bucket(shapes: Vec<support::AlertShape>) -> BTreeMap<String, Vec<support::AlertShape>> {
+    let mut buckets: BTreeMap<String, Vec<support::AlertShape>> = BTreeMap::new();
+    for shape in shapes {
+        buckets.entry(shape.2.clone()).or_default().push(shape);
+    }
+    buckets
+}
+
+fn shapes(alerts: &[AlertRecord]) -> Vec<support::AlertShape> {
+    alerts
+        .iter()
+        .map(|a| {
+            let status = serde_json::to_value(a.status).unwrap();
+            (
+                a.tenant.clone(),
+                a.rule.clone(),
+                a.bucket.clone(),
+                a.key.clone(),
+                status.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn seed_rules_raise_exactly_the_seed_alerts_at_any_batch_size() {
+    let runtime = runtime();
+    for batch_size in [1, 7, 100] {
+        for rule in ["test-event", "all-machines-stopped", "any-machine-stopped"] {
+            let alerts = run_seed(&runtime, rule, batch_size);
+            for tenant in support::CLIENTS {
+                assert_eq!(
+                    by_bucket(shapes(alerts.get(tenant).map_or(&[][..], Vec::as_slice))),
+                    by_bucket(support::seed_expected(rule, tenant)),
+                    "{rule} for {tenant} at batch size {batch_size}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_seed_assignment_alerts_each_client_as_the_prototype_did() {
+    let runtime = runtime();
+    for (tenant, rule) in support::SEED_RULES {
+        let alerts = run_seed(&runtime, rule, 100);
+        let mine = &alerts[tenant];
+        assert_eq!(
+            by_bucket(shapes(mine)),
+            by_bucket(support::seed_expected(rule, tenant))
+        );
+        let firing = mine.first().expect("an alert");
+        assert_eq!(firing.rule_version, "1.0.0");
+        assert_eq!(firing.at, 1_000, "alerts carry the processing time");
+    }
+}
+
+#[test]
+fn alert_ids_are_deterministic_and_unique() {
+    let runtime = runtime();
+    let first = run_seed(&runtime, "any-machine-stopped", 7);
+    let again = run_seed(&runtime, "any-machine-stopped", 7);
+    let ids = |alerts: &BTreeMap<String, Vec<AlertRecord>>| -> Vec<String> {
+        alerts.values().flatten().map(|a| a.id.clone()).collect()
+    };
+    assert_eq!(ids(&first), ids(&again), "same input, same ids");
+    let mut unique = ids(&first);
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids(&first).len(), "no two alerts share an id");
+}
+
+fn event(attack: &str) -> Incoming {
+    let line = format!(r#"{{"clientId":"evil","attack":"{attack}"}}"#);
+    Incoming::parse(&line, "clientId", 0).unwrap()
+}
+
+/// One batch of `attacks` through `rule` in one bucket: the alerts' keys
+/// and `instance_calls` details, or the failure.
+fn attack(
+    rule: &LoadedRule,
+    attacks: &[&str],
+) -> Result<Vec<(String, serde_json::Value)>, RuleError> {
+    let events: Vec<Incoming> = attacks.iter().map(|a| event(a)).collect();
+    let refs: Vec<&Incoming> = events.iter().collect();
+    let run = pipeline::run_rule(rule, &refs, "p", 0, |_| None).unwrap();
+    let bucket = run.buckets.into_iter().next().expect("one bucket");
+    let outcome = bucket.result?;
+    Ok(outcome
+        .alerts
+        .into_iter()
+        .map(|a| (a.key, a.detail["instance_calls"].clone()))
+        .collect())
+}
+
+fn cause(result: Result<Vec<(String, serde_json::Value)>, RuleError>) -> Cause {
+    let error = result.expect_err("the attack must fail");
+    assert_eq!(error.tenant, "evil");
+    assert_eq!(error.rule, "hostile@0.1.0");
+    error.cause
+}
+
+#[test]
+fn hostile_rules_are_stopped_with_typed_errors_and_healthy_rules_go_on() {
+    let limits = Limits::default();
+    let runtime = runtime_with(limits.clone());
+    let hostile = load(&runtime, "evil", components::HOSTILE).unwrap();
+    let healthy = load(&runtime, "client-02", components::ANY_MACHINE_STOPPED).unwrap();
+
+    // The instance is reused across healthy calls…
+    assert_eq!(
+        attack(&hostile, &["none"]).unwrap(),
+        vec![("ok-0".into(), 1.into())]
+    );
+    assert_eq!(
+        attack(&hostile, &["none"]).unwrap(),
+        vec![("ok-0".into(), 2.into())]
+    );
+
+    let cases: Vec<(&str, Cause)> = vec![
+        (
+            "loop",
+            Cause::OutOfFuel {
+                limit: limits.fuel_per_call,
+            },
+        ),
+        (
+            "memory",
+            Cause::OutOfMemory {
+                limit_bytes: limits.memory_bytes,
+            },
+        ),
+        (
+            "recursion",
+            Cause::StackOverflow {
+                limit_bytes: limits.max_wasm_stack,
+            },
+        ),
+        (
+            "alerts",
+            Cause::OutputTooLarge {
+                what: Output::Alerts,
+                limit: limits.max_alerts as usize,
+            },
+        ),
+        (
+            "log",
+            Cause::OutputTooLarge {
+                what: Output::LogBytes,
+                limit: limits.max_log_bytes,
+            },
+        ),
+        (
+            "print",
+            Cause::OutputTooLarge {
+                what: Output::LogBytes,
+                limit: limits.max_log_bytes,
+            },
+        ),
+    ];
+    for (name, expected) in cases {
+        assert_eq!(
+            cause(attack(&hostile, &["none", name])),
+            expected,
+            "attack `{name}`"
+        );
+        // …and replaced after a trap: a fresh instance counts from 1 again.
+        let after = attack(&hostile, &["none"]).unwrap_or_else(|e| panic!("after `{name}`: {e}"));
+        assert_eq!(after, vec![("ok-0".into(), 1.into())], "after `{name}`");
+    }
+
+    // Oversized state is refused after a clean return: no trap, the
+    // instance stays (this is its second call since the last trap).
+    let state = Cause::OutputTooLarge {
+        what: Output::StateBytes,
+        limit: limits.max_state_bytes,
+    };
+    assert_eq!(cause(attack(&hostile, &["state"])), state);
+    assert_eq!(
+        attack(&hostile, &["none"]).unwrap(),
+        vec![("ok-0".into(), 3.into())]
+    );
+
+    match cause(attack(&hostile, &["panic"])) {
+        Cause::Panic { message } => assert!(message.contains("boom on purpose"), "{message}"),
+        other => panic!("expected a panic, got {other:?}"),
+    }
+    assert_eq!(
+        attack(&hostile, &["none"]).unwrap(),
+        vec![("ok-0".into(), 1.into())]
+    );
+    assert_eq!(
+        cause(attack(&hostile, &["fail"])),
+        Cause::Failed("refusing on purpose".into())
+    );
+    // A rule's own error is not a trap: the instance stays.
+    assert_eq!(
+        attack(&hostile, &["none"]).unwrap(),
+        vec![("ok-0".into(), 3.into())]
+    );
+
+    let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
+    let stopped = Incoming::parse(line, "clientId", 0).unwrap();
+    let run = pipeline::run_rule(&healthy, &[&stopped], "p", 0, |_| None).unwrap();
+    let alerts = &run.buckets[0].result.as_ref().unwrap().alerts;
+    assert_eq!(alerts.len(), 1, "the healthy tenant's rule still alerts");
+}
+
+#[test]
+fn a_wall_clock_deadline_stops_what_fuel_does_not() {
+    let limits = Limits {
+        fuel_per_call: u64::MAX / 2,
+        deadline_ms: 50,
+        ..Limits::default()
+    };
+    let runtime = runtime_with(limits.clone());
+    let hostile = load(&runtime, "evil", components::HOSTILE).unwrap();
+    assert_eq!(
+        cause(attack(&hostile, &["loop"])),
+        Cause::Deadline {
+            limit: limits.deadline()
+        }
+    );
+    assert_eq!(
+        attack(&hostile, &["none"]).unwrap(),
+        vec![("ok-0".into(), 1.into())]
+    );
+}
+
+#[test]
+fn the_sandbox_shows_no_environment_arguments_or_files() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "evil", components::HOSTILE).unwrap();
+    let events = [event("peek")];
+    let run = pipeline::run_rule(&hostile, &[&events[0]], "p", 0, |_| None).unwrap();
+    let alert = &run.buckets[0].result.as_ref().unwrap().alerts[0];
+    assert_eq!(
+        alert.detail,
+        serde_json::json!({"env": 0, "args": 0, "root_dir": false, "etc_passwd": false})
+    );
+}
+
+#[test]
+fn undecodable_state_is_a_bad_state_error() {
+    let runtime = runtime();
+    let rule = load(&runtime, "client-02", components::ANY_MACHINE_STOPPED).unwrap();
+    let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
+    let stopped = Incoming::parse(line, "clientId", 0).unwrap();
+    let run = pipeline::run_rule(&rule, &[&stopped], "p", 0, |_| Some(vec![9, 9, 9])).unwrap();
+    let error = run.buckets[0].result.clone().unwrap_err();
+    assert_eq!(
+        error.cause,
+        Cause::BadState("unknown state format 9".into())
+    );
+    assert_eq!(
+        error.to_string(),
+        "rule `any-machine-stopped@1.0.0` of tenant `client-02`: cannot read its stored state: unknown state format 9"
+    );
+}
+
+#[test]
+fn components_with_forbidden_imports_or_garbage_are_refused_at_load() {
+    let runtime = runtime();
+    let error = load(&runtime, "evil", components::FORBIDDEN_IMPORT).unwrap_err();
+    assert_eq!(
+        error.cause,
+        Cause::ForbiddenImport {
+            import: "evil:net/exfil".into()
+        }
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("imports `evil:net/exfil`, which rules may not use")
+    );
+
+    let error = runtime
+        .load("t", "junk.wasm", b"not wasm at all")
+        .unwrap_err();
+    assert_eq!(error.rule, "junk.wasm");
+    assert!(matches!(error.cause, Cause::InvalidComponent(_)), "{error}");
+}

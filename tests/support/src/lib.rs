@@ -1,0 +1,137 @@
+//! What the end-to-end suites share: the built rule components and the seed
+//! scenario of the original prototype.
+
+/// Paths of the components built from `rules-examples/*` and
+/// `tests/components/*`, one constant per crate (`ANY_MACHINE_STOPPED`, …).
+pub mod components {
+    include!(concat!(env!("OUT_DIR"), "/components.rs"));
+}
+
+use serde_json::json;
+
+pub const CLIENTS: [&str; 2] = ["client-01", "client-02"];
+pub const MACHINES: usize = 5;
+
+fn status(client: &str, machine: usize, state: &str) -> String {
+    json!({
+        "eventType": "machineStatusChange",
+        "clientId": client,
+        "machineId": format!("machine-{machine:02}"),
+        "state": state,
+    })
+    .to_string()
+}
+
+fn test_event(client: &str) -> String {
+    json!({"eventType": "test-event", "clientId": client}).to_string()
+}
+
+/// The seed scenario as NDJSON lines, both clients moving in lockstep:
+/// every machine goes starting → running; client-01 sends a test event;
+/// machines stop one by one; machine-03 starts and stops again; both clients
+/// send a test event.
+pub fn seed_events() -> Vec<String> {
+    let mut lines = Vec::new();
+    let both = |lines: &mut Vec<String>, machine, state| {
+        for client in CLIENTS {
+            lines.push(status(client, machine, state));
+        }
+    };
+    for machine in 1..=MACHINES {
+        both(&mut lines, machine, "starting");
+        both(&mut lines, machine, "running");
+    }
+    lines.push(test_event("client-01"));
+    for machine in 1..=MACHINES {
+        both(&mut lines, machine, "stopped");
+    }
+    both(&mut lines, 3, "starting");
+    both(&mut lines, 3, "stopped");
+    lines.push(test_event("client-01"));
+    lines.push(test_event("client-02"));
+    lines
+}
+
+/// An alert reduced to what the seed scenario fixes:
+/// `(tenant, rule, bucket, key, status)`.
+pub type AlertShape = (String, String, String, String, String);
+
+fn shape(tenant: &str, rule: &str, bucket: &str, key: &str, status: &str) -> AlertShape {
+    (
+        tenant.into(),
+        rule.into(),
+        bucket.into(),
+        key.into(),
+        status.into(),
+    )
+}
+
+/// The alerts each seed rule raises over [`seed_events`] when it runs for
+/// `tenant`, in order.
+pub fn seed_expected(rule: &str, tenant: &str) -> Vec<AlertShape> {
+    match rule {
+        "test-event" => {
+            let count = if tenant == "client-01" { 2 } else { 1 };
+            (1..=count)
+                .map(|n| shape(tenant, rule, "", &format!("test-event-{n}"), "firing"))
+                .collect()
+        }
+        "all-machines-stopped" => ["firing", "resolved", "firing"]
+            .iter()
+            .map(|status| shape(tenant, rule, "", "all-stopped", status))
+            .collect(),
+        "any-machine-stopped" => {
+            let mut alerts: Vec<_> = (1..=MACHINES)
+                .map(|m| {
+                    shape(
+                        tenant,
+                        rule,
+                        &format!("machine-{m:02}"),
+                        "stopped",
+                        "firing",
+                    )
+                })
+                .collect();
+            alerts.push(shape(tenant, rule, "machine-03", "stopped", "resolved"));
+            alerts.push(shape(tenant, rule, "machine-03", "stopped", "firing"));
+            alerts
+        }
+        other => panic!("`{other}` is not a seed rule"),
+    }
+}
+
+/// The seed's assignment of rules to tenants.
+pub const SEED_RULES: [(&str, &str); 3] = [
+    ("client-01", "test-event"),
+    ("client-01", "all-machines-stopped"),
+    ("client-02", "any-machine-stopped"),
+];
+
+/// The component path of a seed rule by name.
+pub fn seed_component(rule: &str) -> &'static str {
+    match rule {
+        "test-event" => components::TEST_EVENT,
+        "all-machines-stopped" => components::ALL_MACHINES_STOPPED,
+        "any-machine-stopped" => components::ANY_MACHINE_STOPPED,
+        other => panic!("`{other}` is not a seed rule"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_bundled_sample_is_the_seed_scenario() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../rules-examples/seed.ndjson"
+        );
+        let parse = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap();
+        let bundled: Vec<_> = std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(parse)
+            .collect();
+        let generated: Vec<_> = super::seed_events().iter().map(|l| parse(l)).collect();
+        assert_eq!(bundled, generated);
+    }
+}
