@@ -57,33 +57,23 @@ mod native {
         pub state_ttl_ms: Option<u64>,
     }
 
-    #[derive(Clone, Copy, Debug, PartialEq, Default)]
-    pub struct Span {
-        pub offset: u32,
-        pub len: u32,
-    }
-
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    pub enum Value {
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum ValueKind {
         Absent,
         Null,
-        Boolean(bool),
-        Integer(i64),
-        Float(f64),
-        Text(Span),
-        Json(Span),
-    }
-
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    pub struct Event {
-        pub time: Timestamp,
-        pub raw: Span,
+        Boolean,
+        Integer,
+        Float,
+        Text,
+        Json,
     }
 
     #[derive(Clone, Debug, PartialEq, Default)]
     pub struct EventBatch {
-        pub events: Vec<Event>,
-        pub values: Vec<Value>,
+        pub times: Vec<Timestamp>,
+        pub kinds: Vec<u8>,
+        pub values: Vec<u64>,
+        pub raw: Vec<u64>,
         pub text: Vec<u8>,
     }
 

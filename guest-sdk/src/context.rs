@@ -50,7 +50,7 @@ impl Alert {
 
     /// Anything else worth telling, as a JSON value.
     pub fn detail(mut self, detail: serde_json::Value) -> Self {
-        self.detail = detail.to_string();
+        self.detail = serde_json::to_string(&detail).unwrap_or_else(|_| "{}".to_owned());
         self
     }
 

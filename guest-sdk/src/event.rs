@@ -1,13 +1,36 @@
 //! Read access to one bucket's events, typed, without parsing JSON.
+//!
+//! The host hands the declared fields over as a column table (see
+//! `event-batch` in `wit/rule.wit`); this module turns entries back into
+//! [`Field`]s.
 
 use crate::Error;
-use crate::abi::{self, Span, Value};
+use crate::abi;
+
+/// `value-kind` discriminants, in the order `wit/rule.wit` declares them.
+pub(crate) mod kind {
+    pub const ABSENT: u8 = 0;
+    pub const NULL: u8 = 1;
+    pub const BOOLEAN: u8 = 2;
+    pub const INTEGER: u8 = 3;
+    pub const FLOAT: u8 = 4;
+    pub const TEXT: u8 = 5;
+    pub const JSON: u8 = 6;
+}
+
+/// A span's byte range of the batch text.
+pub(crate) fn span(bits: u64) -> (usize, usize) {
+    let start = (bits >> 32) as usize;
+    (start, start + (bits & 0xffff_ffff) as usize)
+}
 
 /// One bucket's events from one batch, in arrival order.
 #[derive(Clone, Copy)]
 pub struct Events<'a> {
     batch: &'a abi::EventBatch,
     fields: &'a [String],
+    /// The batch text, checked once to be UTF-8.
+    text: &'a str,
 }
 
 /// The value of one declared field of one event.
@@ -32,17 +55,55 @@ pub struct Event<'a> {
 }
 
 impl<'a> Events<'a> {
+    /// Wrap a batch from the host, checking once what reads rely on: the
+    /// table has one entry per event and field, kinds are known, the text is
+    /// UTF-8 and every span lies on character boundaries within it.
     #[doc(hidden)]
-    pub fn new(batch: &'a abi::EventBatch, fields: &'a [String]) -> Self {
-        Events { batch, fields }
+    pub fn new(batch: &'a abi::EventBatch, fields: &'a [String]) -> Result<Self, String> {
+        let text = std::str::from_utf8(&batch.text)
+            .map_err(|e| format!("event batch text is not UTF-8: {e}"))?;
+        let entries = batch.times.len() * fields.len();
+        if batch.kinds.len() != entries || batch.values.len() != entries {
+            return Err(format!(
+                "event batch has {} kinds and {} values for {} events of {} fields",
+                batch.kinds.len(),
+                batch.values.len(),
+                batch.times.len(),
+                fields.len()
+            ));
+        }
+        if !batch.raw.is_empty() && batch.raw.len() != batch.times.len() {
+            return Err("event batch has raw JSON for some events only".to_owned());
+        }
+        let spans = batch
+            .kinds
+            .iter()
+            .zip(&batch.values)
+            .filter(|(k, _)| matches!(**k, kind::TEXT | kind::JSON))
+            .map(|(_, bits)| *bits)
+            .chain(batch.raw.iter().copied());
+        for bits in spans {
+            let (start, end) = span(bits);
+            if !(text.is_char_boundary(start) && text.is_char_boundary(end) && start <= end) {
+                return Err(format!("event batch span {start}..{end} is out of bounds"));
+            }
+        }
+        if let Some(unknown) = batch.kinds.iter().find(|k| **k > kind::JSON) {
+            return Err(format!("event batch has unknown value kind {unknown}"));
+        }
+        Ok(Events {
+            batch,
+            fields,
+            text,
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.batch.events.len()
+        self.batch.times.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.batch.events.is_empty()
+        self.batch.times.is_empty()
     }
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = Event<'a>> + 'a {
@@ -58,11 +119,10 @@ impl<'a> Events<'a> {
         })
     }
 
-    fn text(self, span: Span) -> &'a str {
-        let start = span.offset as usize;
-        let bytes = &self.batch.text[start..start + span.len as usize];
-        // The host only hands over text it took from valid UTF-8 JSON.
-        std::str::from_utf8(bytes).unwrap_or_default()
+    fn text(self, bits: u64) -> &'a str {
+        let (start, end) = span(bits);
+        // Checked in `new`: within the text and on character boundaries.
+        &self.text[start..end]
     }
 
     fn column(&self, name: &str) -> usize {
@@ -85,7 +145,7 @@ impl<'a> Event<'a> {
     /// Event time in milliseconds since the Unix epoch: the manifest's
     /// `event_time` field, or the time the host accepted the event.
     pub fn time(&self) -> i64 {
-        self.events.batch.events[self.index].time
+        self.events.batch.times[self.index]
     }
 
     /// The value of a field declared in the manifest's `fields`.
@@ -93,16 +153,17 @@ impl<'a> Event<'a> {
     /// # Panics
     /// If `name` is not declared: that is a bug in the rule, not in the event.
     pub fn get(&self, name: &str) -> Field<'a> {
-        let width = self.events.fields.len();
-        let column = self.events.column(name);
-        match self.events.batch.values[self.index * width + column] {
-            Value::Absent => Field::Absent,
-            Value::Null => Field::Null,
-            Value::Boolean(b) => Field::Bool(b),
-            Value::Integer(i) => Field::Int(i),
-            Value::Float(f) => Field::Float(f),
-            Value::Text(span) => Field::Str(self.events.text(span)),
-            Value::Json(span) => Field::Json(self.events.text(span)),
+        let events = self.events;
+        let entry = self.index * events.fields.len() + events.column(name);
+        let bits = events.batch.values[entry];
+        match events.batch.kinds[entry] {
+            kind::NULL => Field::Null,
+            kind::BOOLEAN => Field::Bool(bits != 0),
+            kind::INTEGER => Field::Int(bits as i64),
+            kind::FLOAT => Field::Float(f64::from_bits(bits)),
+            kind::TEXT => Field::Str(events.text(bits)),
+            kind::JSON => Field::Json(events.text(bits)),
+            _ => Field::Absent,
         }
     }
 
@@ -153,7 +214,7 @@ impl<'a> Event<'a> {
 
     /// The event's JSON text, if the manifest asked for `raw_json`.
     pub fn raw_json(&self) -> Option<&'a str> {
-        let raw = self.events.batch.events[self.index].raw;
-        (raw.len > 0).then(|| self.events.text(raw))
+        let raw = self.events.batch.raw.get(self.index)?;
+        Some(self.events.text(*raw))
     }
 }

@@ -5,6 +5,8 @@ pub mod abi;
 mod context;
 mod event;
 mod manifest;
+#[cfg(target_arch = "wasm32")]
+mod mem;
 mod state;
 pub mod testing;
 
@@ -14,6 +16,14 @@ pub use manifest::{Literal, Manifest};
 pub use serde_json::json;
 
 use serde::{Serialize, de::DeserializeOwned};
+
+#[cfg(all(
+    feature = "allocator",
+    target_arch = "wasm32",
+    not(target_feature = "atomics")
+))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
 
 /// An alert rule: a plain type, its state, and what it does with events.
 ///
@@ -181,7 +191,8 @@ pub mod __private {
     ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
         let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
-        R::evaluate(&mut state, Events::new(batch, fields), &mut ctx).map_err(|e| e.into_abi())?;
+        let events = Events::new(batch, fields).map_err(abi::RuleError::Failed)?;
+        R::evaluate(&mut state, events, &mut ctx).map_err(|e| e.into_abi())?;
         finish::<R>(state, stored, ctx)
     }
 

@@ -33,6 +33,7 @@ use std::marker::PhantomData;
 use serde_json::Value as Json;
 
 pub use crate::abi;
+use crate::event::kind;
 use crate::{__private, Alert, Manifest, Rule, state};
 
 /// A failed call, as the host would see it.
@@ -169,35 +170,33 @@ pub fn batch_from_json(
                 })
             })?,
         };
-        let raw = if abi.raw_json {
-            push_text(&mut batch.text, &event.to_string())
-        } else {
-            abi::Span::default()
-        };
-        batch.events.push(abi::Event { time, raw });
+        batch.times.push(time);
+        if abi.raw_json {
+            let raw = push_text(&mut batch.text, &event.to_string());
+            batch.raw.push(raw);
+        }
         for field in &abi.fields {
-            let value = match event.get(field) {
-                None => abi::Value::Absent,
-                Some(Json::Null) => abi::Value::Null,
-                Some(Json::Bool(b)) => abi::Value::Boolean(*b),
+            let (kind, bits) = match event.get(field) {
+                None => (kind::ABSENT, 0),
+                Some(Json::Null) => (kind::NULL, 0),
+                Some(Json::Bool(b)) => (kind::BOOLEAN, u64::from(*b)),
                 Some(Json::Number(n)) => match n.as_i64() {
-                    Some(i) => abi::Value::Integer(i),
-                    None => abi::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+                    Some(i) => (kind::INTEGER, i as u64),
+                    None => (kind::FLOAT, n.as_f64().unwrap_or(f64::NAN).to_bits()),
                 },
-                Some(Json::String(s)) => abi::Value::Text(push_text(&mut batch.text, s)),
-                Some(other) => abi::Value::Json(push_text(&mut batch.text, &other.to_string())),
+                Some(Json::String(s)) => (kind::TEXT, push_text(&mut batch.text, s)),
+                Some(other) => (kind::JSON, push_text(&mut batch.text, &other.to_string())),
             };
-            batch.values.push(value);
+            batch.kinds.push(kind);
+            batch.values.push(bits);
         }
     }
     Ok(batch)
 }
 
-fn push_text(text: &mut Vec<u8>, s: &str) -> abi::Span {
-    let span = abi::Span {
-        offset: text.len() as u32,
-        len: s.len() as u32,
-    };
+/// Append `s` to the text, returning its span.
+fn push_text(text: &mut Vec<u8>, s: &str) -> u64 {
+    let span = ((text.len() as u64) << 32) | s.len() as u64;
     text.extend_from_slice(s.as_bytes());
     span
 }

@@ -40,32 +40,11 @@ fn events(n: usize) -> Vec<Incoming> {
 }
 
 fn to_native(batch: &runtime::EventBatch) -> abi::EventBatch {
-    let span = |s: &runtime::Span| abi::Span {
-        offset: s.offset,
-        len: s.len,
-    };
     abi::EventBatch {
-        events: batch
-            .events
-            .iter()
-            .map(|e| abi::Event {
-                time: e.time,
-                raw: span(&e.raw),
-            })
-            .collect(),
-        values: batch
-            .values
-            .iter()
-            .map(|v| match v {
-                runtime::Value::Absent => abi::Value::Absent,
-                runtime::Value::Null => abi::Value::Null,
-                runtime::Value::Boolean(b) => abi::Value::Boolean(*b),
-                runtime::Value::Integer(i) => abi::Value::Integer(*i),
-                runtime::Value::Float(f) => abi::Value::Float(*f),
-                runtime::Value::Text(s) => abi::Value::Text(span(s)),
-                runtime::Value::Json(s) => abi::Value::Json(span(s)),
-            })
-            .collect(),
+        times: batch.times.clone(),
+        kinds: batch.kinds.clone(),
+        values: batch.values.clone(),
+        raw: batch.raw.clone(),
         text: batch.text.clone(),
     }
 }

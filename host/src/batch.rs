@@ -7,9 +7,7 @@ use std::collections::HashMap;
 use serde_json::Value as Json;
 
 use crate::event::Incoming;
-use crate::runtime::{
-    Condition, Event, EventBatch, EventTime, Manifest, Scalar, Span, Test, Value,
-};
+use crate::runtime::{Condition, EventBatch, EventTime, Manifest, Scalar, Test, ValueKind};
 
 /// One bucket's share of a batch for one rule.
 #[derive(Debug, Clone)]
@@ -130,8 +128,10 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> Result<Vec<Bucket>, B
                 buckets.push(Bucket {
                     key,
                     batch: EventBatch {
-                        events: Vec::new(),
+                        times: Vec::new(),
+                        kinds: Vec::new(),
                         values: Vec::new(),
+                        raw: Vec::new(),
                         text: Vec::new(),
                     },
                     members: Vec::new(),
@@ -146,36 +146,38 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> Result<Vec<Bucket>, B
     Ok(buckets)
 }
 
-/// Append one event to a batch: its declared fields as typed values, strings
-/// copied into the batch's text.
+/// Append one event to a batch: its declared fields as typed entries of the
+/// column table, strings copied into the batch's text (see `event-batch` in
+/// `wit/rule.wit`).
 pub fn push_event(batch: &mut EventBatch, manifest: &Manifest, event: &Incoming, time: i64) {
-    let raw = if manifest.raw_json {
-        push_text(&mut batch.text, &event.raw)
-    } else {
-        Span { offset: 0, len: 0 }
-    };
-    batch.events.push(Event { time, raw });
+    batch.times.push(time);
+    if manifest.raw_json {
+        let raw = push_text(&mut batch.text, &event.raw);
+        batch.raw.push(raw);
+    }
     for field in &manifest.fields {
-        let value = match event.fields.get(field) {
-            None => Value::Absent,
-            Some(Json::Null) => Value::Null,
-            Some(Json::Bool(b)) => Value::Boolean(*b),
+        let (kind, bits) = match event.fields.get(field) {
+            None => (ValueKind::Absent, 0),
+            Some(Json::Null) => (ValueKind::Null, 0),
+            Some(Json::Bool(b)) => (ValueKind::Boolean, u64::from(*b)),
             Some(Json::Number(n)) => match n.as_i64() {
-                Some(i) => Value::Integer(i),
-                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+                Some(i) => (ValueKind::Integer, i as u64),
+                None => (ValueKind::Float, n.as_f64().unwrap_or(f64::NAN).to_bits()),
             },
-            Some(Json::String(s)) => Value::Text(push_text(&mut batch.text, s)),
-            Some(other) => Value::Json(push_text(&mut batch.text, &other.to_string())),
+            Some(Json::String(s)) => (ValueKind::Text, push_text(&mut batch.text, s)),
+            Some(other) => (
+                ValueKind::Json,
+                push_text(&mut batch.text, &other.to_string()),
+            ),
         };
-        batch.values.push(value);
+        batch.kinds.push(kind as u8);
+        batch.values.push(bits);
     }
 }
 
-fn push_text(text: &mut Vec<u8>, s: &str) -> Span {
-    let span = Span {
-        offset: text.len() as u32,
-        len: s.len() as u32,
-    };
+/// Append `s` to the text, returning its span (`offset << 32 | length`).
+fn push_text(text: &mut Vec<u8>, s: &str) -> u64 {
+    let span = ((text.len() as u64) << 32) | s.len() as u64;
     text.extend_from_slice(s.as_bytes());
     span
 }

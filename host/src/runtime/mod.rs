@@ -21,8 +21,8 @@ use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 pub use bindings::{
-    Alert, AlertStatus, Condition, Event, EventBatch, EventTime, Manifest, Outcome, Scalar,
-    Severity, Span, StateChange, Test, TimerChange, Value,
+    Alert, AlertStatus, Condition, EventBatch, EventTime, Manifest, Outcome, Scalar, Severity,
+    StateChange, Test, TimerChange, ValueKind,
 };
 pub use error::{Cause, Output, RuleError};
 pub use limits::*;

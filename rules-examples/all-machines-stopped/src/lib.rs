@@ -41,9 +41,14 @@ impl Rule for AllMachinesStopped {
         for event in events.iter() {
             let machine = event.require_str("machineId")?;
             let machine_state = event.require_str("state")?;
-            state
-                .machines
-                .insert(machine.to_owned(), machine_state == "stopped");
+            let stopped = machine_state == "stopped";
+            // Known machines are updated in place: no key allocated per event.
+            match state.machines.get_mut(machine) {
+                Some(known) => *known = stopped,
+                None => {
+                    state.machines.insert(machine.to_owned(), stopped);
+                }
+            }
 
             let all_stopped = state.every_machine_stopped();
             if all_stopped && !state.all_stopped {
