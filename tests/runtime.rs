@@ -150,7 +150,7 @@ fn attack(
 ) -> Result<Vec<(String, serde_json::Value)>, RuleError> {
     let events: Vec<Incoming> = attacks.iter().map(|a| event(a)).collect();
     let refs: Vec<&Incoming> = events.iter().collect();
-    let run = pipeline::run_rule(rule, &refs, "p", 0, |_| None).unwrap();
+    let run = pipeline::run_rule(rule, &refs, 0, |_| None::<Vec<u8>>);
     let bucket = run.buckets.into_iter().next().expect("one bucket");
     let outcome = bucket.result?;
     Ok(outcome
@@ -268,7 +268,7 @@ fn hostile_rules_are_stopped_with_typed_errors_and_healthy_rules_go_on() {
 
     let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
     let stopped = Incoming::parse(line, "clientId", 0).unwrap();
-    let run = pipeline::run_rule(&healthy, &[&stopped], "p", 0, |_| None).unwrap();
+    let run = pipeline::run_rule(&healthy, &[&stopped], 0, |_| None::<Vec<u8>>);
     let alerts = &run.buckets[0].result.as_ref().unwrap().alerts;
     assert_eq!(alerts.len(), 1, "the healthy tenant's rule still alerts");
 }
@@ -299,7 +299,7 @@ fn the_sandbox_shows_no_environment_arguments_or_files() {
     let runtime = runtime();
     let hostile = load(&runtime, "evil", components::HOSTILE).unwrap();
     let events = [event("peek")];
-    let run = pipeline::run_rule(&hostile, &[&events[0]], "p", 0, |_| None).unwrap();
+    let run = pipeline::run_rule(&hostile, &[&events[0]], 0, |_| None::<Vec<u8>>);
     let alert = &run.buckets[0].result.as_ref().unwrap().alerts[0];
     assert_eq!(
         alert.detail,
@@ -313,7 +313,7 @@ fn undecodable_state_is_a_bad_state_error() {
     let rule = load(&runtime, "client-02", components::ANY_MACHINE_STOPPED).unwrap();
     let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
     let stopped = Incoming::parse(line, "clientId", 0).unwrap();
-    let run = pipeline::run_rule(&rule, &[&stopped], "p", 0, |_| Some(vec![9, 9, 9])).unwrap();
+    let run = pipeline::run_rule(&rule, &[&stopped], 0, |_| Some(vec![9, 9, 9]));
     let error = run.buckets[0].result.clone().unwrap_err();
     assert_eq!(
         error.cause,

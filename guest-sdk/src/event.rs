@@ -157,13 +157,15 @@ impl<'a> Event<'a> {
         let entry = self.index * events.fields.len() + events.column(name);
         let bits = events.batch.values[entry];
         match events.batch.kinds[entry] {
+            kind::ABSENT => Field::Absent,
             kind::NULL => Field::Null,
             kind::BOOLEAN => Field::Bool(bits != 0),
             kind::INTEGER => Field::Int(bits as i64),
             kind::FLOAT => Field::Float(f64::from_bits(bits)),
             kind::TEXT => Field::Str(events.text(bits)),
             kind::JSON => Field::Json(events.text(bits)),
-            _ => Field::Absent,
+            // `new` rejects unknown kinds.
+            _ => unreachable!("value kinds are checked when the batch arrives"),
         }
     }
 

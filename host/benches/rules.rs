@@ -110,7 +110,7 @@ fn bench_rule<R: Rule>(c: &mut Criterion, runtime: &Runtime, name: &str) {
     for size in [100usize, 1_000] {
         let events = events(size);
         let refs: Vec<&Incoming> = events.iter().collect();
-        let buckets = batch::route(rule.manifest(), &refs).unwrap();
+        let (buckets, _) = batch::route(rule.manifest(), &refs);
         let native: Vec<(String, abi::EventBatch)> = buckets
             .iter()
             .map(|b| (b.key.clone(), to_native(&b.batch)))

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use crate::runtime::{self, AlertStatus};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Firing,
@@ -41,6 +41,10 @@ pub struct AlertRecord {
     pub detail: serde_json::Value,
     /// Processing time of the batch that raised it, epoch milliseconds.
     pub at: i64,
+    /// Position in the host's alert log, assigned when committed; the cursor
+    /// of `GET /v1/tenants/{tenant}/alerts?after=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 /// Where an alert came from, for its id.
@@ -106,6 +110,7 @@ impl AlertRecord {
             title: alert.title,
             detail,
             at,
+            seq: None,
         }
     }
 }

@@ -111,15 +111,23 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
 }
 
 /// Filter `events` through the manifest and group them into buckets, each
-/// in arrival order; buckets in order of their first event.
-pub fn route(manifest: &Manifest, events: &[&Incoming]) -> Result<Vec<Bucket>, BadEventTime> {
+/// in arrival order; buckets in order of their first event. Events whose
+/// event time cannot be read are left out and returned beside.
+pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<BadEventTime>) {
     let mut buckets: Vec<Bucket> = Vec::new();
+    let mut bad_times = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     for (index, event) in events.iter().enumerate() {
         if !matches(&manifest.filter, event) {
             continue;
         }
-        let time = event_time(manifest, index, event)?;
+        let time = match event_time(manifest, index, event) {
+            Ok(time) => time,
+            Err(bad) => {
+                bad_times.push(bad);
+                continue;
+            }
+        };
         let key = bucket_key(&manifest.bucket_key, event);
         let slot = match by_key.get(&key) {
             Some(&slot) => slot,
@@ -143,7 +151,7 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> Result<Vec<Bucket>, B
         push_event(&mut bucket.batch, manifest, event, time);
         bucket.members.push(index);
     }
-    Ok(buckets)
+    (buckets, bad_times)
 }
 
 /// Append one event to a batch: its declared fields as typed entries of the

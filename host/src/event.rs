@@ -16,6 +16,9 @@ pub struct Incoming {
     pub raw: Box<str>,
     /// When the host accepted it, in epoch milliseconds.
     pub arrival: i64,
+    /// Where it came from in its source (`request:line`, `line-N`): alert
+    /// ids derive from it, so the same input yields the same ids.
+    pub position: String,
 }
 
 /// Why a line is not an event.
@@ -58,6 +61,7 @@ impl Incoming {
             fields,
             raw: raw.into(),
             arrival,
+            position: String::new(),
         })
     }
 }

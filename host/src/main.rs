@@ -6,7 +6,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use std::sync::Arc;
+
 use tocsin::clock::{Clock, ManualClock, SystemClock};
+use tocsin::config::{Config, RuleEntry};
+use tocsin::seed::{Simulator, post_batch};
+use tocsin::serve::Server;
 use tocsin::event::DEFAULT_TENANT_FIELD;
 use tocsin::rule_test;
 use tocsin::runtime::{Runtime, RuntimeConfig};
@@ -24,9 +29,81 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the service: HTTP ingest, rules, durable buckets, alerts.
+    Serve(ServeArgs),
+    /// The prototype's scenario live: build the seed rules, serve them, simulate machines, print alerts.
+    Demo(DemoArgs),
+    /// Drive a running host with the seed's machine simulator.
+    Simulate(SimulateArgs),
+    /// Load-test the embedded service end to end and print figures.
+    Bench(BenchArgs),
     /// Work with rule components.
     #[command(subcommand)]
     Rule(RuleCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file (see tocsin.example.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7878].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory [default: ./tocsin-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Run a rule for a tenant: TENANT=PATH.wasm (repeatable; adds to the config's rules).
+    #[arg(long = "rule", value_name = "TENANT=PATH")]
+    rules: Vec<tocsin::catalogue::Assignment>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Events to send.
+    #[arg(long, default_value_t = 300)]
+    events: usize,
+    /// Events per second.
+    #[arg(long, default_value_t = 30.0)]
+    rate: f64,
+    /// Keep the service's data here instead of a temporary directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seed of the simulator's random choices.
+    #[arg(long, default_value_t = 2018)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// Base URL of the host, e.g. http://127.0.0.1:7878.
+    #[arg(long)]
+    target: String,
+    /// Events to send.
+    #[arg(long, default_value_t = 300)]
+    events: usize,
+    /// Events per second.
+    #[arg(long, default_value_t = 30.0)]
+    rate: f64,
+    /// Seed of the simulator's random choices.
+    #[arg(long, default_value_t = 2018)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Tenants, each running the three seed rules.
+    #[arg(long, default_value_t = 1000)]
+    tenants: usize,
+    /// Events to send.
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
 }
 
 #[derive(Subcommand)]
@@ -108,7 +185,99 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Rule(RuleCommand::Test(args)) => rule_test(args),
         Command::Rule(RuleCommand::Inspect { rule, runtime }) => rule_inspect(&rule, &runtime),
+        Command::Serve(args) => async_main(serve(args)),
+        Command::Demo(args) => async_main(tocsin::demo::run(tocsin::demo::Options {
+            events: args.events,
+            rate: args.rate,
+            data_dir: args.data_dir,
+            seed: args.seed,
+        })),
+        Command::Simulate(args) => async_main(simulate(args)),
+        Command::Bench(args) => async_main(async move {
+            let report = tocsin::bench::run(tocsin::bench::Options {
+                tenants: args.tenants,
+                events: args.events,
+                batch_size: args.batch_size,
+                connections: args.connections,
+            })
+            .await?;
+            println!("{report}");
+            Ok(())
+        }),
     }
+}
+
+fn async_main(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    config.rules.extend(args.rules.into_iter().map(|a| RuleEntry {
+        tenant: a.tenant,
+        path: a.path,
+    }));
+    if config.rules.is_empty() {
+        bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
+    }
+    let server = Server::start(config, Arc::new(SystemClock)).await?;
+    // Tests and scripts read the bound address from this line.
+    println!("listening on {}", server.addr());
+    server.run_until(shutdown_signal()).await
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    let url = format!("{}/v1/events", args.target.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let mut simulator = Simulator::seed(rand::rngs::StdRng::seed_from_u64(args.seed));
+    let run = format!("simulate-{:x}", rand::random::<u32>());
+    let per_batch = ((args.rate / 10.0).ceil() as usize).max(1);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs_f64(
+        per_batch as f64 / args.rate,
+    ));
+    let (mut sent, mut batch) = (0, 0);
+    while sent < args.events {
+        ticker.tick().await;
+        let lines = simulator.events(per_batch.min(args.events - sent));
+        let answer = post_batch(&client, &url, &format!("{run}-{batch}"), &lines, 5).await?;
+        sent += lines.len();
+        batch += 1;
+        if answer["rejected"].as_array().is_some_and(|r| !r.is_empty()) {
+            eprintln!("batch {batch}: {}", answer["rejected"]);
+        }
+    }
+    eprintln!("{sent} events sent to {url}");
+    Ok(())
 }
 
 fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -35,6 +35,9 @@ pub struct RuleRun {
     /// Events that passed the rule's filter.
     pub matched: usize,
     pub buckets: Vec<BucketRun>,
+    /// Events the rule wanted but whose event time could not be read; they
+    /// were left out.
+    pub bad_times: Vec<BadEventTime>,
 }
 
 impl RuleRun {
@@ -48,31 +51,33 @@ impl RuleRun {
 }
 
 /// Run `rule` over `events` (all of the rule's tenant). `state` yields a
-/// bucket's stored state; `position` names the batch in its source and makes
-/// alert ids deterministic; `now` is the processing time.
-pub fn run_rule(
+/// bucket's stored state; `now` is the processing time. Alert ids derive from
+/// the position of the last event of each call, so the same input yields the
+/// same ids.
+pub fn run_rule<S: AsRef<[u8]>>(
     rule: &LoadedRule,
     events: &[&Incoming],
-    position: &str,
     now: i64,
-    mut state: impl FnMut(&str) -> Option<Vec<u8>>,
-) -> Result<RuleRun, BadEventTime> {
+    mut state: impl FnMut(&str) -> Option<S>,
+) -> RuleRun {
     let manifest = rule.manifest();
-    let buckets = batch::route(manifest, events)?;
+    let (buckets, bad_times) = batch::route(manifest, events);
     let mut run = RuleRun {
         matched: buckets.iter().map(|b| b.members.len()).sum(),
         buckets: Vec::with_capacity(buckets.len()),
+        bad_times,
     };
     for bucket in buckets {
         let stored = state(&bucket.key);
+        let last = *bucket.members.last().expect("a bucket has events");
         let result = rule
-            .evaluate(&bucket.key, stored.as_deref(), &bucket.batch, now)
+            .evaluate(&bucket.key, stored.as_ref().map(AsRef::as_ref), &bucket.batch, now)
             .map(|output| {
                 let origin = Origin {
                     tenant: rule.tenant(),
                     rule: &manifest.name,
                     bucket: &bucket.key,
-                    position,
+                    position: &events[last].position,
                 };
                 let alerts = output
                     .alerts
@@ -96,5 +101,5 @@ pub fn run_rule(
             result,
         });
     }
-    Ok(run)
+    run
 }

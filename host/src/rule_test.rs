@@ -7,7 +7,6 @@ use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use crate::alert::AlertRecord;
-use crate::batch::BadEventTime;
 use crate::clock::Clock;
 use crate::event::Incoming;
 use crate::pipeline;
@@ -85,7 +84,6 @@ pub fn run(
 
     for chunk in lines.chunks(options.batch_size.max(1)) {
         let first_line = chunk[0].number;
-        let position = format!("line-{first_line}");
         let now = clock.now_ms();
         // Tenants in order of first appearance within the batch.
         let mut tenants: Vec<(&str, Vec<&Line>)> = Vec::new();
@@ -104,13 +102,15 @@ pub fn run(
             }
             let rule = &rules[tenant];
             let events: Vec<&Incoming> = members.iter().map(|l| &l.event).collect();
-            let run = pipeline::run_rule(rule, &events, &position, now, |bucket| {
+            let run = pipeline::run_rule(rule, &events, now, |bucket| {
                 states.get(&(tenant.to_owned(), bucket.to_owned())).cloned()
-            })
-            .map_err(|e: BadEventTime| Error::BadLine {
-                line: members[e.index].number,
-                reason: format!("event-time field `{}` {}", e.field, e.reason),
-            })?;
+            });
+            if let Some(bad) = run.bad_times.first() {
+                return Err(Error::BadLine {
+                    line: members[bad.index].number,
+                    reason: format!("event-time field `{}` {}", bad.field, bad.reason),
+                });
+            }
             summary.matched += run.matched;
             for bucket in run.buckets {
                 let outcome = bucket.result.map_err(|error| match &error.cause {
@@ -165,11 +165,12 @@ fn read_lines(
             continue;
         }
         let number = i + 1;
-        let event =
+        let mut event =
             Incoming::parse(&text, tenant_field, clock.now_ms()).map_err(|e| Error::BadLine {
                 line: number,
                 reason: e.to_string(),
             })?;
+        event.position = format!("line-{number}");
         lines.push(Line { number, event });
     }
     Ok(lines)

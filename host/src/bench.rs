@@ -1,0 +1,205 @@
+//! `tocsin bench`: the embedded service end to end under load. Many tenants
+//! each run the three seed rules; clients post batches over HTTP; the report
+//! gives events/s, acknowledgement latency (an upper bound of event-to-alert
+//! latency: alerts are committed and published before the answer) and where
+//! the processor spent its time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::clock::SystemClock;
+use crate::config::{Config, RuleEntry};
+use crate::seed;
+use crate::serve::Server;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub tenants: usize,
+    pub events: usize,
+    pub batch_size: usize,
+    /// Requests in flight at once.
+    pub connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub events: usize,
+    pub elapsed: Duration,
+    pub latencies: Vec<Duration>,
+    pub alerts: u64,
+    pub commits: u64,
+    pub rules: Duration,
+    pub commit: Duration,
+    pub publish: Duration,
+}
+
+impl Report {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let index = ((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1);
+        sorted.get(index).copied().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let busy = self.rules + self.commit + self.publish;
+        let share = |d: Duration| 100.0 * d.as_secs_f64() / busy.as_secs_f64().max(1e-9);
+        writeln!(
+            f,
+            "events: {} in {:.2} s = {:.0} events/s",
+            self.events,
+            self.elapsed.as_secs_f64(),
+            self.events_per_second()
+        )?;
+        writeln!(
+            f,
+            "ack latency per request: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            ms(self.percentile(0.50)),
+            ms(self.percentile(0.99)),
+            ms(self.percentile(1.0))
+        )?;
+        writeln!(
+            f,
+            "alerts: {}, commits: {} ({:.0} events per commit)",
+            self.alerts,
+            self.commits,
+            self.events as f64 / self.commits.max(1) as f64
+        )?;
+        write!(
+            f,
+            "processor time: rules {:.0}% ({:.0} ms), commit {:.0}% ({:.0} ms), publish {:.0}% ({:.0} ms)",
+            share(self.rules),
+            ms(self.rules),
+            share(self.commit),
+            ms(self.commit),
+            share(self.publish),
+            ms(self.publish)
+        )
+    }
+}
+
+/// Seed-like events for `tenants` tenants of five machines each: a random
+/// tenant's random machine moves one state on; one event in ten is a test
+/// event.
+fn bodies(options: &Options) -> Vec<String> {
+    const STATES: [&str; 3] = ["stopped", "starting", "running"];
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut machines = vec![[0usize; 5]; options.tenants];
+    let events: Vec<String> = (0..options.events)
+        .map(|_| {
+            let tenant = rng.random_range(0..options.tenants);
+            let client = format!("tenant-{tenant:04}");
+            if rng.random_ratio(1, 10) {
+                return json!({"eventType": "test-event", "clientId": client}).to_string();
+            }
+            let machine = rng.random_range(0..5);
+            machines[tenant][machine] = (machines[tenant][machine] + 1) % 3;
+            json!({
+                "eventType": "machineStatusChange",
+                "clientId": client,
+                "machineId": format!("machine-{:02}", machine + 1),
+                "state": STATES[machines[tenant][machine]],
+            })
+            .to_string()
+        })
+        .collect();
+    events
+        .chunks(options.batch_size.max(1))
+        .map(|chunk| chunk.join("\n"))
+        .collect()
+}
+
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    let rules: BTreeMap<String, PathBuf> = tokio::task::spawn_blocking(seed::build_rules)
+        .await??
+        .into_iter()
+        .collect();
+    let data = tempfile::tempdir()?;
+    let config = Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: data.path().to_owned(),
+        max_instances: (options.tenants * seed::RULES.len() + 16) as u32,
+        rules: (0..options.tenants)
+            .flat_map(|t| {
+                rules.values().map(move |path| RuleEntry {
+                    tenant: format!("tenant-{t:04}"),
+                    path: path.clone(),
+                })
+            })
+            .collect(),
+        ..Config::default()
+    };
+    eprintln!(
+        "loading {} tenants × {} rules…",
+        options.tenants,
+        rules.len()
+    );
+    let server = Server::start(config, Arc::new(SystemClock)).await?;
+    let url = format!("http://{}/v1/events", server.addr());
+    let bodies = bodies(&options);
+    eprintln!(
+        "sending {} events in {} batches over {} connections…",
+        options.events,
+        bodies.len(),
+        options.connections
+    );
+
+    let client = reqwest::Client::new();
+    let queue = Arc::new(std::sync::Mutex::new(bodies.into_iter().enumerate()));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..options.connections.max(1) {
+        let (client, url, queue) = (client.clone(), url.clone(), queue.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let next = queue.lock().expect("queue lock").next();
+                let Some((i, body)) = next else { break };
+                let sent = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("idempotency-key", format!("bench-{i}"))
+                    .body(body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(response.status().is_success(), "batch {i}: {}", response.status());
+                response.bytes().await?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    let elapsed = started.elapsed();
+    let stats = server.processor().stats();
+    let nanos = |counter: &std::sync::atomic::AtomicU64| Duration::from_nanos(counter.load(Ordering::Relaxed));
+    let report = Report {
+        events: options.events,
+        elapsed,
+        latencies,
+        alerts: stats.alerts.load(Ordering::Relaxed),
+        commits: stats.commits.load(Ordering::Relaxed),
+        rules: nanos(&stats.rules_ns),
+        commit: nanos(&stats.commit_ns),
+        publish: nanos(&stats.publish_ns),
+    };
+    server.stop().await?;
+    Ok(report)
+}

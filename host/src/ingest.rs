@@ -1,0 +1,64 @@
+//! Turning a `POST /v1/events` body into events: NDJSON or a JSON array,
+//! each event checked on its own so bad lines are rejected with their reason
+//! while the good ones go through.
+
+use serde_json::Value as Json;
+
+use crate::catalogue::Catalogue;
+use crate::event::Incoming;
+use crate::processor::Rejected;
+
+/// The accepted events and rejected lines of one body.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub events: Vec<Incoming>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Parse `body`. A body whose first non-blank byte is `[` is a JSON array
+/// (line = element number); anything else is NDJSON (line = line number,
+/// blank lines skipped). Events of tenants without rules are rejected.
+/// Each accepted event's position is `{request}:{line}`.
+pub fn parse(
+    body: &str,
+    tenant_field: &str,
+    catalogue: &dyn Catalogue,
+    request: &str,
+    arrival: i64,
+) -> Result<Parsed, String> {
+    let mut parsed = Parsed::default();
+    let mut accept = |line: usize, result: Result<Incoming, String>| {
+        let checked = result.and_then(|event| match catalogue.rules(&event.tenant) {
+            Some(_) => Ok(event),
+            None => Err(format!("unknown tenant `{}`: no rules are configured for it", event.tenant)),
+        });
+        match checked {
+            Ok(mut event) => {
+                event.position = format!("{request}:{line}");
+                parsed.events.push(event);
+            }
+            Err(error) => parsed.rejected.push(Rejected { line, error }),
+        }
+    };
+    if body.trim_start().starts_with('[') {
+        let items: Vec<Box<serde_json::value::RawValue>> =
+            serde_json::from_str(body).map_err(|e| format!("body is not a JSON array: {e}"))?;
+        for (i, item) in items.iter().enumerate() {
+            let raw = item.get();
+            let result = serde_json::from_str::<Json>(raw)
+                .map_err(|e| e.to_string())
+                .and_then(|json| {
+                    Incoming::from_json(json, raw, tenant_field, arrival).map_err(|e| e.to_string())
+                });
+            accept(i + 1, result);
+        }
+    } else {
+        for (i, line) in body.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            accept(i + 1, Incoming::parse(line, tenant_field, arrival).map_err(|e| e.to_string()));
+        }
+    }
+    Ok(parsed)
+}
