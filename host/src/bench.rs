@@ -176,7 +176,11 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
                     .body(body)
                     .send()
                     .await?;
-                anyhow::ensure!(response.status().is_success(), "batch {i}: {}", response.status());
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "batch {i}: {}",
+                    response.status()
+                );
                 response.bytes().await?;
                 latencies.push(sent.elapsed());
             }
@@ -189,7 +193,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     }
     let elapsed = started.elapsed();
     let stats = server.processor().stats();
-    let nanos = |counter: &std::sync::atomic::AtomicU64| Duration::from_nanos(counter.load(Ordering::Relaxed));
+    let nanos = |counter: &std::sync::atomic::AtomicU64| {
+        Duration::from_nanos(counter.load(Ordering::Relaxed))
+    };
     let report = Report {
         events: options.events,
         elapsed,

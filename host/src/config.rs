@@ -110,7 +110,9 @@ impl Config {
             return Err("tenant_field must not be empty".to_owned());
         }
         if self.max_batch_events == 0 || self.max_body_bytes == 0 || self.max_instances == 0 {
-            return Err("max_batch_events, max_body_bytes and max_instances must be positive".to_owned());
+            return Err(
+                "max_batch_events, max_body_bytes and max_instances must be positive".to_owned(),
+            );
         }
         Ok(())
     }

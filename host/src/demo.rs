@@ -55,11 +55,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     };
     let server = Server::start(config, Arc::new(SystemClock)).await?;
     let url = format!("http://{}/v1/events", server.addr());
-    eprintln!("serving on http://{} (data in {})", server.addr(), data_dir.display());
+    eprintln!(
+        "serving on http://{} (data in {})",
+        server.addr(),
+        data_dir.display()
+    );
     for (tenant, rule) in seed::ASSIGNMENT {
         eprintln!("  {tenant}: {rule}");
     }
-    eprintln!("sending {} events at {} events/s…\n", options.events, options.rate);
+    eprintln!(
+        "sending {} events at {} events/s…\n",
+        options.events, options.rate
+    );
 
     let started = Instant::now();
     let mut live = server.processor().subscribe();
@@ -81,7 +88,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let per_batch = ((options.rate / 10.0).ceil() as usize).max(1);
     let mut sent = 0;
     let mut batch_no = 0;
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(per_batch as f64 / options.rate));
+    let mut ticker =
+        tokio::time::interval(Duration::from_secs_f64(per_batch as f64 / options.rate));
     while sent < options.events {
         ticker.tick().await;
         let lines = simulator.events(per_batch.min(options.events - sent));
@@ -93,7 +101,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let alerts = stats.alerts.load(std::sync::atomic::Ordering::Relaxed);
     server.stop().await?;
     let counts = printer.await?;
-    eprintln!("\n{sent} events sent, {alerts} alerts in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "\n{sent} events sent, {alerts} alerts in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     for ((tenant, rule, status), n) in counts {
         eprintln!("  {tenant} {rule}: {n} {}", status_name(status));
     }

@@ -30,7 +30,10 @@ pub fn parse(
     let mut accept = |line: usize, result: Result<Incoming, String>| {
         let checked = result.and_then(|event| match catalogue.rules(&event.tenant) {
             Some(_) => Ok(event),
-            None => Err(format!("unknown tenant `{}`: no rules are configured for it", event.tenant)),
+            None => Err(format!(
+                "unknown tenant `{}`: no rules are configured for it",
+                event.tenant
+            )),
         });
         match checked {
             Ok(mut event) => {
@@ -57,7 +60,10 @@ pub fn parse(
             if line.trim().is_empty() {
                 continue;
             }
-            accept(i + 1, Incoming::parse(line, tenant_field, arrival).map_err(|e| e.to_string()));
+            accept(
+                i + 1,
+                Incoming::parse(line, tenant_field, arrival).map_err(|e| e.to_string()),
+            );
         }
     }
     Ok(parsed)

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use tocsin::clock::{Clock, ManualClock, SystemClock};
 use tocsin::config::{Config, RuleEntry};
-use tocsin::seed::{Simulator, post_batch};
-use tocsin::serve::Server;
 use tocsin::event::DEFAULT_TENANT_FIELD;
 use tocsin::rule_test;
 use tocsin::runtime::{Runtime, RuntimeConfig};
+use tocsin::seed::{Simulator, post_batch};
+use tocsin::serve::Server;
 
 #[derive(Parser)]
 #[command(
@@ -225,10 +225,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
-    config.rules.extend(args.rules.into_iter().map(|a| RuleEntry {
-        tenant: a.tenant,
-        path: a.path,
-    }));
+    config
+        .rules
+        .extend(args.rules.into_iter().map(|a| RuleEntry {
+            tenant: a.tenant,
+            path: a.path,
+        }));
     if config.rules.is_empty() {
         bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
     }

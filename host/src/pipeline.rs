@@ -71,7 +71,12 @@ pub fn run_rule<S: AsRef<[u8]>>(
         let stored = state(&bucket.key);
         let last = *bucket.members.last().expect("a bucket has events");
         let result = rule
-            .evaluate(&bucket.key, stored.as_ref().map(AsRef::as_ref), &bucket.batch, now)
+            .evaluate(
+                &bucket.key,
+                stored.as_ref().map(AsRef::as_ref),
+                &bucket.batch,
+                now,
+            )
             .map(|output| {
                 let origin = Origin {
                     tenant: rule.tenant(),

@@ -185,7 +185,10 @@ impl Processor {
                     Ok(None) => {}
                 }
                 if fresh.iter().any(|s| s.key.as_ref() == Some(key)) {
-                    waiting.entry(key.clone()).or_default().push(submission.reply);
+                    waiting
+                        .entry(key.clone())
+                        .or_default()
+                        .push(submission.reply);
                     continue;
                 }
             }
@@ -266,9 +269,15 @@ impl Processor {
         self.cache.lock().expect("state cache lock").extend(changed);
 
         let events: usize = group.iter().map(|s| s.events.len()).sum();
-        self.stats.events.fetch_add(events as u64, Ordering::Relaxed);
-        self.stats.alerts.fetch_add(alerts.len() as u64, Ordering::Relaxed);
-        self.stats.rule_failures.fetch_add(failures, Ordering::Relaxed);
+        self.stats
+            .events
+            .fetch_add(events as u64, Ordering::Relaxed);
+        self.stats
+            .alerts
+            .fetch_add(alerts.len() as u64, Ordering::Relaxed);
+        self.stats
+            .rule_failures
+            .fetch_add(failures, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
 
         // Committed: from here on a failure only delays publishing, and the
@@ -279,7 +288,8 @@ impl Processor {
         } else {
             self.publish(&alerts)
         };
-        self.outbox_behind.store(published.is_err(), Ordering::Relaxed);
+        self.outbox_behind
+            .store(published.is_err(), Ordering::Relaxed);
         if let Err(error) = published {
             tracing::error!(%error, "cannot publish alerts; they stay in the outbox");
         }
@@ -358,7 +368,11 @@ fn answer_of(submission: &Submission) -> Answer {
 
 /// Feed submissions to the processor, grouping what queued up, until the
 /// channel closes; then return once the last group is answered.
-pub async fn run(processor: Arc<Processor>, mut queue: mpsc::Receiver<Submission>, max_events: usize) {
+pub async fn run(
+    processor: Arc<Processor>,
+    mut queue: mpsc::Receiver<Submission>,
+    max_events: usize,
+) {
     while let Some(first) = queue.recv().await {
         let mut events = first.events.len();
         let mut group = vec![first];

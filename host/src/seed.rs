@@ -47,7 +47,13 @@ pub fn build_rules() -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut command = Command::new(cargo);
     command
         .current_dir(&workspace)
-        .args(["build", "--release", "--target", WASM_TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     for rule in RULES {
         command.args(["-p", rule]);
@@ -199,9 +205,14 @@ pub async fn post_batch(
             Ok(response) if response.status().is_success() => return Ok(response.json().await?),
             Ok(response) if response.status().is_client_error() => {
                 let status = response.status();
-                bail!("{url} refused the batch ({status}): {}", response.text().await?);
+                bail!(
+                    "{url} refused the batch ({status}): {}",
+                    response.text().await?
+                );
             }
-            Ok(response) => last_error = Some(anyhow::anyhow!("{url} answered {}", response.status())),
+            Ok(response) => {
+                last_error = Some(anyhow::anyhow!("{url} answered {}", response.status()))
+            }
             Err(error) => last_error = Some(error.into()),
         }
     }

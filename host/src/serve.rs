@@ -34,8 +34,9 @@ impl Server {
     /// left in the outbox, and start listening.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         config.validate().map_err(anyhow::Error::msg)?;
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
         let runtime = Runtime::new(RuntimeConfig {
             limits: config.limits.clone(),
             max_instances: config.max_instances,
@@ -124,7 +125,10 @@ impl Server {
     }
 
     /// Run until `signal` completes, then stop gracefully.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         signal.await;
         tracing::info!("stopping: finishing in-flight batches");
         self.stop().await

@@ -65,7 +65,11 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `POST /v1/events`: answers once the events' effects are durable.
-async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn post_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => match value.to_str() {
@@ -73,7 +77,9 @@ async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+                    format!(
+                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                    ),
                 );
             }
         },
@@ -126,8 +132,14 @@ async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
     }
     match answer.await {
         Ok(Ok(answer)) => Json(answer).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("not applied, retry: {e}")),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "not applied, retry: processing failed"),
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not applied, retry: {e}"),
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not applied, retry: processing failed",
+        ),
     }
 }
 
@@ -199,11 +211,13 @@ impl AlertStream {
             if let Some(after) = self.last {
                 // Catch up from the log (on resume, or after lagging behind).
                 let (log, tenant) = (self.log.clone(), self.tenant.clone());
-                let page = tokio::task::spawn_blocking(move || log.alerts(&tenant, after, MAX_ALERTS_PAGE))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+                let page = tokio::task::spawn_blocking(move || {
+                    log.alerts(&tenant, after, MAX_ALERTS_PAGE)
+                })
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
                 if !page.is_empty() {
                     self.backlog.extend(page);
                     continue;

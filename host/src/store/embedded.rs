@@ -33,7 +33,8 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 
 impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let db =
+            Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(err)?;
         {
             tx.open_table(STATES).map_err(err)?;
@@ -93,14 +94,17 @@ impl StateStore for EmbeddedStore {
             for alert in &mut alerts {
                 alert.seq = Some(seq);
                 let json = serde_json::to_vec(alert).map_err(err)?;
-                log.insert((alert.tenant.as_str(), seq), json.as_slice()).map_err(err)?;
+                log.insert((alert.tenant.as_str(), seq), json.as_slice())
+                    .map_err(err)?;
                 outbox.insert(seq, alert.tenant.as_str()).map_err(err)?;
                 seq += 1;
             }
             meta.insert("next_seq", seq).map_err(err)?;
             let mut receipts = tx.open_table(RECEIPTS).map_err(err)?;
             for (key, answer) in &commit.receipts {
-                receipts.insert(key.as_str(), answer.as_slice()).map_err(err)?;
+                receipts
+                    .insert(key.as_str(), answer.as_slice())
+                    .map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;
@@ -142,7 +146,11 @@ impl AlertLog for EmbeddedStore {
         if after == u64::MAX {
             return Ok(alerts);
         }
-        for entry in log.range((tenant, after + 1)..=(tenant, u64::MAX)).map_err(err)?.take(limit) {
+        for entry in log
+            .range((tenant, after + 1)..=(tenant, u64::MAX))
+            .map_err(err)?
+            .take(limit)
+        {
             let (_, json) = entry.map_err(err)?;
             alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
         }

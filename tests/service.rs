@@ -1,0 +1,412 @@
+//! `tocsin serve` in-process on port 0, over HTTP as a client sees it: the
+//! seed scenario's alerts, restarts, idempotent retries, bad input, the live
+//! alert stream, and the example config.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tocsin::clock::ManualClock;
+use tocsin::config::{Config, RuleEntry};
+use tocsin::serve::Server;
+use tocsin_test_support::{self as support, AlertShape};
+
+fn config(data_dir: &Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        max_body_bytes: 64 * 1024,
+        max_instances: 32,
+        rules: support::SEED_RULES
+            .iter()
+            .map(|(tenant, rule)| RuleEntry {
+                tenant: tenant.to_string(),
+                path: support::seed_component(rule).into(),
+            })
+            .collect(),
+        ..Config::default()
+    }
+}
+
+async fn start(data_dir: &Path) -> (Server, String) {
+    let server = Server::start(config(data_dir), Arc::new(ManualClock::new(1_000)))
+        .await
+        .expect("server starts");
+    let base = format!("http://{}", server.addr());
+    (server, base)
+}
+
+async fn post(base: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{base}/v1/events"))
+        .body(body.to_owned());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn get(base: &str, path: &str) -> Value {
+    let response = reqwest::get(format!("{base}{path}")).await.unwrap();
+    assert!(
+        response.status().is_success(),
+        "GET {path}: {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}
+
+/// Every alert of a tenant, paging through `?after=`.
+async fn alerts(base: &str, tenant: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = get(
+            base,
+            &format!("/v1/tenants/{tenant}/alerts?after={after}&limit=3"),
+        )
+        .await;
+        let page = page.as_array().unwrap().clone();
+        let Some(last) = page.last() else { break };
+        after = last["seq"].as_u64().unwrap();
+        all.extend(page);
+    }
+    all
+}
+
+/// Per tenant and rule, per bucket, the alerts' shapes in order.
+async fn shapes(base: &str) -> BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> {
+    let mut by_rule: BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> =
+        BTreeMap::new();
+    for tenant in support::CLIENTS {
+        for alert in alerts(base, tenant).await {
+            let s = |k: &str| alert[k].as_str().unwrap().to_owned();
+            by_rule
+                .entry((s("tenant"), s("rule")))
+                .or_default()
+                .entry(s("bucket"))
+                .or_default()
+                .push((s("tenant"), s("rule"), s("bucket"), s("key"), s("status")));
+        }
+    }
+    by_rule
+}
+
+fn expected() -> BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> {
+    let mut by_rule: BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> =
+        BTreeMap::new();
+    for (tenant, rule) in support::SEED_RULES {
+        for shape in support::seed_expected(rule, tenant) {
+            by_rule
+                .entry((tenant.to_owned(), rule.to_owned()))
+                .or_default()
+                .entry(shape.2.clone())
+                .or_default()
+                .push(shape);
+        }
+    }
+    by_rule
+}
+
+async fn buckets(base: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    for tenant in support::CLIENTS {
+        all.extend(
+            get(base, &format!("/v1/tenants/{tenant}/buckets"))
+                .await
+                .as_array()
+                .unwrap()
+                .clone(),
+        );
+    }
+    all
+}
+
+/// The seed events in batches of `size`, each with its idempotency key.
+fn batches(size: usize) -> Vec<(String, String)> {
+    support::seed_events()
+        .chunks(size)
+        .enumerate()
+        .map(|(i, lines)| (format!("seed-{i}"), lines.join("\n")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_scenario_over_http_raises_exactly_the_seed_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start(dir.path()).await;
+    let mut accepted = 0;
+    for (key, body) in batches(5) {
+        let (status, answer) = post(&base, &body, Some(&key)).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["rejected"], json!([]));
+        accepted += answer["accepted"].as_u64().unwrap();
+    }
+    // client-02's test event has no rule of client-02 to reach, but is accepted.
+    assert_eq!(accepted as usize, support::seed_events().len());
+    assert_eq!(shapes(&base).await, expected());
+
+    let client_01 = alerts(&base, "client-01").await;
+    let first = &client_01[0];
+    assert_eq!(first["rule"], "test-event");
+    assert_eq!(first["at"], 1_000);
+    assert_eq!(first["id"].as_str().unwrap().len(), 32);
+    server.stop().await.unwrap();
+
+    // alerts.ndjson holds the same alerts, once each.
+    let file = std::fs::read_to_string(dir.path().join("alerts.ndjson")).unwrap();
+    let ids: Vec<Value> = file
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].clone())
+        .collect();
+    let expected_total: usize = expected()
+        .values()
+        .flat_map(|b| b.values())
+        .map(Vec::len)
+        .sum();
+    assert_eq!(ids.len(), expected_total);
+    let mut unique = ids.clone();
+    unique.sort_by_key(|v| v.to_string());
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "no alert twice in alerts.ndjson");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_midway_gives_the_same_alerts_and_state_as_one_run() {
+    let batches = batches(4);
+    let half = batches.len() / 2;
+
+    let whole = tempfile::tempdir().unwrap();
+    let (server, base) = start(whole.path()).await;
+    for (key, body) in &batches {
+        assert_eq!(post(&base, body, Some(key)).await.0, 200);
+    }
+    let (want_alerts, want_state) = (
+        [
+            alerts(&base, "client-01").await,
+            alerts(&base, "client-02").await,
+        ],
+        buckets(&base).await,
+    );
+    server.stop().await.unwrap();
+
+    let split = tempfile::tempdir().unwrap();
+    let (server, base) = start(split.path()).await;
+    for (key, body) in &batches[..half] {
+        assert_eq!(post(&base, body, Some(key)).await.0, 200);
+    }
+    server.stop().await.unwrap();
+    let (server, base) = start(split.path()).await;
+    for (key, body) in &batches[half..] {
+        assert_eq!(post(&base, body, Some(key)).await.0, 200);
+    }
+    assert_eq!(
+        [
+            alerts(&base, "client-01").await,
+            alerts(&base, "client-02").await
+        ],
+        want_alerts
+    );
+    assert_eq!(buckets(&base).await, want_state);
+    assert!(!want_state.is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_request_is_applied_once_and_answered_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start(dir.path()).await;
+    let body = "{\"eventType\":\"test-event\",\"clientId\":\"client-01\"}\nnot json\n";
+    let first = post(&base, body, Some("retry-me")).await;
+    assert_eq!(first.0, 200);
+    let second = post(&base, body, Some("retry-me")).await;
+    assert_eq!(second, first);
+    assert_eq!(alerts(&base, "client-01").await.len(), 1, "applied once");
+    server.stop().await.unwrap();
+
+    // Also across a restart.
+    let (server, base) = start(dir.path()).await;
+    assert_eq!(post(&base, body, Some("retry-me")).await, first);
+    assert_eq!(alerts(&base, "client-01").await.len(), 1);
+    // Without a key, the same body is new input.
+    assert_eq!(post(&base, body, None).await.0, 200);
+    assert_eq!(alerts(&base, "client-01").await.len(), 2);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_lines_are_rejected_with_reasons_and_good_ones_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start(dir.path()).await;
+    let body = [
+        r#"{"eventType":"test-event","clientId":"client-01"}"#,
+        r#"{"eventType":"test-event","clientId":"client-01""#,
+        r#"{"eventType":"test-event"}"#,
+        r#"{"eventType":"test-event","clientId":"client-99"}"#,
+        "",
+        r#"["an","array"]"#,
+        r#"{"eventType":"test-event","clientId":"client-01"}"#,
+    ]
+    .join("\n");
+    let (status, answer) = post(&base, &body, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["accepted"], 2);
+    let rejected = answer["rejected"].as_array().unwrap();
+    let lines: Vec<u64> = rejected
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [2, 3, 4, 6]);
+    let reason = |i: usize| rejected[i]["error"].as_str().unwrap().to_owned();
+    assert!(reason(0).starts_with("not valid JSON"), "{}", reason(0));
+    assert_eq!(reason(1), "no tenant: field `clientId` is missing");
+    assert_eq!(
+        reason(2),
+        "unknown tenant `client-99`: no rules are configured for it"
+    );
+    assert_eq!(reason(3), "not a JSON object");
+    assert_eq!(
+        alerts(&base, "client-01").await.len(),
+        2,
+        "the good events went through"
+    );
+
+    // A JSON array body: elements are the lines.
+    let (status, answer) = post(
+        &base,
+        r#"[{"eventType":"test-event","clientId":"client-01"}, 7]"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        answer,
+        json!({"accepted": 1, "rejected": [{"line": 2, "error": "not a JSON object"}]})
+    );
+
+    let (status, answer) = post(&base, "[not json", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("body is not a JSON array"),
+        "{answer}"
+    );
+
+    let huge = format!(
+        "{}\n",
+        r#"{"eventType":"test-event","clientId":"client-01"}"#
+    )
+    .repeat(2_000);
+    let (status, _) = post(&base, &huge, None).await;
+    assert_eq!(status, 413, "a body over max_body_bytes");
+    assert_eq!(
+        alerts(&base, "client-01").await.len(),
+        3,
+        "nothing of the oversized body applied"
+    );
+
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/events"))
+        .header("idempotency-key", "x".repeat(300))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_stream_live_and_resume_after_a_cursor() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start(dir.path()).await;
+    let test_event = r#"{"eventType":"test-event","clientId":"client-01"}"#;
+    post(&base, test_event, None).await;
+
+    let response = reqwest::get(format!("{base}/v1/tenants/client-01/alerts/stream?after=0"))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut stream = response.bytes_stream();
+    post(&base, test_event, None).await;
+    post(
+        &base,
+        r#"{"eventType":"test-event","clientId":"client-02"}"#,
+        None,
+    )
+    .await;
+
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while text.matches("event: alert").count() < 2 {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("two alerts in time");
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
+    }
+    let data: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(data.len(), 2, "{text}");
+    assert_eq!(data[0]["key"], "test-event-1", "replayed from the log");
+    assert_eq!(data[1]["key"], "test-event-2", "then live");
+    assert!(data.iter().all(|a| a["tenant"] == "client-01"));
+    assert!(
+        text.contains("id: 1\n") && text.contains("id: 2\n"),
+        "{text}"
+    );
+    drop(stream);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start(dir.path()).await;
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    server.stop().await.unwrap();
+}
+
+#[test]
+fn the_example_config_parses_and_unknown_keys_are_refused() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tocsin.example.toml");
+    let config = Config::from_file(&path).unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:7878");
+    assert_eq!(config.rules.len(), 3);
+    assert_eq!(config.limits, tocsin::runtime::Limits::default());
+    assert!(
+        config.rules[0].path.starts_with(path.parent().unwrap()),
+        "relative to the file"
+    );
+
+    let error = Config::from_toml("listen = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap_err();
+    assert!(error.contains("unknown field `listen_port`"), "{error}");
+    let error = Config::from_toml("[limits]\nfuel = 3\n").unwrap_err();
+    assert!(error.contains("unknown field `fuel`"), "{error}");
+}
