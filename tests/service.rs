@@ -410,3 +410,26 @@ fn the_example_config_parses_and_unknown_keys_are_refused() {
     let error = Config::from_toml("[limits]\nfuel = 3\n").unwrap_err();
     assert!(error.contains("unknown field `fuel`"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tocsin_simulate_drives_a_running_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start(dir.path()).await;
+    let target = base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tocsin"))
+            .args(["simulate", "--target", &target, "--events", "300", "--rate", "3000"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("events sent to"), "{stderr}");
+    // Machines cycle through stopped, so client-02's rule fires and resolves.
+    let client_02 = alerts(&base, "client-02").await;
+    assert!(client_02.iter().any(|a| a["status"] == "firing"), "{client_02:?}");
+    assert!(client_02.iter().any(|a| a["status"] == "resolved"), "{client_02:?}");
+    server.stop().await.unwrap();
+}

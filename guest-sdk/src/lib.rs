@@ -104,11 +104,11 @@ macro_rules! export {
         const _: () = {
             struct TocsinRuleExport;
 
-            static FIELDS: ::std::sync::OnceLock<::std::vec::Vec<::std::string::String>> =
+            static PREPARED: ::std::sync::OnceLock<$crate::__private::Prepared> =
                 ::std::sync::OnceLock::new();
 
-            fn fields() -> &'static [::std::string::String] {
-                FIELDS.get_or_init(|| <$rule as $crate::Rule>::manifest().field_names().to_vec())
+            fn prepared() -> &'static $crate::__private::Prepared {
+                PREPARED.get_or_init($crate::__private::Prepared::new::<$rule>)
             }
 
             impl $crate::bindings::Guest for TocsinRuleExport {
@@ -128,7 +128,7 @@ macro_rules! export {
                 > {
                     $crate::__private::install_panic_hook();
                     $crate::__private::evaluate::<$rule>(
-                        fields(),
+                        prepared(),
                         &bucket,
                         state.as_deref(),
                         &events,
@@ -146,7 +146,7 @@ macro_rules! export {
                     $crate::bindings::tocsin::rule::types::RuleError,
                 > {
                     $crate::__private::install_panic_hook();
-                    $crate::__private::on_timer::<$rule>(&bucket, state.as_deref(), now)
+                    $crate::__private::on_timer::<$rule>(prepared(), &bucket, state.as_deref(), now)
                         .map(|(outcome, _)| outcome)
                 }
             }
@@ -182,8 +182,25 @@ pub mod __private {
     #[cfg(target_arch = "wasm32")]
     pub type Emitted = ();
 
+    /// What the glue computes once per rule type: the declared fields and
+    /// the encoding of the default state.
+    pub struct Prepared {
+        fields: Vec<String>,
+        default_state: Vec<u8>,
+    }
+
+    impl Prepared {
+        pub fn new<R: Rule>() -> Self {
+            Prepared {
+                fields: R::manifest().field_names().to_vec(),
+                default_state: state::encode(&R::State::default())
+                    .expect("the default state encodes"),
+            }
+        }
+    }
+
     pub fn evaluate<R: Rule>(
-        fields: &[String],
+        prepared: &Prepared,
         bucket: &str,
         stored: Option<&[u8]>,
         batch: &abi::EventBatch,
@@ -191,12 +208,13 @@ pub mod __private {
     ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
         let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
-        let events = Events::new(batch, fields).map_err(abi::RuleError::Failed)?;
+        let events = Events::new(batch, &prepared.fields).map_err(abi::RuleError::Failed)?;
         R::evaluate(&mut state, events, &mut ctx).map_err(|e| e.into_abi())?;
-        finish::<R>(state, stored, ctx)
+        finish(prepared, &state, stored, ctx)
     }
 
     pub fn on_timer<R: Rule>(
+        prepared: &Prepared,
         bucket: &str,
         stored: Option<&[u8]>,
         now: i64,
@@ -204,23 +222,22 @@ pub mod __private {
         let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
         R::on_timer(&mut state, &mut ctx).map_err(|e| e.into_abi())?;
-        finish::<R>(state, stored, ctx)
+        finish(prepared, &state, stored, ctx)
     }
 
-    fn finish<R: Rule>(
-        state: R::State,
+    fn finish<S: serde::Serialize>(
+        prepared: &Prepared,
+        state: &S,
         stored: Option<&[u8]>,
         ctx: Context<'_>,
     ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
         let change = if ctx.deletes() {
             deletion(stored)
         } else {
-            let bytes = state::encode(&state).map_err(abi::RuleError::Failed)?;
+            let bytes = state::encode(state).map_err(abi::RuleError::Failed)?;
             if Some(bytes.as_slice()) == stored {
                 abi::StateChange::Unchanged
-            } else if bytes
-                == state::encode(&R::State::default()).map_err(abi::RuleError::Failed)?
-            {
+            } else if bytes == prepared.default_state {
                 deletion(stored)
             } else {
                 abi::StateChange::Set(bytes)

@@ -55,6 +55,7 @@ impl std::error::Error for CallError {}
 /// Keeps each bucket's encoded state and pending timer between calls.
 pub struct Harness<R: Rule> {
     manifest: Manifest,
+    prepared: __private::Prepared,
     states: BTreeMap<String, Vec<u8>>,
     timers: BTreeMap<String, i64>,
     now: i64,
@@ -71,6 +72,7 @@ impl<R: Rule> Harness<R> {
     pub fn new() -> Self {
         Harness {
             manifest: R::manifest(),
+            prepared: __private::Prepared::new::<R>(),
             states: BTreeMap::new(),
             timers: BTreeMap::new(),
             now: 0,
@@ -93,7 +95,7 @@ impl<R: Rule> Harness<R> {
         let batch = batch_from_json(&self.manifest, events, self.now).map_err(CallError)?;
         let stored = self.states.get(bucket).map(Vec::as_slice);
         let (outcome, alerts) = __private::evaluate::<R>(
-            self.manifest.field_names(),
+            &self.prepared,
             bucket,
             stored,
             &batch,
@@ -109,7 +111,7 @@ impl<R: Rule> Harness<R> {
         self.now = now;
         self.timers.remove(bucket);
         let stored = self.states.get(bucket).map(Vec::as_slice);
-        let (outcome, alerts) = __private::on_timer::<R>(bucket, stored, now).map_err(CallError)?;
+        let (outcome, alerts) = __private::on_timer::<R>(&self.prepared, bucket, stored, now).map_err(CallError)?;
         self.apply(bucket, outcome);
         Ok(alerts)
     }

@@ -79,7 +79,7 @@ fn wasm_batch(
 }
 
 fn native_batch<R: Rule>(
-    fields: &[String],
+    prepared: &tocsin_rule::__private::Prepared,
     buckets: &[(String, abi::EventBatch)],
     states: &mut HashMap<String, Vec<u8>>,
 ) -> usize {
@@ -87,7 +87,7 @@ fn native_batch<R: Rule>(
     for (key, batch) in buckets {
         let state = states.get(key).map(Vec::as_slice);
         let (outcome, emitted) =
-            tocsin_rule::__private::evaluate::<R>(fields, key, state, batch, NOW).unwrap();
+            tocsin_rule::__private::evaluate::<R>(prepared, key, state, batch, NOW).unwrap();
         alerts += emitted.len();
         match outcome.state {
             abi::StateChange::Unchanged => {}
@@ -105,7 +105,7 @@ fn native_batch<R: Rule>(
 fn bench_rule<R: Rule>(c: &mut Criterion, runtime: &Runtime, name: &str) {
     let wasm = std::fs::read(seed_component(name)).unwrap();
     let rule = runtime.load("client-01", name, &wasm).unwrap();
-    let fields = R::manifest().field_names().to_vec();
+    let prepared = tocsin_rule::__private::Prepared::new::<R>();
     let mut group = c.benchmark_group(name);
     for size in [100usize, 1_000] {
         let events = events(size);
@@ -122,7 +122,7 @@ fn bench_rule<R: Rule>(c: &mut Criterion, runtime: &Runtime, name: &str) {
         });
         let mut states = HashMap::new();
         group.bench_function(BenchmarkId::new("native", size), |b| {
-            b.iter(|| black_box(native_batch::<R>(&fields, &native, &mut states)))
+            b.iter(|| black_box(native_batch::<R>(&prepared, &native, &mut states)))
         });
     }
     group.finish();

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::runtime::{LoadedRule, RuleError, Runtime};
+use crate::runtime::{Compiled, LoadedRule, RuleError, Runtime};
 
 /// The rules of every tenant.
 pub trait Catalogue: Send + Sync {
@@ -60,19 +60,18 @@ impl StaticCatalogue {
     /// Load every assignment. Each component file is read and compiled once,
     /// however many tenants use it; each tenant gets its own instance.
     pub fn load(runtime: &Runtime, assignments: &[Assignment]) -> Result<Self, CatalogueError> {
-        let mut files: HashMap<&PathBuf, Vec<u8>> = HashMap::new();
+        let mut compiled: HashMap<&PathBuf, Compiled> = HashMap::new();
         let mut rules: HashMap<String, Vec<Arc<LoadedRule>>> = HashMap::new();
         for assignment in assignments {
-            if !files.contains_key(&assignment.path) {
-                let wasm =
-                    std::fs::read(&assignment.path).map_err(|source| CatalogueError::Read {
-                        path: assignment.path.clone(),
-                        source,
-                    })?;
-                files.insert(&assignment.path, wasm);
+            if !compiled.contains_key(&assignment.path) {
+                let wasm = std::fs::read(&assignment.path).map_err(|source| CatalogueError::Read {
+                    path: assignment.path.clone(),
+                    source,
+                })?;
+                let origin = assignment.path.display().to_string();
+                compiled.insert(&assignment.path, runtime.compile(&origin, &wasm)?);
             }
-            let origin = assignment.path.display().to_string();
-            let rule = runtime.load(&assignment.tenant, &origin, &files[&assignment.path])?;
+            let rule = runtime.instantiate(&assignment.tenant, &compiled[&assignment.path])?;
             let tenant_rules = rules.entry(assignment.tenant.clone()).or_default();
             if tenant_rules
                 .iter()

@@ -102,7 +102,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 16)]
     connections: usize,
 }
 

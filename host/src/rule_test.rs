@@ -71,8 +71,8 @@ pub fn run(
     let started = Instant::now();
     // Fail on a bad component before reading a possibly long input.
     let mut rules: HashMap<String, LoadedRule> = HashMap::new();
-    let probe = runtime.load("-", origin, wasm).map_err(Error::Component)?;
-    drop(probe);
+    let compiled = runtime.compile(origin, wasm).map_err(Error::Component)?;
+    drop(runtime.instantiate("-", &compiled).map_err(Error::Component)?);
 
     let lines = read_lines(input, &options.tenant_field, clock)?;
     let mut summary = Summary {
@@ -96,7 +96,7 @@ pub fn run(
         for (tenant, members) in tenants {
             if !rules.contains_key(tenant) {
                 let rule = runtime
-                    .load(tenant, origin, wasm)
+                    .instantiate(tenant, &compiled)
                     .map_err(Error::Component)?;
                 rules.insert(tenant.to_owned(), rule);
             }

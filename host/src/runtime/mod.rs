@@ -82,6 +82,14 @@ pub struct Runtime {
     _ticker: EpochTicker,
 }
 
+/// A component compiled and checked, ready to instantiate for tenants.
+#[derive(Clone)]
+pub struct Compiled {
+    origin: String,
+    content_hash: String,
+    pre: RulePre<Sandbox>,
+}
+
 /// What `tocsin rule inspect` shows.
 #[derive(Debug, Clone)]
 pub struct Inspection {
@@ -134,12 +142,28 @@ impl Runtime {
     /// Compile (or fetch from the cache), check imports, instantiate and read
     /// the manifest of a rule component for `tenant`.
     pub fn load(&self, tenant: &str, origin: &str, wasm: &[u8]) -> Result<LoadedRule, RuleError> {
+        let compiled = self.compile(origin, wasm).map_err(|mut e| {
+            e.tenant = tenant.to_owned();
+            e
+        })?;
+        self.instantiate(tenant, &compiled)
+    }
+
+    /// Compile a component and check its imports and exports, once for any
+    /// number of tenants.
+    pub fn compile(&self, origin: &str, wasm: &[u8]) -> Result<Compiled, RuleError> {
         let fail = |cause| RuleError {
-            tenant: tenant.to_owned(),
+            tenant: "-".to_owned(),
             rule: origin.to_owned(),
             cause,
         };
-        let (component, hash) = self.compile(wasm).map_err(fail)?;
+        let (component, hash) = self.cache.compile(wasm).map_err(fail)?;
+        if let Some(import) = import_names(&self.engine, &component)
+            .into_iter()
+            .find(|name| !ALLOWED_IMPORTS.iter().any(|ok| name.starts_with(ok)))
+        {
+            return Err(fail(Cause::ForbiddenImport { import }));
+        }
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -149,17 +173,26 @@ impl Runtime {
                 "does not export the tocsin:rule world: {e:#}"
             )))
         })?;
+        Ok(Compiled {
+            origin: origin.to_owned(),
+            content_hash: hash,
+            pre,
+        })
+    }
+
+    /// Instantiate a compiled component for `tenant` and read its manifest.
+    pub fn instantiate(&self, tenant: &str, compiled: &Compiled) -> Result<LoadedRule, RuleError> {
         let mut rule = LoadedRule {
             tenant: tenant.to_owned(),
-            name: origin.to_owned(),
-            content_hash: hash,
+            name: compiled.origin.clone(),
+            content_hash: compiled.content_hash.clone(),
             manifest: None,
-            pre,
+            pre: compiled.pre.clone(),
             limits: self.limits.clone(),
             instance: Mutex::new(None),
         };
         let manifest = rule.call(|rule, store| rule.call_manifest(store))?;
-        validate_manifest(&manifest).map_err(|e| fail(Cause::BadManifest(e)))?;
+        validate_manifest(&manifest).map_err(|e| rule.error(Cause::BadManifest(e)))?;
         rule.name = format!("{}@{}", manifest.name, manifest.version);
         rule.manifest = Some(manifest);
         Ok(rule)
@@ -174,17 +207,6 @@ impl Runtime {
             manifest: rule.manifest().clone(),
             content_hash: rule.content_hash,
         })
-    }
-
-    fn compile(&self, wasm: &[u8]) -> Result<(Component, String), Cause> {
-        let (component, hash) = self.cache.compile(wasm)?;
-        if let Some(import) = import_names(&self.engine, &component)
-            .into_iter()
-            .find(|name| !ALLOWED_IMPORTS.iter().any(|ok| name.starts_with(ok)))
-        {
-            return Err(Cause::ForbiddenImport { import });
-        }
-        Ok((component, hash))
     }
 }
 

@@ -13,13 +13,14 @@ use crate::alert::AlertRecord;
 const STATES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("states");
 /// (tenant, rule, bucket) → due time of the pending timer.
 const TIMERS: TableDefinition<(&str, &str, &str), i64> = TableDefinition::new("timers");
-/// (tenant, seq) → alert record as JSON.
-const ALERTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("alerts");
-/// seq → tenant, for publishing in commit order.
-const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("outbox");
+/// seq → alert record as JSON: the alert log, appended in commit order.
+/// Entries after the `published` cursor are the outbox.
+const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
+/// (tenant, seq): each tenant's alerts, for listing.
+const TENANT_ALERTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("tenant_alerts");
 /// idempotency key → the answer given.
 const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
-/// Counters: `next_seq`, `published`.
+/// Counters: `next_seq`, and `published` (every alert up to it reached the sink).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The state store in `<data-dir>/state.redb`.
@@ -40,7 +41,7 @@ impl EmbeddedStore {
             tx.open_table(STATES).map_err(err)?;
             tx.open_table(TIMERS).map_err(err)?;
             tx.open_table(ALERTS).map_err(err)?;
-            tx.open_table(OUTBOX).map_err(err)?;
+            tx.open_table(TENANT_ALERTS).map_err(err)?;
             tx.open_table(RECEIPTS).map_err(err)?;
             tx.open_table(META).map_err(err)?;
         }
@@ -90,13 +91,14 @@ impl StateStore for EmbeddedStore {
             let mut meta = tx.open_table(META).map_err(err)?;
             let mut seq = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value());
             let mut log = tx.open_table(ALERTS).map_err(err)?;
-            let mut outbox = tx.open_table(OUTBOX).map_err(err)?;
+            let mut index = tx.open_table(TENANT_ALERTS).map_err(err)?;
+            let mut json = Vec::new();
             for alert in &mut alerts {
                 alert.seq = Some(seq);
-                let json = serde_json::to_vec(alert).map_err(err)?;
-                log.insert((alert.tenant.as_str(), seq), json.as_slice())
-                    .map_err(err)?;
-                outbox.insert(seq, alert.tenant.as_str()).map_err(err)?;
+                json.clear();
+                serde_json::to_writer(&mut json, alert).map_err(err)?;
+                log.insert(seq, json.as_slice()).map_err(err)?;
+                index.insert((alert.tenant.as_str(), seq), ()).map_err(err)?;
                 seq += 1;
             }
             meta.insert("next_seq", seq).map_err(err)?;
@@ -113,14 +115,13 @@ impl StateStore for EmbeddedStore {
 
     fn unpublished(&self) -> Result<Vec<AlertRecord>> {
         let tx = self.db.begin_read().map_err(err)?;
-        let outbox = tx.open_table(OUTBOX).map_err(err)?;
+        let meta = tx.open_table(META).map_err(err)?;
+        let published = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
         let log = tx.open_table(ALERTS).map_err(err)?;
         let mut alerts = Vec::new();
-        for entry in outbox.iter().map_err(err)? {
-            let (seq, tenant) = entry.map_err(err)?;
-            if let Some(json) = log.get((tenant.value(), seq.value())).map_err(err)? {
-                alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
-            }
+        for entry in log.range(published + 1..).map_err(err)? {
+            let (_, json) = entry.map_err(err)?;
+            alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
         }
         Ok(alerts)
     }
@@ -131,8 +132,8 @@ impl StateStore for EmbeddedStore {
         // and sinks skip what they already have.
         tx.set_durability(Durability::None).map_err(err)?;
         {
-            let mut outbox = tx.open_table(OUTBOX).map_err(err)?;
-            outbox.retain_in(..=up_to, |_, _| false).map_err(err)?;
+            let mut meta = tx.open_table(META).map_err(err)?;
+            meta.insert("published", up_to).map_err(err)?;
         }
         tx.commit().map_err(err)
     }
@@ -141,18 +142,22 @@ impl StateStore for EmbeddedStore {
 impl AlertLog for EmbeddedStore {
     fn alerts(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<AlertRecord>> {
         let tx = self.db.begin_read().map_err(err)?;
+        let index = tx.open_table(TENANT_ALERTS).map_err(err)?;
         let log = tx.open_table(ALERTS).map_err(err)?;
         let mut alerts = Vec::new();
         if after == u64::MAX {
             return Ok(alerts);
         }
-        for entry in log
+        for entry in index
             .range((tenant, after + 1)..=(tenant, u64::MAX))
             .map_err(err)?
             .take(limit)
         {
-            let (_, json) = entry.map_err(err)?;
-            alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
+            let (key, _) = entry.map_err(err)?;
+            let seq = key.value().1;
+            if let Some(json) = log.get(seq).map_err(err)? {
+                alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
+            }
         }
         Ok(alerts)
     }
