@@ -418,18 +418,30 @@ async fn tocsin_simulate_drives_a_running_host() {
     let target = base.clone();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_tocsin"))
-            .args(["simulate", "--target", &target, "--events", "300", "--rate", "3000"])
+            .args([
+                "simulate", "--target", &target, "--events", "300", "--rate", "3000",
+            ])
             .output()
             .unwrap()
     })
     .await
     .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("events sent to"), "{stderr}");
     // Machines cycle through stopped, so client-02's rule fires and resolves.
     let client_02 = alerts(&base, "client-02").await;
-    assert!(client_02.iter().any(|a| a["status"] == "firing"), "{client_02:?}");
-    assert!(client_02.iter().any(|a| a["status"] == "resolved"), "{client_02:?}");
+    assert!(
+        client_02.iter().any(|a| a["status"] == "firing"),
+        "{client_02:?}"
+    );
+    assert!(
+        client_02.iter().any(|a| a["status"] == "resolved"),
+        "{client_02:?}"
+    );
     server.stop().await.unwrap();
 }

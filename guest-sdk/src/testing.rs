@@ -94,14 +94,9 @@ impl<R: Rule> Harness<R> {
     pub fn evaluate(&mut self, bucket: &str, events: &[Json]) -> Result<Vec<Alert>, CallError> {
         let batch = batch_from_json(&self.manifest, events, self.now).map_err(CallError)?;
         let stored = self.states.get(bucket).map(Vec::as_slice);
-        let (outcome, alerts) = __private::evaluate::<R>(
-            &self.prepared,
-            bucket,
-            stored,
-            &batch,
-            self.now,
-        )
-        .map_err(CallError)?;
+        let (outcome, alerts) =
+            __private::evaluate::<R>(&self.prepared, bucket, stored, &batch, self.now)
+                .map_err(CallError)?;
         self.apply(bucket, outcome);
         Ok(alerts)
     }
@@ -111,7 +106,8 @@ impl<R: Rule> Harness<R> {
         self.now = now;
         self.timers.remove(bucket);
         let stored = self.states.get(bucket).map(Vec::as_slice);
-        let (outcome, alerts) = __private::on_timer::<R>(&self.prepared, bucket, stored, now).map_err(CallError)?;
+        let (outcome, alerts) =
+            __private::on_timer::<R>(&self.prepared, bucket, stored, now).map_err(CallError)?;
         self.apply(bucket, outcome);
         Ok(alerts)
     }

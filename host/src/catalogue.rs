@@ -64,10 +64,11 @@ impl StaticCatalogue {
         let mut rules: HashMap<String, Vec<Arc<LoadedRule>>> = HashMap::new();
         for assignment in assignments {
             if !compiled.contains_key(&assignment.path) {
-                let wasm = std::fs::read(&assignment.path).map_err(|source| CatalogueError::Read {
-                    path: assignment.path.clone(),
-                    source,
-                })?;
+                let wasm =
+                    std::fs::read(&assignment.path).map_err(|source| CatalogueError::Read {
+                        path: assignment.path.clone(),
+                        source,
+                    })?;
                 let origin = assignment.path.display().to_string();
                 compiled.insert(&assignment.path, runtime.compile(&origin, &wasm)?);
             }

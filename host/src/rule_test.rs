@@ -72,7 +72,11 @@ pub fn run(
     // Fail on a bad component before reading a possibly long input.
     let mut rules: HashMap<String, LoadedRule> = HashMap::new();
     let compiled = runtime.compile(origin, wasm).map_err(Error::Component)?;
-    drop(runtime.instantiate("-", &compiled).map_err(Error::Component)?);
+    drop(
+        runtime
+            .instantiate("-", &compiled)
+            .map_err(Error::Component)?,
+    );
 
     let lines = read_lines(input, &options.tenant_field, clock)?;
     let mut summary = Summary {

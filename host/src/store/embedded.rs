@@ -98,7 +98,9 @@ impl StateStore for EmbeddedStore {
                 json.clear();
                 serde_json::to_writer(&mut json, alert).map_err(err)?;
                 log.insert(seq, json.as_slice()).map_err(err)?;
-                index.insert((alert.tenant.as_str(), seq), ()).map_err(err)?;
+                index
+                    .insert((alert.tenant.as_str(), seq), ())
+                    .map_err(err)?;
                 seq += 1;
             }
             meta.insert("next_seq", seq).map_err(err)?;
