@@ -137,6 +137,11 @@ fn alert_ids_are_deterministic_and_unique() {
     assert_eq!(unique.len(), ids(&first).len(), "no two alerts share an id");
 }
 
+/// State lookup for runs that start from nothing.
+fn no_state(_bucket: &str) -> Result<Option<Vec<u8>>, ()> {
+    Ok(None)
+}
+
 fn event(attack: &str) -> Incoming {
     let line = format!(r#"{{"clientId":"evil","attack":"{attack}"}}"#);
     Incoming::parse(&line, "clientId", 0).unwrap()
@@ -150,7 +155,7 @@ fn attack(
 ) -> Result<Vec<(String, serde_json::Value)>, RuleError> {
     let events: Vec<Incoming> = attacks.iter().map(|a| event(a)).collect();
     let refs: Vec<&Incoming> = events.iter().collect();
-    let run = pipeline::run_rule(rule, &refs, 0, |_| None::<Vec<u8>>);
+    let run = pipeline::run_rule(rule, &refs, 0, no_state).unwrap();
     let bucket = run.buckets.into_iter().next().expect("one bucket");
     let outcome = bucket.result?;
     Ok(outcome
@@ -268,7 +273,7 @@ fn hostile_rules_are_stopped_with_typed_errors_and_healthy_rules_go_on() {
 
     let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
     let stopped = Incoming::parse(line, "clientId", 0).unwrap();
-    let run = pipeline::run_rule(&healthy, &[&stopped], 0, |_| None::<Vec<u8>>);
+    let run = pipeline::run_rule(&healthy, &[&stopped], 0, no_state).unwrap();
     let alerts = &run.buckets[0].result.as_ref().unwrap().alerts;
     assert_eq!(alerts.len(), 1, "the healthy tenant's rule still alerts");
 }
@@ -299,7 +304,7 @@ fn the_sandbox_shows_no_environment_arguments_or_files() {
     let runtime = runtime();
     let hostile = load(&runtime, "evil", components::HOSTILE).unwrap();
     let events = [event("peek")];
-    let run = pipeline::run_rule(&hostile, &[&events[0]], 0, |_| None::<Vec<u8>>);
+    let run = pipeline::run_rule(&hostile, &[&events[0]], 0, no_state).unwrap();
     let alert = &run.buckets[0].result.as_ref().unwrap().alerts[0];
     assert_eq!(
         alert.detail,
@@ -313,7 +318,8 @@ fn undecodable_state_is_a_bad_state_error() {
     let rule = load(&runtime, "client-02", components::ANY_MACHINE_STOPPED).unwrap();
     let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
     let stopped = Incoming::parse(line, "clientId", 0).unwrap();
-    let run = pipeline::run_rule(&rule, &[&stopped], 0, |_| Some(vec![9, 9, 9]));
+    let run =
+        pipeline::run_rule(&rule, &[&stopped], 0, |_| Ok::<_, ()>(Some(vec![9, 9, 9]))).unwrap();
     let error = run.buckets[0].result.clone().unwrap_err();
     assert_eq!(
         error.cause,

@@ -51,15 +51,16 @@ impl RuleRun {
 }
 
 /// Run `rule` over `events` (all of the rule's tenant). `state` yields a
-/// bucket's stored state; `now` is the processing time. Alert ids derive from
-/// the position of the last event of each call, so the same input yields the
-/// same ids.
-pub fn run_rule<S: AsRef<[u8]>>(
+/// bucket's stored state, or the error that stops the run (no bucket may run
+/// on state it could not read); `now` is the processing time. Alert ids
+/// derive from the position of the last event of each call, so the same
+/// input yields the same ids.
+pub fn run_rule<S: AsRef<[u8]>, E>(
     rule: &LoadedRule,
     events: &[&Incoming],
     now: i64,
-    mut state: impl FnMut(&str) -> Option<S>,
-) -> RuleRun {
+    mut state: impl FnMut(&str) -> Result<Option<S>, E>,
+) -> Result<RuleRun, E> {
     let manifest = rule.manifest();
     let (buckets, bad_times) = batch::route(manifest, events);
     let mut run = RuleRun {
@@ -68,7 +69,7 @@ pub fn run_rule<S: AsRef<[u8]>>(
         bad_times,
     };
     for bucket in buckets {
-        let stored = state(&bucket.key);
+        let stored = state(&bucket.key)?;
         let last = *bucket.members.last().expect("a bucket has events");
         let result = rule
             .evaluate(
@@ -106,5 +107,5 @@ pub fn run_rule<S: AsRef<[u8]>>(
             result,
         });
     }
-    run
+    Ok(run)
 }

@@ -227,7 +227,7 @@ impl Processor {
         let results: Vec<TenantResult> = tenants
             .par_iter()
             .map(|(tenant, events)| self.run_tenant(tenant, events, now))
-            .collect();
+            .collect::<Result<_, _>>()?;
         add_elapsed(&self.stats.rules_ns, started);
 
         let mut commit = Commit::default();
@@ -300,10 +300,15 @@ impl Processor {
         Ok(())
     }
 
-    fn run_tenant(&self, tenant: &str, events: &[&Incoming], now: i64) -> TenantResult {
+    fn run_tenant(
+        &self,
+        tenant: &str,
+        events: &[&Incoming],
+        now: i64,
+    ) -> Result<TenantResult, ProcessError> {
         let mut result = TenantResult::default();
         let Some(rules) = self.catalogue.rules(tenant) else {
-            return result;
+            return Ok(result);
         };
         for rule in rules.iter() {
             let name = &rule.manifest().name;
@@ -312,7 +317,7 @@ impl Processor {
                 rule: name.clone(),
                 bucket: bucket.to_owned(),
             };
-            let run = pipeline::run_rule(rule, events, now, |bucket| self.state(&id(bucket)));
+            let run = pipeline::run_rule(rule, events, now, |bucket| self.state(&id(bucket)))?;
             for bad in &run.bad_times {
                 tracing::warn!(tenant, rule = rule.name(), position = %events[bad.index].position, "{bad}; event left out");
             }
@@ -332,26 +337,26 @@ impl Processor {
                 }
             }
         }
-        result
+        Ok(result)
     }
 
     /// A bucket's state: from the cache, else from the store.
-    fn state(&self, id: &BucketId) -> Option<Arc<[u8]>> {
+    fn state(&self, id: &BucketId) -> Result<Option<Arc<[u8]>>, ProcessError> {
         if let Some(known) = self.cache.lock().expect("state cache lock").get(id) {
-            return known.clone();
+            return Ok(known.clone());
         }
-        let loaded = match self.store.load(std::slice::from_ref(id)) {
-            Ok(mut states) => states.pop().flatten().map(Arc::from),
-            Err(error) => {
-                // Treating it as empty would overwrite real state: fail loudly.
-                panic!("cannot read state of {id:?}: {error}");
-            }
-        };
+        let loaded = self
+            .store
+            .load(std::slice::from_ref(id))
+            .map_err(|e| ProcessError(format!("cannot read the state of {id:?}: {e}")))?
+            .pop()
+            .flatten()
+            .map(Arc::from);
         self.cache
             .lock()
             .expect("state cache lock")
             .insert(id.clone(), loaded.clone());
-        loaded
+        Ok(loaded)
     }
 }
 

@@ -107,8 +107,8 @@ pub fn run(
             let rule = &rules[tenant];
             let events: Vec<&Incoming> = members.iter().map(|l| &l.event).collect();
             let run = pipeline::run_rule(rule, &events, now, |bucket| {
-                states.get(&(tenant.to_owned(), bucket.to_owned())).cloned()
-            });
+                Ok::<_, Error>(states.get(&(tenant.to_owned(), bucket.to_owned())).cloned())
+            })?;
             if let Some(bad) = run.bad_times.first() {
                 return Err(Error::BadLine {
                     line: members[bad.index].number,

@@ -10,4 +10,4 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use tocsin::rule::types::*;
+pub use self::tocsin::rule::types::*;
