@@ -154,6 +154,38 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Bad
     (buckets, bad_times)
 }
 
+/// `bucket` with only the members `keep` admits (in order).
+pub fn rebuild(
+    manifest: &Manifest,
+    events: &[&Incoming],
+    bucket: &Bucket,
+    mut keep: impl FnMut(usize) -> bool,
+) -> Bucket {
+    let mut rebuilt = Bucket {
+        key: bucket.key.clone(),
+        batch: EventBatch {
+            times: Vec::new(),
+            kinds: Vec::new(),
+            values: Vec::new(),
+            raw: Vec::new(),
+            text: Vec::new(),
+        },
+        members: Vec::new(),
+    };
+    for (n, &index) in bucket.members.iter().enumerate() {
+        if keep(index) {
+            push_event(
+                &mut rebuilt.batch,
+                manifest,
+                events[index],
+                bucket.batch.times[n],
+            );
+            rebuilt.members.push(index);
+        }
+    }
+    rebuilt
+}
+
 /// Append one event to a batch: its declared fields as typed entries of the
 /// column table, strings copied into the batch's text (see `event-batch` in
 /// `wit/rule.wit`).

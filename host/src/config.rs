@@ -20,6 +20,10 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 pub const DEFAULT_MAX_BATCH_EVENTS: usize = 20_000;
 /// Rule instances the sandbox can hold: 1,000 tenants with 3 rules each, with room.
 pub const DEFAULT_MAX_INSTANCES: u32 = 4_000;
+/// Failover after a host dies takes about this plus one lease-table read
+/// (500 ms); renewals run every 500 ms, so a live host is never mistaken
+/// for a dead one over a few slow requests.
+pub const DEFAULT_LEASE_MS: u64 = 3_000;
 
 /// The service's settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -39,9 +43,105 @@ pub struct Config {
     pub max_instances: u32,
     /// Bounds of every call into a rule.
     pub limits: Limits,
+    /// Where events come from: `http` (`POST /v1/events`) or
+    /// `kinesis:<stream>` (shared by every host through leases).
+    pub source: Source,
+    /// Where bucket state lives: `embedded` (redb in the data directory) or
+    /// `dynamodb:<table>` (also holds the Kinesis source's leases).
+    pub state: StateBackend,
+    /// Where alerts go: `file` (`alerts.ndjson` in the data directory) or
+    /// `kinesis:<stream>`.
+    pub alerts: AlertsBackend,
+    /// With the Kinesis source: a lease whose holder has not renewed it for
+    /// this long is taken over by another host, in milliseconds.
+    pub lease_ms: u64,
     /// Rules per tenant.
     pub rules: Vec<RuleEntry>,
 }
+
+/// Where events come from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Source {
+    Http,
+    Kinesis(String),
+}
+
+/// Where bucket state lives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum StateBackend {
+    Embedded,
+    Dynamodb(String),
+}
+
+/// Where alerts go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum AlertsBackend {
+    File,
+    Kinesis(String),
+}
+
+/// `word` or `prefix:name`, with a message naming the accepted forms.
+fn backend<'a>(
+    what: &str,
+    text: &'a str,
+    plain: &str,
+    prefixed: &str,
+) -> Result<Option<&'a str>, String> {
+    if text == plain {
+        return Ok(None);
+    }
+    match text.split_once(':') {
+        Some((prefix, name)) if prefix == prefixed && !name.is_empty() => Ok(Some(name)),
+        _ => Err(format!(
+            "unknown {what} `{text}`: expected `{plain}` or `{prefixed}:<name>`"
+        )),
+    }
+}
+
+impl std::str::FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match backend("source", s, "http", "kinesis")? {
+            None => Source::Http,
+            Some(stream) => Source::Kinesis(stream.to_owned()),
+        })
+    }
+}
+
+impl std::str::FromStr for StateBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match backend("state", s, "embedded", "dynamodb")? {
+            None => StateBackend::Embedded,
+            Some(table) => StateBackend::Dynamodb(table.to_owned()),
+        })
+    }
+}
+
+impl std::str::FromStr for AlertsBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match backend("alerts", s, "file", "kinesis")? {
+            None => AlertsBackend::File,
+            Some(stream) => AlertsBackend::Kinesis(stream.to_owned()),
+        })
+    }
+}
+
+macro_rules! try_from_string {
+    ($($t:ty),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+    )*};
+}
+try_from_string!(Source, StateBackend, AlertsBackend);
 
 /// One rule component run for one tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -63,6 +163,10 @@ impl Default for Config {
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
             max_instances: DEFAULT_MAX_INSTANCES,
             limits: Limits::default(),
+            source: Source::Http,
+            state: StateBackend::Embedded,
+            alerts: AlertsBackend::File,
+            lease_ms: DEFAULT_LEASE_MS,
             rules: Vec::new(),
         }
     }
@@ -113,6 +217,18 @@ impl Config {
             return Err(
                 "max_batch_events, max_body_bytes and max_instances must be positive".to_owned(),
             );
+        }
+        match (&self.source, &self.state) {
+            (Source::Kinesis(_), StateBackend::Embedded) => {
+                return Err("source `kinesis:…` needs state `dynamodb:<table>`: the Kinesis source keeps its shard leases and checkpoints in DynamoDB".to_owned());
+            }
+            (Source::Http, StateBackend::Dynamodb(_)) => {
+                return Err("state `dynamodb:…` is for the Kinesis source (`kinesis:<stream>`); with HTTP ingest use `embedded`".to_owned());
+            }
+            _ => {}
+        }
+        if self.lease_ms < 1_000 {
+            return Err("lease_ms must be at least 1000: renewals run every 500 ms".to_owned());
         }
         Ok(())
     }

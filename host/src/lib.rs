@@ -6,10 +6,13 @@
 //! commits to a [`store`] and publishes to a [`sink`].
 
 pub mod alert;
+pub mod aws;
+pub mod backoff;
 pub mod batch;
 pub mod bench;
 pub mod catalogue;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod event;
@@ -22,4 +25,5 @@ pub mod seed;
 pub mod serve;
 pub mod server;
 pub mod sink;
+pub mod source;
 pub mod store;

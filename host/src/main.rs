@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use std::sync::Arc;
 
 use tocsin::clock::{Clock, ManualClock, SystemClock};
-use tocsin::config::{Config, RuleEntry};
+use tocsin::config::{AlertsBackend, Config, RuleEntry, Source, StateBackend};
 use tocsin::event::DEFAULT_TENANT_FIELD;
 use tocsin::rule_test;
 use tocsin::runtime::{Runtime, RuntimeConfig};
@@ -40,6 +40,9 @@ enum Command {
     /// Work with rule components.
     #[command(subcommand)]
     Rule(RuleCommand),
+    /// Set up the AWS resources of the distributed engine.
+    #[command(subcommand)]
+    Aws(AwsCommand),
 }
 
 #[derive(Args)]
@@ -56,6 +59,47 @@ struct ServeArgs {
     /// Run a rule for a tenant: TENANT=PATH.wasm (repeatable; adds to the config's rules).
     #[arg(long = "rule", value_name = "TENANT=PATH")]
     rules: Vec<tocsin::catalogue::Assignment>,
+    #[command(flatten)]
+    backends: BackendArgs,
+}
+
+#[derive(Args)]
+struct BackendArgs {
+    /// Where events come from: `http` or `kinesis:<stream>` [default: http].
+    #[arg(long)]
+    source: Option<Source>,
+    /// Where bucket state lives: `embedded` or `dynamodb:<table>` [default: embedded].
+    #[arg(long)]
+    state: Option<StateBackend>,
+    /// Where alerts go: `file` or `kinesis:<stream>` [default: file].
+    #[arg(long)]
+    alerts: Option<AlertsBackend>,
+}
+
+impl BackendArgs {
+    fn apply(self, config: &mut Config) {
+        if let Some(source) = self.source {
+            config.source = source;
+        }
+        if let Some(state) = self.state {
+            config.state = state;
+        }
+        if let Some(alerts) = self.alerts {
+            config.alerts = alerts;
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum AwsCommand {
+    /// Create the events stream, the alerts stream and the DynamoDB table if missing (idempotent).
+    Init {
+        #[command(flatten)]
+        backends: BackendArgs,
+        /// Shards of each stream created.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..))]
+        shards: i32,
+    },
 }
 
 #[derive(Args)]
@@ -193,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rule(RuleCommand::Test(args)) => rule_test(args),
         Command::Rule(RuleCommand::Inspect { rule, runtime }) => rule_inspect(&rule, &runtime),
         Command::Serve(args) => async_main(serve(args)),
+        Command::Aws(command) => async_main(aws(command)),
         Command::Demo(args) => async_main(tocsin::demo::run(tocsin::demo::Options {
             events: args.events,
             rate: args.rate,
@@ -238,13 +283,40 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tenant: a.tenant,
             path: a.path,
         }));
+    args.backends.apply(&mut config);
+    config.validate().map_err(anyhow::Error::msg)?;
     if config.rules.is_empty() {
         bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
+    }
+    if let Source::Kinesis(_) = config.source {
+        let host = tocsin::cluster::start(config, Arc::new(SystemClock)).await?;
+        // Tests and scripts read the bound address from this line.
+        println!("listening on {}", host.addr());
+        return host.run_until(shutdown_signal()).await;
     }
     let server = Server::start(config, Arc::new(SystemClock)).await?;
     // Tests and scripts read the bound address from this line.
     println!("listening on {}", server.addr());
     server.run_until(shutdown_signal()).await
+}
+
+async fn aws(command: AwsCommand) -> anyhow::Result<()> {
+    let AwsCommand::Init { backends, shards } = command;
+    let mut config = Config::default();
+    backends.apply(&mut config);
+    let (Source::Kinesis(events), StateBackend::Dynamodb(table)) = (&config.source, &config.state)
+    else {
+        bail!("`tocsin aws init` needs --source kinesis:<stream> and --state dynamodb:<table>");
+    };
+    let alerts = match &config.alerts {
+        AlertsBackend::Kinesis(stream) => Some(stream.as_str()),
+        AlertsBackend::File => None,
+    };
+    let aws = tocsin::aws::sdk_config().await;
+    for line in tocsin::aws::init(&aws, events, table, alerts, shards).await? {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// SIGINT or SIGTERM.

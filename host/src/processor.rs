@@ -22,7 +22,7 @@ use crate::alert::AlertRecord;
 use crate::catalogue::Catalogue;
 use crate::clock::Clock;
 use crate::event::Incoming;
-use crate::pipeline::{self, BucketOutcome};
+use crate::pipeline::{self, Prior, TenantRun};
 use crate::runtime::{StateChange, TimerChange};
 use crate::sink::AlertSink;
 use crate::store::{BucketId, Commit, StateStore};
@@ -88,13 +88,6 @@ pub struct Processor {
     stats: Stats,
     /// A publish failed: the outbox holds alerts older than the next batch's.
     outbox_behind: AtomicBool,
-}
-
-/// What one tenant's rules produced for one group.
-#[derive(Default)]
-struct TenantResult {
-    buckets: Vec<(BucketId, BucketOutcome)>,
-    failures: u64,
 }
 
 impl Processor {
@@ -212,21 +205,15 @@ impl Processor {
 
     fn apply(&self, group: &[Submission]) -> Result<(), ProcessError> {
         let now = self.clock.now_ms();
-        // Each tenant's events in arrival order; tenants in order of first event.
-        let mut tenants: Vec<(&str, Vec<&Incoming>)> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        for event in group.iter().flat_map(|s| &s.events) {
-            let slot = *index.entry(event.tenant.as_str()).or_insert_with(|| {
-                tenants.push((event.tenant.as_str(), Vec::new()));
-                tenants.len() - 1
-            });
-            tenants[slot].1.push(event);
-        }
-
+        let tenants = pipeline::by_tenant(group.iter().flat_map(|s| &s.events));
         let started = Instant::now();
-        let results: Vec<TenantResult> = tenants
+        let results: Vec<TenantRun> = tenants
             .par_iter()
-            .map(|(tenant, events)| self.run_tenant(tenant, events, now))
+            .map(|(tenant, events)| {
+                pipeline::run_tenant(self.catalogue.as_ref(), tenant, events, now, |id| {
+                    self.state(id).map(Prior::state)
+                })
+            })
             .collect::<Result<_, _>>()?;
         add_elapsed(&self.stats.rules_ns, started);
 
@@ -298,46 +285,6 @@ impl Processor {
             let _ = self.live.send(Arc::new(alert));
         }
         Ok(())
-    }
-
-    fn run_tenant(
-        &self,
-        tenant: &str,
-        events: &[&Incoming],
-        now: i64,
-    ) -> Result<TenantResult, ProcessError> {
-        let mut result = TenantResult::default();
-        let Some(rules) = self.catalogue.rules(tenant) else {
-            return Ok(result);
-        };
-        for rule in rules.iter() {
-            let name = &rule.manifest().name;
-            let id = |bucket: &str| BucketId {
-                tenant: tenant.to_owned(),
-                rule: name.clone(),
-                bucket: bucket.to_owned(),
-            };
-            let run = pipeline::run_rule(rule, events, now, |bucket| self.state(&id(bucket)))?;
-            for bad in &run.bad_times {
-                tracing::warn!(tenant, rule = rule.name(), position = %events[bad.index].position, "{bad}; event left out");
-            }
-            for bucket in run.buckets {
-                match bucket.result {
-                    Ok(outcome) => {
-                        for line in &outcome.log {
-                            tracing::info!(tenant, rule = rule.name(), bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
-                        }
-                        result.buckets.push((id(&bucket.key), outcome));
-                    }
-                    Err(error) => {
-                        // The bucket keeps its state; other buckets go on.
-                        result.failures += 1;
-                        tracing::warn!(bucket = %bucket.key, events = bucket.members.len(), "{error}");
-                    }
-                }
-            }
-        }
-        Ok(result)
     }
 
     /// A bucket's state: from the cache, else from the store.

@@ -11,15 +11,56 @@ use tokio::task::JoinHandle;
 
 use crate::catalogue::StaticCatalogue;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{AlertsBackend, Config};
 use crate::processor::{self, Processor};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::server::{self, AppState};
+use crate::sink::AlertSink;
 use crate::sink::file::FileSink;
+use crate::sink::kinesis::{KinesisSink, SdkWriter};
 use crate::store::embedded::EmbeddedStore;
 
 /// Requests waiting for the processor before senders wait too.
 const QUEUE_DEPTH: usize = 1024;
+
+/// Create the data directory and compile every configured rule (once per
+/// component file, cached on disk).
+pub async fn load_catalogue(config: &Config) -> anyhow::Result<Arc<StaticCatalogue>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let runtime = Runtime::new(RuntimeConfig {
+        limits: config.limits.clone(),
+        max_instances: config.max_instances,
+        cache_dir: Some(config.data_dir.join("components")),
+    })?;
+    let assignments = config.assignments();
+    let catalogue = tokio::task::spawn_blocking(move || {
+        let catalogue = StaticCatalogue::load(&runtime, &assignments);
+        (runtime, catalogue)
+    })
+    .await?
+    .1?;
+    tracing::info!(
+        tenants = catalogue.tenants(),
+        rules = catalogue.rule_count(),
+        "rules loaded"
+    );
+    Ok(Arc::new(catalogue))
+}
+
+/// The configured alert sink.
+pub async fn open_sink(config: &Config) -> anyhow::Result<Arc<dyn AlertSink>> {
+    Ok(match &config.alerts {
+        AlertsBackend::File => Arc::new(FileSink::open(&config.data_dir.join("alerts.ndjson"))?),
+        AlertsBackend::Kinesis(stream) => {
+            let aws = crate::aws::sdk_config().await;
+            Arc::new(KinesisSink::new(
+                SdkWriter(aws_sdk_kinesis::Client::new(&aws)),
+                stream,
+            ))
+        }
+    })
+}
 
 /// A running service.
 pub struct Server {
@@ -34,37 +75,19 @@ impl Server {
     /// left in the outbox, and start listening.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         config.validate().map_err(anyhow::Error::msg)?;
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("cannot create data directory {}", config.data_dir.display())
-        })?;
-        let runtime = Runtime::new(RuntimeConfig {
-            limits: config.limits.clone(),
-            max_instances: config.max_instances,
-            cache_dir: Some(config.data_dir.join("components")),
-        })?;
-        let catalogue = {
-            let assignments = config.assignments();
-            tokio::task::spawn_blocking(move || {
-                let catalogue = StaticCatalogue::load(&runtime, &assignments);
-                (runtime, catalogue)
-            })
-            .await?
-            .1?
-        };
-        tracing::info!(
-            tenants = catalogue.tenants(),
-            rules = catalogue.rule_count(),
-            "rules loaded"
-        );
+        let catalogue = load_catalogue(&config).await?;
         let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
-        let sink = Arc::new(FileSink::open(&config.data_dir.join("alerts.ndjson"))?);
+        let sink = open_sink(&config).await?;
         let processor = Arc::new(Processor::new(
-            Arc::new(catalogue),
+            catalogue,
             store.clone(),
             sink,
             clock.clone(),
         ));
-        processor.recover()?;
+        {
+            let processor = processor.clone();
+            tokio::task::spawn_blocking(move || processor.recover()).await??;
+        }
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

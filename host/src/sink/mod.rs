@@ -3,6 +3,7 @@
 //! commit and publish republishes the same alerts (same ids), never new ones.
 
 pub mod file;
+pub mod kinesis;
 
 use crate::alert::AlertRecord;
 

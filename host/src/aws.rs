@@ -1,0 +1,249 @@
+//! What the distributed engine shares about AWS: clients from the standard
+//! `aws-config` chain (credentials, region, and endpoints such as
+//! `AWS_ENDPOINT_URL_KINESIS` / `AWS_ENDPOINT_URL_DYNAMODB`), the one
+//! DynamoDB table (bucket state, shard leases and the alert outbox, told
+//! apart by key), request counters, and `tocsin aws init`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
+    TimeToLiveSpecification,
+};
+use aws_sdk_kinesis::types::StreamStatus;
+
+/// Partition key attribute of the table.
+pub const PK: &str = "pk";
+/// Sort key attribute of the table.
+pub const SK: &str = "sk";
+/// Epoch-seconds attribute DynamoDB's time-to-live deletes items by.
+pub const EXPIRES: &str = "expires";
+
+/// Load the shared AWS configuration the way every AWS tool does.
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+}
+
+/// DynamoDB requests made, by kind: the figures `GET /v1/status` reports.
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Bucket reads (BatchGetItem), cache misses only.
+    pub bucket_reads: AtomicU64,
+    /// Commits (TransactWriteItems).
+    pub commits: AtomicU64,
+    /// Lease table requests (Query, PutItem, UpdateItem).
+    pub lease_requests: AtomicU64,
+    /// Outbox reads at takeover (Query).
+    pub outbox_reads: AtomicU64,
+}
+
+impl Usage {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that serve events (not the lease protocol's heartbeats).
+    pub fn data_requests(&self) -> u64 {
+        self.bucket_reads.load(Ordering::Relaxed)
+            + self.commits.load(Ordering::Relaxed)
+            + self.outbox_reads.load(Ordering::Relaxed)
+    }
+}
+
+/// The DynamoDB table of one deployment.
+#[derive(Clone)]
+pub struct Table {
+    pub client: aws_sdk_dynamodb::Client,
+    pub name: String,
+    pub usage: Arc<Usage>,
+}
+
+impl Table {
+    pub fn new(client: aws_sdk_dynamodb::Client, name: &str) -> Self {
+        Table {
+            client,
+            name: name.to_owned(),
+            usage: Arc::default(),
+        }
+    }
+}
+
+/// Create what is missing: the events stream (`shards` shards), the alerts
+/// stream (if it is a Kinesis stream), and the table with time-to-live on
+/// [`EXPIRES`]. What exists is left as it is.
+pub async fn init(
+    config: &aws_config::SdkConfig,
+    events: &str,
+    table: &str,
+    alerts: Option<&str>,
+    shards: i32,
+) -> anyhow::Result<Vec<String>> {
+    let kinesis = aws_sdk_kinesis::Client::new(config);
+    let dynamodb = aws_sdk_dynamodb::Client::new(config);
+    let mut done = Vec::new();
+    for stream in std::iter::once(events).chain(alerts) {
+        if create_stream(&kinesis, stream, shards).await? {
+            done.push(format!(
+                "created Kinesis stream `{stream}` with {shards} shards"
+            ));
+        } else {
+            done.push(format!("Kinesis stream `{stream}` exists"));
+        }
+    }
+    if create_table(&dynamodb, table).await? {
+        done.push(format!("created DynamoDB table `{table}`"));
+    } else {
+        done.push(format!("DynamoDB table `{table}` exists"));
+    }
+    Ok(done)
+}
+
+async fn create_stream(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shards: i32,
+) -> anyhow::Result<bool> {
+    let exists = match kinesis
+        .describe_stream_summary()
+        .stream_name(stream)
+        .send()
+        .await
+    {
+        Ok(_) => true,
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            false
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e.into_service_error()))
+                .with_context(|| format!("cannot describe Kinesis stream `{stream}`"));
+        }
+    };
+    if !exists {
+        match kinesis
+            .create_stream()
+            .stream_name(stream)
+            .shard_count(shards)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            // Another `init` got there first.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_in_use_exception()) => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e.into_service_error()))
+                    .with_context(|| format!("cannot create Kinesis stream `{stream}`"));
+            }
+        }
+    }
+    for _ in 0..300 {
+        let summary = kinesis
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .map_err(|e| anyhow::Error::new(e.into_service_error()))
+            .with_context(|| format!("cannot describe Kinesis stream `{stream}`"))?;
+        let status = summary
+            .stream_description_summary()
+            .map(|s| s.stream_status().clone());
+        if status == Some(StreamStatus::Active) {
+            return Ok(!exists);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("Kinesis stream `{stream}` did not become active within 30 s")
+}
+
+async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> anyhow::Result<bool> {
+    let exists = match dynamodb.describe_table().table_name(table).send().await {
+        Ok(_) => true,
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            false
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e.into_service_error()))
+                .with_context(|| format!("cannot describe DynamoDB table `{table}`"));
+        }
+    };
+    if !exists {
+        let key = |name: &str, kind| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+        };
+        let attribute = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+        };
+        let created = dynamodb
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(key(PK, KeyType::Hash)?)
+            .key_schema(key(SK, KeyType::Range)?)
+            .attribute_definitions(attribute(PK)?)
+            .attribute_definitions(attribute(SK)?)
+            .send()
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_in_use_exception()) => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e.into_service_error()))
+                    .with_context(|| format!("cannot create DynamoDB table `{table}`"));
+            }
+        }
+    }
+    for _ in 0..300 {
+        let described = dynamodb
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| anyhow::Error::new(e.into_service_error()))
+            .with_context(|| format!("cannot describe DynamoDB table `{table}`"))?;
+        if described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dynamodb
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .enabled(true)
+                .attribute_name(EXPIRES)
+                .build()?,
+        )
+        .send()
+        .await
+        .map(|_| ())
+        .or_else(|e| {
+            // Already enabled is what we want.
+            let text = format!("{}", aws_sdk_dynamodb::error::DisplayErrorContext(&e));
+            if text.contains("already enabled") {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(text))
+            }
+        })
+        .with_context(|| format!("cannot enable time-to-live on DynamoDB table `{table}`"))?;
+    Ok(!exists)
+}

@@ -1,0 +1,218 @@
+//! Reading a Kinesis stream: its shards (with their parents, for resharding)
+//! and one shard's records, polled no more often than every 200 ms and with
+//! jittered backoff when throttled.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::types::{Record, ShardIteratorType};
+
+use crate::event::{Incoming, SeqNo};
+
+/// Kinesis allows 5 GetRecords calls per second per shard; this leaves room
+/// for a second reader during a handover.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Records per GetRecords.
+const MAX_RECORDS: i32 = 10_000;
+
+/// One shard as ListShards describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    pub id: String,
+    pub parents: Vec<String>,
+}
+
+fn err(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    DisplayErrorContext(e).to_string()
+}
+
+/// Every shard of `stream`, open and closed.
+pub async fn list_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<Vec<Shard>, String> {
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let request = match &token {
+            Some(token) => client.list_shards().next_token(token),
+            None => client.list_shards().stream_name(stream),
+        };
+        let page = request.send().await.map_err(err)?;
+        for shard in page.shards() {
+            shards.push(Shard {
+                id: shard.shard_id().to_owned(),
+                parents: shard
+                    .parent_shard_id()
+                    .into_iter()
+                    .chain(shard.adjacent_parent_shard_id())
+                    .map(str::to_owned)
+                    .collect(),
+            });
+        }
+        match page.next_token() {
+            Some(next) => token = Some(next.to_owned()),
+            None => return Ok(shards),
+        }
+    }
+}
+
+/// One poll's result.
+#[derive(Debug)]
+pub struct Poll {
+    pub records: Vec<Record>,
+    /// The shard is closed and these were its last records.
+    pub end: bool,
+}
+
+/// Reads one shard from a checkpoint on.
+pub struct ShardReader {
+    client: aws_sdk_kinesis::Client,
+    stream: String,
+    shard: String,
+    iterator: Option<String>,
+    /// The last sequence number returned: where to resume on an expired
+    /// iterator.
+    position: Option<String>,
+    last_poll: Option<Instant>,
+}
+
+impl ShardReader {
+    /// Start after `checkpoint`, or at the shard's oldest record.
+    pub async fn open(
+        client: aws_sdk_kinesis::Client,
+        stream: &str,
+        shard: &str,
+        checkpoint: Option<&str>,
+    ) -> Result<ShardReader, String> {
+        let mut reader = ShardReader {
+            client,
+            stream: stream.to_owned(),
+            shard: shard.to_owned(),
+            iterator: None,
+            position: checkpoint.map(str::to_owned),
+            last_poll: None,
+        };
+        reader.iterator = Some(reader.iterator_at().await?);
+        Ok(reader)
+    }
+
+    async fn iterator_at(&self) -> Result<String, String> {
+        let request = self
+            .client
+            .get_shard_iterator()
+            .stream_name(&self.stream)
+            .shard_id(&self.shard);
+        let request = match &self.position {
+            Some(seq) => request
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        };
+        let output = request.send().await.map_err(err)?;
+        output
+            .shard_iterator()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no iterator for shard {}", self.shard))
+    }
+
+    /// The next records, waiting out the poll interval; throttling is
+    /// retried with backoff, an expired iterator renewed.
+    pub async fn next(&mut self) -> Result<Poll, String> {
+        let Some(iterator) = self.iterator.clone() else {
+            return Ok(Poll {
+                records: Vec::new(),
+                end: true,
+            });
+        };
+        let mut attempt = 0;
+        let mut iterator = iterator;
+        loop {
+            if let Some(last) = self.last_poll {
+                tokio::time::sleep_until((last + POLL_INTERVAL).into()).await;
+            }
+            self.last_poll = Some(Instant::now());
+            let result = self
+                .client
+                .get_records()
+                .shard_iterator(&iterator)
+                .limit(MAX_RECORDS)
+                .send()
+                .await;
+            match result {
+                Ok(output) => {
+                    let records = output.records().to_vec();
+                    if let Some(last) = records.last() {
+                        self.position = Some(last.sequence_number().to_owned());
+                    }
+                    self.iterator = output.next_shard_iterator().map(str::to_owned);
+                    return Ok(Poll {
+                        end: self.iterator.is_none(),
+                        records,
+                    });
+                }
+                Err(e) => {
+                    let code = e.as_service_error().and_then(|e| e.code()).unwrap_or("");
+                    match code {
+                        "ProvisionedThroughputExceededException" | "KMSThrottlingException"
+                            if attempt < 10 =>
+                        {
+                            attempt += 1;
+                            tracing::debug!(shard = %self.shard, attempt, "GetRecords throttled; backing off");
+                            crate::backoff::sleep(attempt).await;
+                        }
+                        "ExpiredIteratorException" => {
+                            iterator = self.iterator_at().await?;
+                        }
+                        _ => return Err(err(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A record's events: one JSON object, or several as NDJSON. Positions are
+/// `{shard}:{sequence}` (`:{line}` for each line of a multi-line record).
+/// Lines that are not events are returned as errors beside.
+pub fn events(
+    shard: &str,
+    record: &Record,
+    tenant_field: &str,
+    arrival: i64,
+) -> (Vec<Incoming>, Vec<String>) {
+    let seq = SeqNo::new(record.sequence_number());
+    let arrival = record
+        .approximate_arrival_timestamp()
+        .and_then(|t| t.to_millis().ok())
+        .unwrap_or(arrival);
+    let mut events = Vec::new();
+    let mut errors = Vec::new();
+    let text = match std::str::from_utf8(record.data().as_ref()) {
+        Ok(text) => text,
+        Err(e) => {
+            errors.push(format!(
+                "record {shard}:{}: not UTF-8: {e}",
+                record.sequence_number()
+            ));
+            return (events, errors);
+        }
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    for (n, line) in lines.iter().enumerate() {
+        let position = if lines.len() == 1 {
+            format!("{shard}:{}", record.sequence_number())
+        } else {
+            format!("{shard}:{}:{}", record.sequence_number(), n + 1)
+        };
+        match Incoming::parse(line, tenant_field, arrival) {
+            Ok(mut event) => {
+                event.position = position;
+                event.seq = seq.clone();
+                events.push(event);
+            }
+            Err(e) => errors.push(format!("record {position}: {e}")),
+        }
+    }
+    (events, errors)
+}

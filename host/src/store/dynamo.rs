@@ -1,0 +1,693 @@
+//! The DynamoDB state store: one item per bucket (tenant, rule, bucket key)
+//! holding the state, a version, the last sequence number applied from each
+//! shard, the pending timer and an expiry time.
+//!
+//! A batch from one shard commits in one `TransactWriteItems` (split only
+//! past DynamoDB's 100-action limit): every changed bucket, conditional on
+//! the version this host read; the alerts raised, as outbox items; and the
+//! shard's checkpoint on its lease item, conditional on this host still
+//! holding the lease at the same epoch. A paused host whose lease was taken
+//! over therefore cannot overwrite newer state, and two hosts writing one
+//! bucket (a producer that does not partition by tenant) resolve through the
+//! version check. Because each bucket remembers what it applied per shard, a
+//! batch replayed after a crash, even one split over several transactions,
+//! is applied once. State does not depend on the shard, so it survives
+//! splits and merges.
+//!
+//! A lease owner serves reads from its cache: steady state reads nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ConditionCheck, Delete, KeysAndAttributes, Put, TransactWriteItem, Update,
+};
+
+use super::BucketId;
+use crate::alert::AlertRecord;
+use crate::aws::{EXPIRES, PK, SK, Table, Usage};
+use crate::event::SeqNo;
+use crate::runtime::{StateChange, TimerChange};
+
+/// DynamoDB's item limit is 400 KB; the rest of a bucket item is small.
+pub const MAX_STATE_BYTES: usize = 390 * 1024;
+/// Actions per `TransactWriteItems`: DynamoDB's limit is 100.
+const MAX_ACTIONS: usize = 100;
+/// Bytes per transaction: DynamoDB's limit is 4 MB.
+const MAX_TRANSACTION_BYTES: usize = 3 << 20;
+/// Alerts JSON per outbox item.
+const MAX_OUTBOX_ITEM_BYTES: usize = 300 * 1024;
+/// Keys per `BatchGetItem`.
+const MAX_BATCH_GET: usize = 100;
+/// How long published outbox items linger if nobody deletes them.
+const OUTBOX_TTL_SECS: i64 = 7 * 24 * 3600;
+/// How long a deleted bucket's item (its applied positions) is kept.
+const DELETED_TTL_SECS: i64 = 24 * 3600;
+/// Checkpoint of a shard that has been read to its end.
+pub const SHARD_END: &str = "SHARD_END";
+
+/// What this host knows of one bucket item.
+#[derive(Debug, Clone, Default)]
+pub struct Cached {
+    pub state: Option<Arc<[u8]>>,
+    /// 0: no item.
+    pub version: u64,
+    /// Last sequence number applied, per shard.
+    pub applied: HashMap<String, SeqNo>,
+    pub timer: Option<i64>,
+}
+
+/// The holder of a shard's lease, as its commits must prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub stream: String,
+    pub shard: String,
+    pub owner: String,
+    pub epoch: u64,
+}
+
+/// Where a shard has been read to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkpoint {
+    At(SeqNo),
+    /// Read to its end (closed by a reshard): its children may start.
+    End,
+}
+
+impl Checkpoint {
+    fn text(&self) -> &str {
+        match self {
+            Checkpoint::At(seq) => seq.as_str(),
+            Checkpoint::End => SHARD_END,
+        }
+    }
+}
+
+/// One bucket's change from one batch.
+#[derive(Debug)]
+pub struct BucketWrite {
+    pub id: BucketId,
+    pub state: StateChange,
+    pub timer: TimerChange,
+    pub alerts: Vec<AlertRecord>,
+    /// The rule's state time-to-live.
+    pub ttl_ms: Option<u64>,
+}
+
+/// Everything one batch of one shard commits.
+#[derive(Debug)]
+pub struct ShardCommit {
+    pub writes: Vec<BucketWrite>,
+    /// The last sequence number of the batch: applied to every bucket written.
+    pub last: SeqNo,
+    pub checkpoint: Checkpoint,
+    /// Outbox items already published, to delete along.
+    pub published: Vec<OutboxKey>,
+    pub now_ms: i64,
+}
+
+/// The key of one outbox item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxKey {
+    pub pk: String,
+    pub sk: String,
+}
+
+/// What a successful commit wrote.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// The alerts, in commit order: publish these.
+    pub alerts: Vec<AlertRecord>,
+    /// The outbox items holding them: delete once published.
+    pub outbox: Vec<OutboxKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The lease is no longer this host's: nothing of the batch (or of its
+    /// remaining part) was written.
+    #[error("lease of shard `{0}` lost: the write was fenced off")]
+    Fenced(String),
+    /// Another writer changed these buckets since they were read: reload
+    /// and run the batch again.
+    #[error("{} bucket(s) changed by another writer", .0.len())]
+    Conflict(Vec<BucketId>),
+    #[error("DynamoDB: {0}")]
+    Store(String),
+}
+
+/// The partition key of a bucket item: its identity as a JSON array, so no
+/// tenant, rule or bucket text can collide with another.
+pub fn bucket_pk(id: &BucketId) -> String {
+    let parts = serde_json::to_string(&[&id.tenant, &id.rule, &id.bucket]).expect("strings");
+    format!("bucket#{parts}")
+}
+
+const BUCKET_SK: &str = "state";
+
+pub fn outbox_pk(stream: &str, shard: &str) -> String {
+    format!("outbox#{stream}#{shard}")
+}
+
+fn s(text: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(text.into())
+}
+
+fn n(number: impl ToString) -> AttributeValue {
+    AttributeValue::N(number.to_string())
+}
+
+fn store_err<E, R>(e: SdkError<E, R>) -> String
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    DisplayErrorContext(e).to_string()
+}
+
+/// Bucket state in DynamoDB, with this host's cache in front.
+pub struct DynamoStore {
+    table: Table,
+    cache: Mutex<HashMap<BucketId, Cached>>,
+    /// Outbox items per shard written by this host: a counter for their keys.
+    outbox_serial: std::sync::atomic::AtomicU64,
+}
+
+impl DynamoStore {
+    pub fn new(table: Table) -> Self {
+        DynamoStore {
+            table,
+            cache: Mutex::default(),
+            outbox_serial: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    pub fn usage(&self) -> &Usage {
+        &self.table.usage
+    }
+
+    /// The cached item of `id`, if known.
+    pub fn cached(&self, id: &BucketId) -> Option<Cached> {
+        self.cache.lock().expect("cache lock").get(id).cloned()
+    }
+
+    /// Drop cached items, to be read again.
+    pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a BucketId>) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        for id in ids {
+            cache.remove(id);
+        }
+    }
+
+    /// Read into the cache every bucket of `ids` it does not hold, in
+    /// batches, with strongly consistent reads.
+    pub async fn load(&self, ids: impl IntoIterator<Item = BucketId>) -> Result<(), String> {
+        let missing: Vec<BucketId> = {
+            let cache = self.cache.lock().expect("cache lock");
+            let mut missing: Vec<BucketId> = ids
+                .into_iter()
+                .filter(|id| !cache.contains_key(id))
+                .collect();
+            missing.sort();
+            missing.dedup();
+            missing
+        };
+        for chunk in missing.chunks(MAX_BATCH_GET) {
+            let by_pk: HashMap<String, &BucketId> =
+                chunk.iter().map(|id| (bucket_pk(id), id)).collect();
+            let mut keys: Vec<HashMap<String, AttributeValue>> = by_pk
+                .keys()
+                .map(|pk| HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), s(BUCKET_SK))]))
+                .collect();
+            let mut found: HashMap<BucketId, Cached> = HashMap::new();
+            let mut attempt = 0u32;
+            while !keys.is_empty() {
+                Usage::count(&self.table.usage.bucket_reads);
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(std::mem::take(&mut keys)))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let output = self
+                    .table
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table.name, request)
+                    .send()
+                    .await
+                    .map_err(store_err)?;
+                for item in output
+                    .responses()
+                    .and_then(|r| r.get(&self.table.name))
+                    .into_iter()
+                    .flatten()
+                {
+                    let pk = item.get(PK).and_then(|v| v.as_s().ok());
+                    if let Some(id) = pk.and_then(|pk| by_pk.get(pk)) {
+                        found.insert((*id).clone(), decode(item)?);
+                    }
+                }
+                if let Some(rest) = output
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.table.name))
+                {
+                    keys = rest.keys().to_vec();
+                    attempt += 1;
+                    crate::backoff::sleep(attempt).await;
+                }
+            }
+            let mut cache = self.cache.lock().expect("cache lock");
+            for id in chunk {
+                let item = found.remove(id).unwrap_or_default();
+                cache.entry(id.clone()).or_insert(item);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stored bucket of `tenant`'s rule (reads the table: for tools
+    /// and tests, not the data path).
+    pub async fn scan_buckets(&self) -> Result<Vec<(BucketId, Cached)>, String> {
+        let mut pages = self
+            .table
+            .client
+            .scan()
+            .table_name(&self.table.name)
+            .filter_expression("begins_with(#pk, :prefix)")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":prefix", s("bucket#"))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        let mut buckets = Vec::new();
+        while let Some(item) = pages.next().await {
+            let item = item.map_err(store_err)?;
+            let field = |name: &str| {
+                item.get(name)
+                    .and_then(|v| v.as_s().ok())
+                    .cloned()
+                    .ok_or_else(|| format!("bucket item without `{name}`"))
+            };
+            let id = BucketId {
+                tenant: field("tenant")?,
+                rule: field("rule")?,
+                bucket: field("bucket")?,
+            };
+            buckets.push((id, decode(&item)?));
+        }
+        buckets.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(buckets)
+    }
+
+    /// Commit one batch of `fence`'s shard; see the module docs.
+    pub async fn commit(
+        &self,
+        fence: &Fence,
+        commit: ShardCommit,
+    ) -> Result<Committed, CommitError> {
+        let lease_key = HashMap::from([
+            (
+                PK.to_owned(),
+                s(crate::source::leases::lease_pk(&fence.stream)),
+            ),
+            (SK.to_owned(), s(&fence.shard)),
+        ]);
+        let fence_values = HashMap::from([
+            (":owner".to_owned(), s(&fence.owner)),
+            (":epoch".to_owned(), n(fence.epoch)),
+        ]);
+        const FENCE: &str = "#owner = :owner AND #epoch = :epoch";
+        let fence_names = HashMap::from([
+            ("#owner".to_owned(), "owner".to_owned()),
+            ("#epoch".to_owned(), "epoch".to_owned()),
+        ]);
+        let expires_at = |secs: i64| n(commit.now_ms / 1000 + secs);
+
+        // Each bucket's new item, and the alerts it raised.
+        let mut planned: Vec<(BucketId, Cached, Put, Vec<AlertRecord>, usize)> = Vec::new();
+        for write in commit.writes {
+            let old = self.cached(&write.id).unwrap_or_default();
+            let mut new = old.clone();
+            new.version = old.version + 1;
+            new.applied.insert(fence.shard.clone(), commit.last.clone());
+            match write.state {
+                StateChange::Unchanged => {}
+                StateChange::Set(bytes) => new.state = Some(Arc::from(bytes)),
+                StateChange::Delete => new.state = None,
+            }
+            match write.timer {
+                TimerChange::Keep => {}
+                TimerChange::Set(at) => new.timer = Some(at),
+                TimerChange::Cancel => new.timer = None,
+            }
+            let mut item = HashMap::from([
+                (PK.to_owned(), s(bucket_pk(&write.id))),
+                (SK.to_owned(), s(BUCKET_SK)),
+                ("tenant".to_owned(), s(&write.id.tenant)),
+                ("rule".to_owned(), s(&write.id.rule)),
+                ("bucket".to_owned(), s(&write.id.bucket)),
+                ("version".to_owned(), n(new.version)),
+                (
+                    "applied".to_owned(),
+                    AttributeValue::M(
+                        new.applied
+                            .iter()
+                            .map(|(shard, seq)| (shard.clone(), s(seq.as_str())))
+                            .collect(),
+                    ),
+                ),
+            ]);
+            let mut size = 200
+                + write.id.tenant.len() * 2
+                + write.id.rule.len() * 2
+                + write.id.bucket.len() * 2;
+            if let Some(state) = &new.state {
+                item.insert(
+                    "state".to_owned(),
+                    AttributeValue::B(Blob::new(state.to_vec())),
+                );
+                size += state.len();
+            }
+            if let Some(timer) = new.timer {
+                item.insert("timer".to_owned(), n(timer));
+            }
+            match (&new.state, write.ttl_ms) {
+                (None, _) => {
+                    item.insert(EXPIRES.to_owned(), expires_at(DELETED_TTL_SECS));
+                }
+                (Some(_), Some(ttl)) => {
+                    item.insert(
+                        EXPIRES.to_owned(),
+                        n((commit.now_ms + ttl as i64) / 1000 + 1),
+                    );
+                }
+                (Some(_), None) => {}
+            }
+            let mut put = Put::builder()
+                .table_name(&self.table.name)
+                .set_item(Some(item));
+            put = if old.version == 0 {
+                put.condition_expression("attribute_not_exists(#pk)")
+                    .expression_attribute_names("#pk", PK)
+            } else {
+                put.condition_expression("#version = :version")
+                    .expression_attribute_names("#version", "version")
+                    .expression_attribute_values(":version", n(old.version))
+            };
+            let put = put.build().map_err(|e| CommitError::Store(e.to_string()))?;
+            let alert_bytes: usize = write
+                .alerts
+                .iter()
+                .map(|a| a.title.len() + a.key.len() + 400)
+                .sum();
+            planned.push((write.id, new, put, write.alerts, size + alert_bytes));
+        }
+
+        // Transactions: as few as the limits allow; the last one moves the
+        // checkpoint, the others check the fence.
+        let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut actions = 0;
+        let mut bytes = 0;
+        for (i, (_, _, _, alerts, size)) in planned.iter().enumerate() {
+            let outbox_items = if alerts.is_empty() {
+                0
+            } else {
+                1 + size / MAX_OUTBOX_ITEM_BYTES
+            };
+            if !chunks.last().expect("a chunk").is_empty()
+                && (actions + 1 + outbox_items + 2 > MAX_ACTIONS - 4
+                    || bytes + size > MAX_TRANSACTION_BYTES)
+            {
+                chunks.push(Vec::new());
+                actions = 0;
+                bytes = 0;
+            }
+            chunks.last_mut().expect("a chunk").push(i);
+            actions += 1 + outbox_items;
+            bytes += size;
+        }
+
+        let mut committed = Committed::default();
+        let mut deletes = commit.published;
+        let last_chunk = chunks.len() - 1;
+        let mut planned: Vec<Option<(BucketId, Cached, Put, Vec<AlertRecord>, usize)>> =
+            planned.into_iter().map(Some).collect();
+        for (n_chunk, chunk) in chunks.into_iter().enumerate() {
+            let mut items: Vec<TransactWriteItem> = Vec::new();
+            // What each action is, to read cancellation reasons.
+            let mut roles: Vec<Option<BucketId>> = Vec::new();
+            let mut chunk_alerts: Vec<AlertRecord> = Vec::new();
+            let mut updated: Vec<(BucketId, Cached)> = Vec::new();
+            for i in chunk {
+                let (id, new, put, alerts, _) = planned[i].take().expect("planned once");
+                items.push(TransactWriteItem::builder().put(put).build());
+                roles.push(Some(id.clone()));
+                chunk_alerts.extend(alerts);
+                updated.push((id, new));
+            }
+            let mut outbox = Vec::new();
+            for part in outbox_parts(&chunk_alerts) {
+                let serial = self
+                    .outbox_serial
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let key = OutboxKey {
+                    pk: outbox_pk(&fence.stream, &fence.shard),
+                    sk: format!("{:012}#{:014}#{serial:012}", fence.epoch, commit.now_ms),
+                };
+                let put = Put::builder()
+                    .table_name(&self.table.name)
+                    .item(PK, s(&key.pk))
+                    .item(SK, s(&key.sk))
+                    .item("alerts", s(part))
+                    .item(EXPIRES, expires_at(OUTBOX_TTL_SECS))
+                    .build()
+                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                items.push(TransactWriteItem::builder().put(put).build());
+                roles.push(None);
+                outbox.push(key);
+            }
+            while items.len() < MAX_ACTIONS - 1
+                && let Some(key) = deletes.pop()
+            {
+                let delete = Delete::builder()
+                    .table_name(&self.table.name)
+                    .key(PK, s(&key.pk))
+                    .key(SK, s(&key.sk))
+                    .build()
+                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                items.push(TransactWriteItem::builder().delete(delete).build());
+                roles.push(None);
+            }
+            let lease = if n_chunk == last_chunk {
+                let update = Update::builder()
+                    .table_name(&self.table.name)
+                    .set_key(Some(lease_key.clone()))
+                    .update_expression("SET #checkpoint = :checkpoint")
+                    .condition_expression(FENCE)
+                    .set_expression_attribute_names(Some(fence_names.clone()))
+                    .expression_attribute_names("#checkpoint", "checkpoint")
+                    .set_expression_attribute_values(Some(fence_values.clone()))
+                    .expression_attribute_values(":checkpoint", s(commit.checkpoint.text()))
+                    .build()
+                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                TransactWriteItem::builder().update(update).build()
+            } else {
+                let check = ConditionCheck::builder()
+                    .table_name(&self.table.name)
+                    .set_key(Some(lease_key.clone()))
+                    .condition_expression(FENCE)
+                    .set_expression_attribute_names(Some(fence_names.clone()))
+                    .set_expression_attribute_values(Some(fence_values.clone()))
+                    .build()
+                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                TransactWriteItem::builder().condition_check(check).build()
+            };
+            items.push(lease);
+            let lease_index = items.len() - 1;
+
+            let mut attempt = 0;
+            loop {
+                Usage::count(&self.table.usage.commits);
+                let sent = self
+                    .table
+                    .client
+                    .transact_write_items()
+                    .set_transact_items(Some(items.clone()))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(_) => break,
+                    Err(error) => {
+                        match cancelled(&error, lease_index, &roles, &fence.shard) {
+                            Some(Err(e)) => return Err(e),
+                            // Contention on an item: try again shortly.
+                            Some(Ok(())) | None if attempt < 5 && retryable(&error) => {
+                                attempt += 1;
+                                crate::backoff::sleep(attempt).await;
+                            }
+                            _ => return Err(CommitError::Store(store_err(error))),
+                        }
+                    }
+                }
+            }
+            let mut cache = self.cache.lock().expect("cache lock");
+            for (id, new) in updated {
+                cache.insert(id, new);
+            }
+            committed.alerts.extend(chunk_alerts);
+            committed.outbox.extend(outbox);
+        }
+        Ok(committed)
+    }
+
+    /// The alerts of every outbox item of `shard`, oldest first, with their
+    /// keys: a new lease owner publishes them before reading the shard.
+    pub async fn outbox(
+        &self,
+        stream: &str,
+        shard: &str,
+    ) -> Result<(Vec<AlertRecord>, Vec<OutboxKey>), String> {
+        Usage::count(&self.table.usage.outbox_reads);
+        let pk = outbox_pk(stream, shard);
+        let mut pages = self
+            .table
+            .client
+            .query()
+            .table_name(&self.table.name)
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":pk", s(&pk))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        let mut alerts = Vec::new();
+        let mut keys = Vec::new();
+        while let Some(item) = pages.next().await {
+            let item = item.map_err(store_err)?;
+            let sk = item
+                .get(SK)
+                .and_then(|v| v.as_s().ok())
+                .cloned()
+                .unwrap_or_default();
+            let json = item
+                .get("alerts")
+                .and_then(|v| v.as_s().ok())
+                .ok_or_else(|| format!("outbox item {pk}/{sk} has no alerts"))?;
+            let part: Vec<AlertRecord> = serde_json::from_str(json)
+                .map_err(|e| format!("outbox item {pk}/{sk} is unreadable: {e}"))?;
+            alerts.extend(part);
+            keys.push(OutboxKey { pk: pk.clone(), sk });
+        }
+        Ok((alerts, keys))
+    }
+}
+
+/// Alerts as JSON arrays of at most [`MAX_OUTBOX_ITEM_BYTES`] each (a single
+/// larger alert gets an item of its own).
+fn outbox_parts(alerts: &[AlertRecord]) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut part = String::new();
+    for alert in alerts {
+        let json = serde_json::to_string(alert).expect("alerts serialize");
+        if !part.is_empty() && part.len() + json.len() + 2 > MAX_OUTBOX_ITEM_BYTES {
+            part.push(']');
+            parts.push(std::mem::take(&mut part));
+        }
+        part.push(if part.is_empty() { '[' } else { ',' });
+        part.push_str(&json);
+    }
+    if !part.is_empty() {
+        part.push(']');
+        parts.push(part);
+    }
+    parts
+}
+
+/// Read a cancelled transaction: `Some(Err)` for a fenced lease or a version
+/// conflict, `Some(Ok)` for transient contention, `None` if not cancelled.
+fn cancelled<R>(
+    error: &SdkError<TransactWriteItemsError, R>,
+    lease_index: usize,
+    roles: &[Option<BucketId>],
+    shard: &str,
+) -> Option<Result<(), CommitError>> {
+    let Some(TransactWriteItemsError::TransactionCanceledException(cancel)) =
+        error.as_service_error()
+    else {
+        return None;
+    };
+    let reasons = cancel.cancellation_reasons();
+    if reasons.get(lease_index).and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+        return Some(Err(CommitError::Fenced(shard.to_owned())));
+    }
+    let conflicts: Vec<BucketId> = reasons
+        .iter()
+        .zip(roles)
+        .filter(|(reason, _)| reason.code() == Some("ConditionalCheckFailed"))
+        .filter_map(|(_, role)| role.clone())
+        .collect();
+    if !conflicts.is_empty() {
+        return Some(Err(CommitError::Conflict(conflicts)));
+    }
+    if reasons.is_empty() {
+        // An emulator that gives no reasons: a failed condition we cannot
+        // place. Let the caller reload everything and retry.
+        return Some(Err(CommitError::Conflict(
+            roles.iter().flatten().cloned().collect(),
+        )));
+    }
+    Some(Ok(()))
+}
+
+fn retryable<R>(error: &SdkError<TransactWriteItemsError, R>) -> bool {
+    match error.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(_))
+        | Some(TransactWriteItemsError::TransactionInProgressException(_))
+        | Some(TransactWriteItemsError::ProvisionedThroughputExceededException(_))
+        | Some(TransactWriteItemsError::RequestLimitExceeded(_))
+        | Some(TransactWriteItemsError::ThrottlingException(_))
+        | Some(TransactWriteItemsError::InternalServerError(_)) => true,
+        Some(_) => false,
+        None => true,
+    }
+}
+
+fn decode(item: &HashMap<String, AttributeValue>) -> Result<Cached, String> {
+    let number = |name: &str| -> Result<Option<i64>, String> {
+        match item.get(name) {
+            None => Ok(None),
+            Some(AttributeValue::N(text)) => text
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("bucket item attribute `{name}` is not a number")),
+            Some(_) => Err(format!("bucket item attribute `{name}` is not a number")),
+        }
+    };
+    let mut applied = HashMap::new();
+    if let Some(AttributeValue::M(map)) = item.get("applied") {
+        for (shard, seq) in map {
+            let seq = seq.as_s().ok().and_then(|s| SeqNo::new(s)).ok_or_else(|| {
+                format!("bucket item applied position of `{shard}` is not a sequence number")
+            })?;
+            applied.insert(shard.clone(), seq);
+        }
+    }
+    Ok(Cached {
+        state: match item.get("state") {
+            Some(AttributeValue::B(blob)) => Some(Arc::from(blob.as_ref())),
+            _ => None,
+        },
+        version: number("version")?.unwrap_or(0) as u64,
+        applied,
+        timer: number("timer")?,
+    })
+}
