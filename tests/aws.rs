@@ -1,0 +1,694 @@
+//! The distributed engine against the Kinesis and DynamoDB emulators that
+//! `./scripts/test` starts (kinesis-local, moto): the seed scenario from the
+//! events stream to the alerts stream; three `tocsin serve` processes over a
+//! 4-shard stream with one killed by SIGKILL; a shard split mid-run; a stale
+//! host's write; a partially failed PutRecords.
+//!
+//! Every test works in streams and a table of its own, so they run in
+//! parallel against the same emulators.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tocsin::alert::AlertRecord;
+use tocsin::catalogue::{Assignment, StaticCatalogue};
+use tocsin::clock::SystemClock;
+use tocsin::cluster::Status;
+use tocsin::config::{AlertsBackend, Config, RuleEntry, Source, StateBackend};
+use tocsin::event::{Incoming, SeqNo};
+use tocsin::pipeline::{self, Prior};
+use tocsin::runtime::{Runtime, RuntimeConfig, StateChange};
+use tocsin::sink::kinesis::{Entry, KinesisSink, RecordWriter, SdkWriter};
+use tocsin::source::leases::Leases;
+use tocsin::store::BucketId;
+use tocsin::store::dynamo::{BucketWrite, Checkpoint, CommitError, DynamoStore, Fence, ShardCommit};
+use tocsin_test_support::{self as support, AlertShape};
+
+/// Clients, as the emulators see them.
+struct Aws {
+    config: aws_config::SdkConfig,
+    kinesis: aws_sdk_kinesis::Client,
+    dynamodb: aws_sdk_dynamodb::Client,
+}
+
+async fn aws() -> Aws {
+    for var in ["AWS_ENDPOINT_URL_KINESIS", "AWS_ENDPOINT_URL_DYNAMODB"] {
+        assert!(
+            std::env::var_os(var).is_some(),
+            "{var} is not set: run the suite with ./scripts/test, which starts the Kinesis and DynamoDB emulators"
+        );
+    }
+    let config = tocsin::aws::sdk_config().await;
+    Aws {
+        kinesis: aws_sdk_kinesis::Client::new(&config),
+        dynamodb: aws_sdk_dynamodb::Client::new(&config),
+        config,
+    }
+}
+
+/// The names of one test's resources.
+struct Names {
+    events: String,
+    alerts: String,
+    table: String,
+}
+
+async fn setup(aws: &Aws, shards: i32) -> Names {
+    let id = format!("{:08x}", rand::random::<u32>());
+    let names = Names {
+        events: format!("events-{id}"),
+        alerts: format!("alerts-{id}"),
+        table: format!("tocsin-{id}"),
+    };
+    tocsin::aws::init(&aws.config, &names.events, &names.table, Some(&names.alerts), shards)
+        .await
+        .unwrap();
+    names
+}
+
+fn config(names: &Names, data_dir: &Path, rules: &[(String, String)]) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        max_instances: 64,
+        source: Source::Kinesis(names.events.clone()),
+        state: StateBackend::Dynamodb(names.table.clone()),
+        alerts: AlertsBackend::Kinesis(names.alerts.clone()),
+        rules: rules
+            .iter()
+            .map(|(tenant, path)| RuleEntry {
+                tenant: tenant.clone(),
+                path: path.into(),
+            })
+            .collect(),
+        ..Config::default()
+    }
+}
+
+fn seed_rules() -> Vec<(String, String)> {
+    support::SEED_RULES
+        .iter()
+        .map(|(tenant, rule)| (tenant.to_string(), support::seed_component(rule).to_owned()))
+        .collect()
+}
+
+/// Every tenant runs both machine rules.
+fn fleet_rules(tenants: &[String]) -> Vec<(String, String)> {
+    tenants
+        .iter()
+        .flat_map(|t| {
+            [
+                (t.clone(), support::components::ALL_MACHINES_STOPPED.to_owned()),
+                (t.clone(), support::components::ANY_MACHINE_STOPPED.to_owned()),
+            ]
+        })
+        .collect()
+}
+
+/// Machine status changes of `tenants` (5 machines each), random but fixed
+/// by `seed`.
+fn fleet_events(tenants: &[String], n: usize, seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let states = ["starting", "running", "stopped"];
+    (0..n)
+        .map(|_| {
+            let tenant = &tenants[rng.random_range(0..tenants.len())];
+            serde_json::json!({
+                "eventType": "machineStatusChange",
+                "clientId": tenant,
+                "machineId": format!("machine-{:02}", rng.random_range(1..=5)),
+                "state": states[rng.random_range(0..3)],
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+/// Put events in order, partitioned by tenant.
+async fn put(aws: &Aws, stream: &str, lines: &[String]) {
+    for chunk in lines.chunks(100) {
+        let entries: Vec<PutRecordsRequestEntry> = chunk
+            .iter()
+            .map(|line| {
+                let tenant = serde_json::from_str::<Value>(line).unwrap()["clientId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                PutRecordsRequestEntry::builder()
+                    .partition_key(tenant)
+                    .data(Blob::new(line.as_bytes()))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let output = aws
+            .kinesis
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(output.failed_record_count(), Some(0), "the emulator took every record");
+    }
+}
+
+/// Every record of every shard of `stream`, shard by shard in order.
+async fn read_stream(aws: &Aws, stream: &str) -> Vec<Value> {
+    let shards = tocsin::source::kinesis::list_shards(&aws.kinesis, stream)
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for shard in shards {
+        let mut iterator = aws
+            .kinesis
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(&shard.id)
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_owned);
+        while let Some(it) = iterator {
+            let output = aws
+                .kinesis
+                .get_records()
+                .shard_iterator(it)
+                .send()
+                .await
+                .unwrap();
+            if output.records().is_empty() {
+                break;
+            }
+            for record in output.records() {
+                records.push(serde_json::from_slice(record.data().as_ref()).unwrap());
+            }
+            iterator = output.next_shard_iterator().map(str::to_owned);
+        }
+    }
+    records
+}
+
+/// The alerts on the stream, each id once, once there are `count` of them.
+async fn alerts_when(aws: &Aws, stream: &str, count: usize, within: Duration) -> Vec<AlertRecord> {
+    let started = Instant::now();
+    loop {
+        let mut seen = HashSet::new();
+        let alerts: Vec<AlertRecord> = read_stream(aws, stream)
+            .await
+            .into_iter()
+            .map(|v| serde_json::from_value::<AlertRecord>(v).unwrap())
+            .filter(|a| seen.insert(a.id.clone()))
+            .collect();
+        if alerts.len() >= count || started.elapsed() > within {
+            return alerts;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Alerts as per-bucket sequences of shapes: the order that must hold.
+fn by_bucket(shapes: impl IntoIterator<Item = AlertShape>) -> BTreeMap<(String, String, String), Vec<AlertShape>> {
+    let mut buckets: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    for shape in shapes {
+        buckets
+            .entry((shape.0.clone(), shape.1.clone(), shape.2.clone()))
+            .or_default()
+            .push(shape);
+    }
+    buckets
+}
+
+fn shape(alert: &AlertRecord) -> AlertShape {
+    let status = serde_json::to_value(alert.status).unwrap();
+    (
+        alert.tenant.clone(),
+        alert.rule.clone(),
+        alert.bucket.clone(),
+        alert.key.clone(),
+        status.as_str().unwrap().to_owned(),
+    )
+}
+
+/// What one uninterrupted pass of `lines` through the rules gives: alerts
+/// and final state per bucket.
+fn reference(
+    rules: &[(String, String)],
+    lines: &[String],
+) -> (Vec<AlertShape>, BTreeMap<BucketId, Vec<u8>>) {
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 64,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let assignments: Vec<Assignment> = rules
+        .iter()
+        .map(|(tenant, path)| Assignment {
+            tenant: tenant.clone(),
+            path: path.into(),
+        })
+        .collect();
+    let catalogue = StaticCatalogue::load(&runtime, &assignments).unwrap();
+    let events: Vec<Incoming> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut event = Incoming::parse(line, "clientId", 0).unwrap();
+            event.position = format!("reference:{i}");
+            event
+        })
+        .collect();
+    let mut alerts = Vec::new();
+    let mut states = BTreeMap::new();
+    for (tenant, events) in pipeline::by_tenant(&events) {
+        let run = pipeline::run_tenant(&catalogue, tenant, &events, 0, |_| {
+            Ok::<_, ()>(Prior::state(None::<Vec<u8>>))
+        })
+        .unwrap();
+        for (id, outcome) in run.buckets {
+            alerts.extend(outcome.alerts.iter().map(shape));
+            if let StateChange::Set(bytes) = outcome.state {
+                states.insert(id, bytes);
+            }
+        }
+    }
+    (alerts, states)
+}
+
+async fn stored_states(aws: &Aws, table: &str) -> BTreeMap<BucketId, Vec<u8>> {
+    let store = DynamoStore::new(tocsin::aws::Table::new(aws.dynamodb.clone(), table));
+    store
+        .scan_buckets()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|(id, item)| item.state.map(|s| (id, s.to_vec())))
+        .collect()
+}
+
+async fn status(base: &str) -> Option<Status> {
+    let response = reqwest::get(format!("{base}/v1/status")).await.ok()?;
+    response.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_the_alerts_stream() {
+    let aws = aws().await;
+    let names = setup(&aws, 2).await;
+    let data = tempfile::tempdir().unwrap();
+    let host = tocsin::cluster::start(config(&names, data.path(), &seed_rules()), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let base = format!("http://{}", host.addr());
+
+    let seed = support::seed_events();
+    put(&aws, &names.events, &seed).await;
+    let mut want: Vec<AlertShape> = Vec::new();
+    for (tenant, rule) in support::SEED_RULES {
+        want.extend(support::seed_expected(rule, tenant));
+    }
+    let alerts = alerts_when(&aws, &names.alerts, want.len(), Duration::from_secs(60)).await;
+    assert_eq!(
+        by_bucket(alerts.iter().map(shape)),
+        by_bucket(want.clone()),
+        "exactly the seed's alerts, in order per bucket"
+    );
+    let after_first = status(&base).await.unwrap();
+    assert_eq!(after_first.events, seed.len() as u64);
+    assert_eq!(after_first.shards.len(), 2, "a lone host holds every shard");
+
+    // The same events again: every bucket is cached now, so steady state
+    // reads nothing from DynamoDB.
+    let reads_before = host.engine().store().usage().bucket_reads.load(Ordering::Relaxed);
+    put(&aws, &names.events, &seed).await;
+    let started = Instant::now();
+    while status(&base).await.unwrap().events < 2 * seed.len() as u64 {
+        assert!(started.elapsed() < Duration::from_secs(60), "second pass not processed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let usage = host.engine().store().usage();
+    assert_eq!(
+        usage.bucket_reads.load(Ordering::Relaxed),
+        reads_before,
+        "no bucket reads in steady state"
+    );
+    let done = status(&base).await.unwrap();
+    eprintln!(
+        "figures: {} DynamoDB data requests for {} events ({:.1} per 1,000 events; {} commits, {} bucket reads); {} lease requests",
+        done.dynamodb_data_requests,
+        done.events,
+        done.dynamodb_data_requests as f64 * 1000.0 / done.events as f64,
+        usage.commits.load(Ordering::Relaxed),
+        usage.bucket_reads.load(Ordering::Relaxed),
+        done.dynamodb_lease_requests,
+    );
+
+    // A graceful stop releases every lease.
+    host.stop().await.unwrap();
+    let leases = Leases::new(tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table), &names.events);
+    let all = leases.list().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|l| l.owner.is_none()), "released: {all:?}");
+}
+
+/// A `tocsin serve` process of the distributed engine.
+struct Host {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_host(names: &Names, data_dir: &Path, rules: &[(String, String)]) -> Host {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tocsin"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .arg("--source")
+        .arg(format!("kinesis:{}", names.events))
+        .arg("--state")
+        .arg(format!("dynamodb:{}", names.table))
+        .arg("--alerts")
+        .arg(format!("kinesis:{}", names.alerts))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (tenant, path) in rules {
+        command.arg("--rule").arg(format!("{tenant}={path}"));
+    }
+    let mut child = command.spawn().expect("start tocsin serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+    Host {
+        base: format!("http://{addr}"),
+        child,
+    }
+}
+
+/// Shards held per host (by index), once every shard of `total` is held.
+async fn held(hosts: &[&Host], total: usize) -> Option<Vec<Vec<String>>> {
+    let mut held = Vec::new();
+    for host in hosts {
+        held.push(status(&host.base).await?.shards);
+    }
+    let all: HashSet<&String> = held.iter().flatten().collect();
+    (all.len() == total && held.iter().map(Vec::len).sum::<usize>() == total).then_some(held)
+}
+
+async fn wait_held(hosts: &[&Host], total: usize, balanced: bool, within: Duration) -> (Vec<Vec<String>>, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(held) = held(hosts, total).await {
+            let counts: Vec<usize> = held.iter().map(Vec::len).collect();
+            let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+            if !balanced || spread <= 1 {
+                return (held, started.elapsed());
+            }
+        }
+        assert!(started.elapsed() < within, "shards not spread over the hosts within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
+    let aws = aws().await;
+    let names = setup(&aws, 4).await;
+    let tenants: Vec<String> = (1..=8).map(|i| format!("client-{i:02}")).collect();
+    let rules = fleet_rules(&tenants);
+    let lines = fleet_events(&tenants, 1200, 7);
+    let (want_alerts, want_state) = reference(&rules, &lines);
+
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut hosts: Vec<Host> = dirs.iter().map(|d| spawn_host(&names, d.path(), &rules)).collect();
+    let (spread, _) = wait_held(&hosts.iter().collect::<Vec<_>>(), 4, true, Duration::from_secs(60)).await;
+    assert!(spread.iter().all(|s| !s.is_empty()), "every host holds a lease: {spread:?}");
+
+    // Send in steps; kill the busiest host a third of the way through.
+    let victim = (0..3).max_by_key(|&i| spread[i].len()).unwrap();
+    for (n, chunk) in lines.chunks(100).enumerate() {
+        put(&aws, &names.events, chunk).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if n == 4 {
+            hosts[victim].child.kill().unwrap();
+            hosts[victim].child.wait().unwrap();
+            let killed = Instant::now();
+            let survivors: Vec<&Host> = (0..3).filter(|&i| i != victim).map(|i| &hosts[i]).collect();
+            wait_held(&survivors, 4, false, Duration::from_secs(30)).await;
+            eprintln!("figures: failover after kill -9: {:.1} s", killed.elapsed().as_secs_f64());
+        }
+    }
+    let alerts = alerts_when(&aws, &names.alerts, want_alerts.len(), Duration::from_secs(90)).await;
+    assert_eq!(
+        by_bucket(alerts.iter().map(shape)),
+        by_bucket(want_alerts),
+        "the alerts of an uninterrupted run, in order per bucket"
+    );
+    let started = Instant::now();
+    while stored_states(&aws, &names.table).await != want_state {
+        assert!(started.elapsed() < Duration::from_secs(30), "final state differs from an uninterrupted run");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A graceful stop hands its leases over at once.
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let (leaving, staying) = (survivors[0], survivors[1]);
+    let stopped = Instant::now();
+    // SAFETY-free: a plain signal to a child we own.
+    let pid = hosts[leaving].child.id().to_string();
+    let status_code = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status_code.success());
+    wait_held(&[&hosts[staying]], 4, false, Duration::from_secs(30)).await;
+    eprintln!("figures: failover after a graceful stop: {:.2} s", stopped.elapsed().as_secs_f64());
+    let exit = hosts[leaving].child.wait().unwrap();
+    assert!(exit.success(), "SIGTERM exits 0, got {exit}");
+    hosts.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_split_mid_run_loses_nothing_and_keeps_per_bucket_order() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let tenants: Vec<String> = (1..=4).map(|i| format!("client-{i:02}")).collect();
+    let rules = fleet_rules(&tenants);
+    let lines = fleet_events(&tenants, 600, 11);
+    let (want_alerts, want_state) = reference(&rules, &lines);
+    let data = tempfile::tempdir().unwrap();
+    let host = tocsin::cluster::start(config(&names, data.path(), &rules), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let base = format!("http://{}", host.addr());
+
+    let (before, after) = lines.split_at(300);
+    put(&aws, &names.events, before).await;
+    let parent = tocsin::source::kinesis::list_shards(&aws.kinesis, &names.events)
+        .await
+        .unwrap()
+        .remove(0);
+    aws.kinesis
+        .split_shard()
+        .stream_name(&names.events)
+        .shard_to_split(&parent.id)
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .unwrap();
+    // Wait for the children.
+    let started = Instant::now();
+    while tocsin::source::kinesis::list_shards(&aws.kinesis, &names.events).await.unwrap().len() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(30), "split did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    put(&aws, &names.events, after).await;
+
+    let alerts = alerts_when(&aws, &names.alerts, want_alerts.len(), Duration::from_secs(90)).await;
+    assert_eq!(
+        by_bucket(alerts.iter().map(shape)),
+        by_bucket(want_alerts),
+        "nothing lost, per-bucket order kept across the split"
+    );
+    assert_eq!(stored_states(&aws, &names.table).await, want_state);
+    let shards = status(&base).await.unwrap().shards;
+    assert_eq!(shards.len(), 2, "the host moved on to both children: {shards:?}");
+    assert!(!shards.contains(&parent.id));
+    host.stop().await.unwrap();
+}
+
+fn bucket(name: &str) -> BucketId {
+    BucketId {
+        tenant: "client-01".into(),
+        rule: "any-machine-stopped".into(),
+        bucket: name.into(),
+    }
+}
+
+fn write(id: &BucketId, state: &[u8]) -> BucketWrite {
+    BucketWrite {
+        id: id.clone(),
+        state: StateChange::Set(state.to_vec()),
+        timer: tocsin::runtime::TimerChange::Keep,
+        alerts: Vec::new(),
+        ttl_ms: None,
+    }
+}
+
+fn shard_commit(writes: Vec<BucketWrite>, seq: &str) -> ShardCommit {
+    ShardCommit {
+        writes,
+        last: SeqNo::new(seq).unwrap(),
+        checkpoint: Checkpoint::At(SeqNo::new(seq).unwrap()),
+        published: Vec::new(),
+        now_ms: 1_700_000_000_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_host_cannot_overwrite_newer_state() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
+    let leases = Leases::new(table.clone(), &names.events);
+    assert!(leases.create("shard-x", &[]).await.unwrap());
+    assert!(!leases.create("shard-x", &[]).await.unwrap(), "create is idempotent");
+
+    // Host A holds the lease and writes; it pauses; B takes the lease over
+    // and writes newer state.
+    let lease = leases.list().await.unwrap().remove(0);
+    let epoch_a = leases.take(&lease, "host-a").await.unwrap().expect("free lease taken");
+    let fence = |owner: &str, epoch| Fence {
+        stream: names.events.clone(),
+        shard: "shard-x".into(),
+        owner: owner.into(),
+        epoch,
+    };
+    let id = bucket("machine-01");
+    let a = DynamoStore::new(table.clone());
+    a.load([id.clone()]).await.unwrap();
+    a.commit(&fence("host-a", epoch_a), shard_commit(vec![write(&id, b"a1")], "10"))
+        .await
+        .unwrap();
+
+    let lease = leases.list().await.unwrap().remove(0);
+    let epoch_b = leases.take(&lease, "host-b").await.unwrap().expect("taken over");
+    assert!(epoch_b > epoch_a);
+    let b = DynamoStore::new(table.clone());
+    b.load([id.clone()]).await.unwrap();
+    assert_eq!(b.cached(&id).unwrap().state.as_deref(), Some(&b"a1"[..]));
+    b.commit(&fence("host-b", epoch_b), shard_commit(vec![write(&id, b"b1")], "20"))
+        .await
+        .unwrap();
+
+    // A wakes up: its write is fenced off, and renewing tells it so.
+    let stale = a
+        .commit(&fence("host-a", epoch_a), shard_commit(vec![write(&id, b"a2")], "11"))
+        .await;
+    assert!(matches!(stale, Err(CommitError::Fenced(_))), "{stale:?}");
+    assert!(!leases.renew("shard-x", "host-a", epoch_a).await.unwrap());
+    let c = DynamoStore::new(table.clone());
+    c.load([id.clone()]).await.unwrap();
+    let stored = c.cached(&id).unwrap();
+    assert_eq!(stored.state.as_deref(), Some(&b"b1"[..]), "B's state survives");
+    assert_eq!(stored.applied["shard-x"], SeqNo::new("20").unwrap());
+    let lease = leases.list().await.unwrap().remove(0);
+    assert_eq!(lease.checkpoint.as_deref(), Some("20"), "the checkpoint is B's");
+    assert_eq!(lease.owner.as_deref(), Some("host-b"));
+
+    // Two writers of one bucket under a valid fence: the one that read an
+    // older version is told to read again.
+    b.commit(&fence("host-b", epoch_b), shard_commit(vec![write(&id, b"b2")], "30"))
+        .await
+        .unwrap();
+    let conflict = c
+        .commit(&fence("host-b", epoch_b), shard_commit(vec![write(&id, b"c1")], "31"))
+        .await;
+    match conflict {
+        Err(CommitError::Conflict(ids)) => assert_eq!(ids, vec![id.clone()]),
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+}
+
+/// PutRecords that fails every other entry of every other call, the way a
+/// throttled shard does, and writes the rest for real.
+struct Flaky {
+    inner: SdkWriter,
+    calls: AtomicUsize,
+}
+
+impl RecordWriter for Flaky {
+    async fn put(&self, stream: &str, entries: &[Entry]) -> Result<Vec<Option<String>>, String> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) % 2 == 1 {
+            return self.inner.put(stream, entries).await;
+        }
+        let passed: Vec<Entry> = entries.iter().step_by(2).cloned().collect();
+        let mut results = self.inner.put(stream, &passed).await?.into_iter();
+        Ok((0..entries.len())
+            .map(|i| {
+                if i % 2 == 0 {
+                    results.next().unwrap()
+                } else {
+                    Some("ProvisionedThroughputExceededException".to_owned())
+                }
+            })
+            .collect())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partially_failed_put_records_is_retried_without_duplicating_ids() {
+    let aws = aws().await;
+    let names = setup(&aws, 2).await;
+    let flaky = Flaky {
+        inner: SdkWriter(aws.kinesis.clone()),
+        calls: AtomicUsize::new(0),
+    };
+    let sink = KinesisSink::new(flaky, &names.alerts);
+    let alerts: Vec<AlertRecord> = (0..1200)
+        .map(|i| AlertRecord {
+            id: format!("alert-{i:04}"),
+            tenant: format!("client-{:02}", i % 7),
+            rule: "test-event".into(),
+            rule_version: "1.0.0".into(),
+            bucket: String::new(),
+            key: format!("test-event-{i}"),
+            status: tocsin::alert::Status::Firing,
+            severity: tocsin::alert::Severity::Info,
+            title: "test event received".into(),
+            detail: serde_json::json!({ "n": i }),
+            at: 0,
+            seq: None,
+        })
+        .collect();
+    sink.put(&alerts).await.unwrap();
+
+    let records = read_stream(&aws, &names.alerts).await;
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        *ids.entry(record["id"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    assert_eq!(ids.len(), 1200, "every alert arrived");
+    assert!(ids.values().all(|&n| n == 1), "no id twice");
+    assert_eq!(records.len(), 1200);
+}
