@@ -31,7 +31,9 @@ use tocsin::runtime::{Runtime, RuntimeConfig, StateChange};
 use tocsin::sink::kinesis::{Entry, KinesisSink, RecordWriter, SdkWriter};
 use tocsin::source::leases::Leases;
 use tocsin::store::BucketId;
-use tocsin::store::dynamo::{BucketWrite, Checkpoint, CommitError, DynamoStore, Fence, ShardCommit};
+use tocsin::store::dynamo::{
+    BucketWrite, Checkpoint, CommitError, DynamoStore, Fence, ShardCommit,
+};
 use tocsin_test_support::{self as support, AlertShape};
 
 /// Clients, as the emulators see them.
@@ -70,9 +72,15 @@ async fn setup(aws: &Aws, shards: i32) -> Names {
         alerts: format!("alerts-{id}"),
         table: format!("tocsin-{id}"),
     };
-    tocsin::aws::init(&aws.config, &names.events, &names.table, Some(&names.alerts), shards)
-        .await
-        .unwrap();
+    tocsin::aws::init(
+        &aws.config,
+        &names.events,
+        &names.table,
+        Some(&names.alerts),
+        shards,
+    )
+    .await
+    .unwrap();
     names
 }
 
@@ -108,8 +116,14 @@ fn fleet_rules(tenants: &[String]) -> Vec<(String, String)> {
         .iter()
         .flat_map(|t| {
             [
-                (t.clone(), support::components::ALL_MACHINES_STOPPED.to_owned()),
-                (t.clone(), support::components::ANY_MACHINE_STOPPED.to_owned()),
+                (
+                    t.clone(),
+                    support::components::ALL_MACHINES_STOPPED.to_owned(),
+                ),
+                (
+                    t.clone(),
+                    support::components::ANY_MACHINE_STOPPED.to_owned(),
+                ),
             ]
         })
         .collect()
@@ -159,7 +173,11 @@ async fn put(aws: &Aws, stream: &str, lines: &[String]) {
             .send()
             .await
             .unwrap();
-        assert_eq!(output.failed_record_count(), Some(0), "the emulator took every record");
+        assert_eq!(
+            output.failed_record_count(),
+            Some(0),
+            "the emulator took every record"
+        );
     }
 }
 
@@ -220,7 +238,9 @@ async fn alerts_when(aws: &Aws, stream: &str, count: usize, within: Duration) ->
 }
 
 /// Alerts as per-bucket sequences of shapes: the order that must hold.
-fn by_bucket(shapes: impl IntoIterator<Item = AlertShape>) -> BTreeMap<(String, String, String), Vec<AlertShape>> {
+fn by_bucket(
+    shapes: impl IntoIterator<Item = AlertShape>,
+) -> BTreeMap<(String, String, String), Vec<AlertShape>> {
     let mut buckets: BTreeMap<_, Vec<_>> = BTreeMap::new();
     for shape in shapes {
         buckets
@@ -308,9 +328,12 @@ async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_th
     let aws = aws().await;
     let names = setup(&aws, 2).await;
     let data = tempfile::tempdir().unwrap();
-    let host = tocsin::cluster::start(config(&names, data.path(), &seed_rules()), Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let host = tocsin::cluster::start(
+        config(&names, data.path(), &seed_rules()),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
     let base = format!("http://{}", host.addr());
 
     let seed = support::seed_events();
@@ -331,11 +354,19 @@ async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_th
 
     // The same events again: every bucket is cached now, so steady state
     // reads nothing from DynamoDB.
-    let reads_before = host.engine().store().usage().bucket_reads.load(Ordering::Relaxed);
+    let reads_before = host
+        .engine()
+        .store()
+        .usage()
+        .bucket_reads
+        .load(Ordering::Relaxed);
     put(&aws, &names.events, &seed).await;
     let started = Instant::now();
     while status(&base).await.unwrap().events < 2 * seed.len() as u64 {
-        assert!(started.elapsed() < Duration::from_secs(60), "second pass not processed");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "second pass not processed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let usage = host.engine().store().usage();
@@ -357,7 +388,10 @@ async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_th
 
     // A graceful stop releases every lease.
     host.stop().await.unwrap();
-    let leases = Leases::new(tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table), &names.events);
+    let leases = Leases::new(
+        tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table),
+        &names.events,
+    );
     let all = leases.list().await.unwrap();
     assert_eq!(all.len(), 2);
     assert!(all.iter().all(|l| l.owner.is_none()), "released: {all:?}");
@@ -418,7 +452,12 @@ async fn held(hosts: &[&Host], total: usize) -> Option<Vec<Vec<String>>> {
     (all.len() == total && held.iter().map(Vec::len).sum::<usize>() == total).then_some(held)
 }
 
-async fn wait_held(hosts: &[&Host], total: usize, balanced: bool, within: Duration) -> (Vec<Vec<String>>, Duration) {
+async fn wait_held(
+    hosts: &[&Host],
+    total: usize,
+    balanced: bool,
+    within: Duration,
+) -> (Vec<Vec<String>>, Duration) {
     let started = Instant::now();
     loop {
         if let Some(held) = held(hosts, total).await {
@@ -428,7 +467,10 @@ async fn wait_held(hosts: &[&Host], total: usize, balanced: bool, within: Durati
                 return (held, started.elapsed());
             }
         }
-        assert!(started.elapsed() < within, "shards not spread over the hosts within {within:?}");
+        assert!(
+            started.elapsed() < within,
+            "shards not spread over the hosts within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -443,9 +485,21 @@ async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
     let (want_alerts, want_state) = reference(&rules, &lines);
 
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut hosts: Vec<Host> = dirs.iter().map(|d| spawn_host(&names, d.path(), &rules)).collect();
-    let (spread, _) = wait_held(&hosts.iter().collect::<Vec<_>>(), 4, true, Duration::from_secs(60)).await;
-    assert!(spread.iter().all(|s| !s.is_empty()), "every host holds a lease: {spread:?}");
+    let mut hosts: Vec<Host> = dirs
+        .iter()
+        .map(|d| spawn_host(&names, d.path(), &rules))
+        .collect();
+    let (spread, _) = wait_held(
+        &hosts.iter().collect::<Vec<_>>(),
+        4,
+        true,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        spread.iter().all(|s| !s.is_empty()),
+        "every host holds a lease: {spread:?}"
+    );
 
     // Send in steps; kill the busiest host a third of the way through.
     let victim = (0..3).max_by_key(|&i| spread[i].len()).unwrap();
@@ -456,12 +510,22 @@ async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
             hosts[victim].child.kill().unwrap();
             hosts[victim].child.wait().unwrap();
             let killed = Instant::now();
-            let survivors: Vec<&Host> = (0..3).filter(|&i| i != victim).map(|i| &hosts[i]).collect();
+            let survivors: Vec<&Host> =
+                (0..3).filter(|&i| i != victim).map(|i| &hosts[i]).collect();
             wait_held(&survivors, 4, false, Duration::from_secs(30)).await;
-            eprintln!("figures: failover after kill -9: {:.1} s", killed.elapsed().as_secs_f64());
+            eprintln!(
+                "figures: failover after kill -9: {:.1} s",
+                killed.elapsed().as_secs_f64()
+            );
         }
     }
-    let alerts = alerts_when(&aws, &names.alerts, want_alerts.len(), Duration::from_secs(90)).await;
+    let alerts = alerts_when(
+        &aws,
+        &names.alerts,
+        want_alerts.len(),
+        Duration::from_secs(90),
+    )
+    .await;
     assert_eq!(
         by_bucket(alerts.iter().map(shape)),
         by_bucket(want_alerts),
@@ -469,7 +533,10 @@ async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
     );
     let started = Instant::now();
     while stored_states(&aws, &names.table).await != want_state {
-        assert!(started.elapsed() < Duration::from_secs(30), "final state differs from an uninterrupted run");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "final state differs from an uninterrupted run"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -482,7 +549,10 @@ async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
     let status_code = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status_code.success());
     wait_held(&[&hosts[staying]], 4, false, Duration::from_secs(30)).await;
-    eprintln!("figures: failover after a graceful stop: {:.2} s", stopped.elapsed().as_secs_f64());
+    eprintln!(
+        "figures: failover after a graceful stop: {:.2} s",
+        stopped.elapsed().as_secs_f64()
+    );
     let exit = hosts[leaving].child.wait().unwrap();
     assert!(exit.success(), "SIGTERM exits 0, got {exit}");
     hosts.clear();
@@ -518,13 +588,27 @@ async fn a_shard_split_mid_run_loses_nothing_and_keeps_per_bucket_order() {
         .unwrap();
     // Wait for the children.
     let started = Instant::now();
-    while tocsin::source::kinesis::list_shards(&aws.kinesis, &names.events).await.unwrap().len() < 3 {
-        assert!(started.elapsed() < Duration::from_secs(30), "split did not finish");
+    while tocsin::source::kinesis::list_shards(&aws.kinesis, &names.events)
+        .await
+        .unwrap()
+        .len()
+        < 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "split did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     put(&aws, &names.events, after).await;
 
-    let alerts = alerts_when(&aws, &names.alerts, want_alerts.len(), Duration::from_secs(90)).await;
+    let alerts = alerts_when(
+        &aws,
+        &names.alerts,
+        want_alerts.len(),
+        Duration::from_secs(90),
+    )
+    .await;
     assert_eq!(
         by_bucket(alerts.iter().map(shape)),
         by_bucket(want_alerts),
@@ -532,7 +616,11 @@ async fn a_shard_split_mid_run_loses_nothing_and_keeps_per_bucket_order() {
     );
     assert_eq!(stored_states(&aws, &names.table).await, want_state);
     let shards = status(&base).await.unwrap().shards;
-    assert_eq!(shards.len(), 2, "the host moved on to both children: {shards:?}");
+    assert_eq!(
+        shards.len(),
+        2,
+        "the host moved on to both children: {shards:?}"
+    );
     assert!(!shards.contains(&parent.id));
     host.stop().await.unwrap();
 }
@@ -572,12 +660,19 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
     let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
     let leases = Leases::new(table.clone(), &names.events);
     assert!(leases.create("shard-x", &[]).await.unwrap());
-    assert!(!leases.create("shard-x", &[]).await.unwrap(), "create is idempotent");
+    assert!(
+        !leases.create("shard-x", &[]).await.unwrap(),
+        "create is idempotent"
+    );
 
     // Host A holds the lease and writes; it pauses; B takes the lease over
     // and writes newer state.
     let lease = leases.list().await.unwrap().remove(0);
-    let epoch_a = leases.take(&lease, "host-a").await.unwrap().expect("free lease taken");
+    let epoch_a = leases
+        .take(&lease, "host-a")
+        .await
+        .unwrap()
+        .expect("free lease taken");
     let fence = |owner: &str, epoch| Fence {
         stream: names.events.clone(),
         shard: "shard-x".into(),
@@ -587,42 +682,69 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
     let id = bucket("machine-01");
     let a = DynamoStore::new(table.clone());
     a.load([id.clone()]).await.unwrap();
-    a.commit(&fence("host-a", epoch_a), shard_commit(vec![write(&id, b"a1")], "10"))
-        .await
-        .unwrap();
+    a.commit(
+        &fence("host-a", epoch_a),
+        shard_commit(vec![write(&id, b"a1")], "10"),
+    )
+    .await
+    .unwrap();
 
     let lease = leases.list().await.unwrap().remove(0);
-    let epoch_b = leases.take(&lease, "host-b").await.unwrap().expect("taken over");
+    let epoch_b = leases
+        .take(&lease, "host-b")
+        .await
+        .unwrap()
+        .expect("taken over");
     assert!(epoch_b > epoch_a);
     let b = DynamoStore::new(table.clone());
     b.load([id.clone()]).await.unwrap();
     assert_eq!(b.cached(&id).unwrap().state.as_deref(), Some(&b"a1"[..]));
-    b.commit(&fence("host-b", epoch_b), shard_commit(vec![write(&id, b"b1")], "20"))
-        .await
-        .unwrap();
+    b.commit(
+        &fence("host-b", epoch_b),
+        shard_commit(vec![write(&id, b"b1")], "20"),
+    )
+    .await
+    .unwrap();
 
     // A wakes up: its write is fenced off, and renewing tells it so.
     let stale = a
-        .commit(&fence("host-a", epoch_a), shard_commit(vec![write(&id, b"a2")], "11"))
+        .commit(
+            &fence("host-a", epoch_a),
+            shard_commit(vec![write(&id, b"a2")], "11"),
+        )
         .await;
     assert!(matches!(stale, Err(CommitError::Fenced(_))), "{stale:?}");
     assert!(!leases.renew("shard-x", "host-a", epoch_a).await.unwrap());
     let c = DynamoStore::new(table.clone());
     c.load([id.clone()]).await.unwrap();
     let stored = c.cached(&id).unwrap();
-    assert_eq!(stored.state.as_deref(), Some(&b"b1"[..]), "B's state survives");
+    assert_eq!(
+        stored.state.as_deref(),
+        Some(&b"b1"[..]),
+        "B's state survives"
+    );
     assert_eq!(stored.applied["shard-x"], SeqNo::new("20").unwrap());
     let lease = leases.list().await.unwrap().remove(0);
-    assert_eq!(lease.checkpoint.as_deref(), Some("20"), "the checkpoint is B's");
+    assert_eq!(
+        lease.checkpoint.as_deref(),
+        Some("20"),
+        "the checkpoint is B's"
+    );
     assert_eq!(lease.owner.as_deref(), Some("host-b"));
 
     // Two writers of one bucket under a valid fence: the one that read an
     // older version is told to read again.
-    b.commit(&fence("host-b", epoch_b), shard_commit(vec![write(&id, b"b2")], "30"))
-        .await
-        .unwrap();
+    b.commit(
+        &fence("host-b", epoch_b),
+        shard_commit(vec![write(&id, b"b2")], "30"),
+    )
+    .await
+    .unwrap();
     let conflict = c
-        .commit(&fence("host-b", epoch_b), shard_commit(vec![write(&id, b"c1")], "31"))
+        .commit(
+            &fence("host-b", epoch_b),
+            shard_commit(vec![write(&id, b"c1")], "31"),
+        )
         .await;
     match conflict {
         Err(CommitError::Conflict(ids)) => assert_eq!(ids, vec![id.clone()]),
@@ -686,7 +808,8 @@ async fn a_partially_failed_put_records_is_retried_without_duplicating_ids() {
     let records = read_stream(&aws, &names.alerts).await;
     let mut ids: HashMap<String, usize> = HashMap::new();
     for record in &records {
-        *ids.entry(record["id"].as_str().unwrap().to_owned()).or_default() += 1;
+        *ids.entry(record["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     assert_eq!(ids.len(), 1200, "every alert arrived");
     assert!(ids.values().all(|&n| n == 1), "no id twice");

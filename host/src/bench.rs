@@ -209,3 +209,148 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     server.stop().await?;
     Ok(report)
 }
+
+/// What `tocsin bench --distributed` measured: one host of the distributed
+/// engine catching up on a stream loaded beforehand.
+#[derive(Debug, Clone)]
+pub struct DistributedReport {
+    pub events: u64,
+    pub elapsed: Duration,
+    pub alerts: u64,
+    pub batches: u64,
+    pub bucket_reads: u64,
+    pub commits: u64,
+    pub lease_requests: u64,
+}
+
+impl std::fmt::Display for DistributedReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per_k = |n: u64| n as f64 * 1000.0 / self.events.max(1) as f64;
+        writeln!(
+            f,
+            "events: {} in {:.2} s = {:.0} events/s on one host",
+            self.events,
+            self.elapsed.as_secs_f64(),
+            self.events as f64 / self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "alerts: {}, shard batches: {} ({:.0} events per batch)",
+            self.alerts,
+            self.batches,
+            self.events as f64 / self.batches.max(1) as f64
+        )?;
+        write!(
+            f,
+            "DynamoDB per 1,000 events: {:.2} requests ({:.2} commits, {:.2} bucket reads); lease protocol: {} requests in all",
+            per_k(self.commits + self.bucket_reads),
+            per_k(self.commits),
+            per_k(self.bucket_reads),
+            self.lease_requests
+        )
+    }
+}
+
+/// Load `events` seed-like events of `tenants` tenants onto a fresh stream
+/// of `shards` shards, then start one host of the distributed engine and
+/// time it until it has processed them all. Needs AWS (or the emulators:
+/// `scripts/emulators`).
+pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<DistributedReport> {
+    use crate::config::{AlertsBackend, Source, StateBackend};
+    let rules: BTreeMap<String, PathBuf> = tokio::task::spawn_blocking(seed::build_rules)
+        .await??
+        .into_iter()
+        .collect();
+    let aws = crate::aws::sdk_config().await;
+    let id = format!("{:08x}", rand::random::<u32>());
+    let (events_stream, alerts_stream, table) = (
+        format!("bench-events-{id}"),
+        format!("bench-alerts-{id}"),
+        format!("bench-{id}"),
+    );
+    crate::aws::init(&aws, &events_stream, &table, Some(&alerts_stream), shards).await?;
+    let kinesis = aws_sdk_kinesis::Client::new(&aws);
+    let lines: Vec<String> = bodies(&Options {
+        batch_size: 1,
+        ..options.clone()
+    });
+    eprintln!(
+        "loading {} events onto `{events_stream}` ({shards} shards)…",
+        lines.len()
+    );
+    let sink = crate::sink::kinesis::KinesisSink::new(
+        crate::sink::kinesis::SdkWriter(kinesis.clone()),
+        &events_stream,
+    );
+    // The alert sink's batching and retries serve as a producer here; the
+    // partition key is what matters: the tenant.
+    for chunk in lines.chunks(500) {
+        let records: Vec<crate::sink::kinesis::Entry> = chunk
+            .iter()
+            .map(|line| {
+                let tenant = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["clientId"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                crate::sink::kinesis::Entry {
+                    partition_key: tenant,
+                    data: line.as_bytes().to_vec(),
+                }
+            })
+            .collect();
+        sink.put_entries(records).await?;
+    }
+
+    let data = tempfile::tempdir()?;
+    let config = Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: data.path().to_owned(),
+        max_instances: (options.tenants * seed::RULES.len() + 16) as u32,
+        source: Source::Kinesis(events_stream),
+        state: StateBackend::Dynamodb(table),
+        alerts: AlertsBackend::Kinesis(alerts_stream),
+        rules: (0..options.tenants)
+            .flat_map(|t| {
+                rules.values().map(move |path| RuleEntry {
+                    tenant: format!("tenant-{t:04}"),
+                    path: path.clone(),
+                })
+            })
+            .collect(),
+        ..Config::default()
+    };
+    eprintln!(
+        "loading {} tenants × {} rules…",
+        options.tenants,
+        rules.len()
+    );
+    let catalogue_ready = crate::serve::load_catalogue(&config).await?;
+    drop(catalogue_ready); // compiled once, cached on disk for the host below
+    let started = Instant::now();
+    let host = crate::cluster::start(config, Arc::new(SystemClock)).await?;
+    let engine = host.engine().clone();
+    let total = lines.len() as u64;
+    while engine.stats.events.load(Ordering::Relaxed)
+        + engine.stats.unknown_tenant.load(Ordering::Relaxed)
+        < total
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the host did not catch up within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let usage = engine.store().usage();
+    let report = DistributedReport {
+        events: engine.stats.events.load(Ordering::Relaxed),
+        elapsed,
+        alerts: engine.stats.alerts.load(Ordering::Relaxed),
+        batches: engine.stats.batches.load(Ordering::Relaxed),
+        bucket_reads: usage.bucket_reads.load(Ordering::Relaxed),
+        commits: usage.commits.load(Ordering::Relaxed),
+        lease_requests: usage.lease_requests.load(Ordering::Relaxed),
+    };
+    host.stop().await?;
+    Ok(report)
+}

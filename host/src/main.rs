@@ -148,6 +148,13 @@ struct BenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     connections: usize,
+    /// Measure one host of the distributed engine instead: load the events onto a new
+    /// Kinesis stream, then time the host catching up (needs AWS or `scripts/emulators`).
+    #[arg(long)]
+    distributed: bool,
+    /// With --distributed: shards of the stream.
+    #[arg(long, default_value_t = 4)]
+    shards: i32,
 }
 
 #[derive(Subcommand)]
@@ -246,14 +253,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         })),
         Command::Simulate(args) => async_main(simulate(args)),
         Command::Bench(args) => async_main(async move {
-            let report = tocsin::bench::run(tocsin::bench::Options {
+            let options = tocsin::bench::Options {
                 tenants: args.tenants,
                 events: args.events,
                 batch_size: args.batch_size,
                 connections: args.connections,
-            })
-            .await?;
-            println!("{report}");
+            };
+            if args.distributed {
+                println!(
+                    "{}",
+                    tocsin::bench::run_distributed(options, args.shards).await?
+                );
+            } else {
+                println!("{}", tocsin::bench::run(options).await?);
+            }
             Ok(())
         }),
     }

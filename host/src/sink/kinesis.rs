@@ -91,6 +91,12 @@ impl<W: RecordWriter> KinesisSink<W> {
                 data: serde_json::to_vec(alert).expect("alerts serialize"),
             })
             .collect();
+        self.put_entries(entries).await
+    }
+
+    /// Put records in order, in requests within PutRecords' limits,
+    /// retrying failed entries only.
+    pub async fn put_entries(&self, entries: Vec<Entry>) -> Result<(), SinkError> {
         let mut start = 0;
         while start < entries.len() {
             let mut end = start;
