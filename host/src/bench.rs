@@ -221,6 +221,10 @@ pub struct DistributedReport {
     pub bucket_reads: u64,
     pub commits: u64,
     pub lease_requests: u64,
+    pub load: Duration,
+    pub rules: Duration,
+    pub commit: Duration,
+    pub publish: Duration,
 }
 
 impl std::fmt::Display for DistributedReport {
@@ -239,6 +243,15 @@ impl std::fmt::Display for DistributedReport {
             self.alerts,
             self.batches,
             self.events as f64 / self.batches.max(1) as f64
+        )?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        writeln!(
+            f,
+            "host time: state reads {:.0} ms, rules {:.0} ms, DynamoDB commits {:.0} ms, alert publishing {:.0} ms",
+            ms(self.load),
+            ms(self.rules),
+            ms(self.commit),
+            ms(self.publish)
         )?;
         write!(
             f,
@@ -350,6 +363,10 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         bucket_reads: usage.bucket_reads.load(Ordering::Relaxed),
         commits: usage.commits.load(Ordering::Relaxed),
         lease_requests: usage.lease_requests.load(Ordering::Relaxed),
+        load: Duration::from_nanos(engine.stats.load_ns.load(Ordering::Relaxed)),
+        rules: Duration::from_nanos(engine.stats.rules_ns.load(Ordering::Relaxed)),
+        commit: Duration::from_nanos(engine.stats.commit_ns.load(Ordering::Relaxed)),
+        publish: Duration::from_nanos(engine.stats.publish_ns.load(Ordering::Relaxed)),
     };
     host.stop().await?;
     Ok(report)

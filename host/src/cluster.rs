@@ -6,10 +6,10 @@
 //! DynamoDB fenced by its lease ([`DynamoStore`]), and only then publishes
 //! the batch's alerts and moves on.
 //!
-//! Batches are processed one at a time per host (tenants in parallel within
-//! a batch), so a host never races itself for a bucket; hosts race each
-//! other only when a producer spreads one tenant over several shards, and
-//! the versioned writes settle that.
+//! Each shard's batches are processed in order, shards concurrently, and
+//! tenants in parallel within a batch. Two batches race for a bucket only
+//! when a producer spreads one tenant over several shards; the versioned
+//! writes settle that, on one host as across hosts.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +24,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use rayon::prelude::*;
 use serde::Serialize;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::alert::AlertRecord;
@@ -77,6 +77,18 @@ pub struct ClusterStats {
     pub bad_records: AtomicU64,
     /// Events of tenants without rules: skipped.
     pub unknown_tenant: AtomicU64,
+    /// Time spent reading bucket state (cache misses), nanoseconds.
+    pub load_ns: AtomicU64,
+    /// Time spent running rules, nanoseconds.
+    pub rules_ns: AtomicU64,
+    /// Time spent in DynamoDB commits, nanoseconds.
+    pub commit_ns: AtomicU64,
+    /// Time spent publishing alerts, nanoseconds.
+    pub publish_ns: AtomicU64,
+}
+
+fn add_elapsed(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// Runs batches of shards this host holds.
@@ -86,8 +98,6 @@ pub struct Engine {
     sink: Arc<dyn AlertSink>,
     clock: Arc<dyn Clock>,
     settings: ClusterSettings,
-    /// One batch at a time.
-    turn: Mutex<()>,
     /// Per shard: outbox items published and not yet deleted, and alerts
     /// committed but not yet published.
     outbox: std::sync::Mutex<HashMap<String, ShardOutbox>>,
@@ -114,7 +124,6 @@ impl Engine {
             sink,
             clock,
             settings,
-            turn: Mutex::new(()),
             outbox: std::sync::Mutex::default(),
             stats: ClusterStats::default(),
         }
@@ -154,10 +163,12 @@ impl Engine {
             };
             let sink = self.sink.clone();
             let (alerts, keys) = next;
+            let started = Instant::now();
             let sent = {
                 let alerts = alerts.clone();
                 tokio::task::spawn_blocking(move || sink.publish(&alerts)).await
             };
+            add_elapsed(&self.stats.publish_ns, started);
             let mut outbox = self.outbox.lock().expect("outbox lock");
             let entry = outbox.entry(shard.to_owned()).or_default();
             match sent {
@@ -184,7 +195,6 @@ impl Engine {
         records: &[aws_sdk_kinesis::types::Record],
         end: bool,
     ) -> Result<Option<Checkpoint>, CommitError> {
-        let _turn = self.turn.lock().await;
         let now = self.clock.now_ms();
         let mut events = Vec::with_capacity(records.len());
         for record in records {
@@ -218,8 +228,11 @@ impl Engine {
         let events = Arc::new(events);
         let mut conflicts = 0;
         let committed = loop {
+            let started = Instant::now();
             let touched = self.touched(&events);
             self.store.load(touched).await.map_err(CommitError::Store)?;
+            add_elapsed(&self.stats.load_ns, started);
+            let started = Instant::now();
             let engine = self.clone();
             let shard = fence.shard.clone();
             let batch = events.clone();
@@ -227,6 +240,7 @@ impl Engine {
                 tokio::task::spawn_blocking(move || engine.run(&shard, &batch, now))
                     .await
                     .map_err(|e| CommitError::Store(format!("rules panicked: {e}")))?;
+            add_elapsed(&self.stats.rules_ns, started);
             let published = std::mem::take(
                 &mut self
                     .outbox
@@ -245,7 +259,10 @@ impl Engine {
                 published: published.clone(),
                 now_ms: now,
             };
-            match self.store.commit(fence, commit).await {
+            let started = Instant::now();
+            let result = self.store.commit(fence, commit).await;
+            add_elapsed(&self.stats.commit_ns, started);
+            match result {
                 Ok(committed) => {
                     self.stats
                         .rule_failures

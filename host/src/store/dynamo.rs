@@ -139,6 +139,16 @@ pub enum CommitError {
     Store(String),
 }
 
+/// One bucket's item as a commit will write it.
+struct Planned {
+    id: BucketId,
+    new: Cached,
+    put: Put,
+    alerts: Vec<AlertRecord>,
+    /// Bytes it adds to the transaction, alerts included.
+    size: usize,
+}
+
 /// The partition key of a bucket item: its identity as a JSON array, so no
 /// tenant, rule or bucket text can collide with another.
 pub fn bucket_pk(id: &BucketId) -> String {
@@ -332,7 +342,7 @@ impl DynamoStore {
         let expires_at = |secs: i64| n(commit.now_ms / 1000 + secs);
 
         // Each bucket's new item, and the alerts it raised.
-        let mut planned: Vec<(BucketId, Cached, Put, Vec<AlertRecord>, usize)> = Vec::new();
+        let mut planned: Vec<Planned> = Vec::new();
         for write in commit.writes {
             let old = self.cached(&write.id).unwrap_or_default();
             let mut new = old.clone();
@@ -408,7 +418,13 @@ impl DynamoStore {
                 .iter()
                 .map(|a| a.title.len() + a.key.len() + 400)
                 .sum();
-            planned.push((write.id, new, put, write.alerts, size + alert_bytes));
+            planned.push(Planned {
+                id: write.id,
+                new,
+                put,
+                alerts: write.alerts,
+                size: size + alert_bytes,
+            });
         }
 
         // Transactions: as few as the limits allow; the last one moves the
@@ -416,7 +432,7 @@ impl DynamoStore {
         let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];
         let mut actions = 0;
         let mut bytes = 0;
-        for (i, (_, _, _, alerts, size)) in planned.iter().enumerate() {
+        for (i, Planned { alerts, size, .. }) in planned.iter().enumerate() {
             let outbox_items = if alerts.is_empty() {
                 0
             } else {
@@ -438,8 +454,7 @@ impl DynamoStore {
         let mut committed = Committed::default();
         let mut deletes = commit.published;
         let last_chunk = chunks.len() - 1;
-        let mut planned: Vec<Option<(BucketId, Cached, Put, Vec<AlertRecord>, usize)>> =
-            planned.into_iter().map(Some).collect();
+        let mut planned: Vec<Option<Planned>> = planned.into_iter().map(Some).collect();
         for (n_chunk, chunk) in chunks.into_iter().enumerate() {
             let mut items: Vec<TransactWriteItem> = Vec::new();
             // What each action is, to read cancellation reasons.
@@ -447,7 +462,13 @@ impl DynamoStore {
             let mut chunk_alerts: Vec<AlertRecord> = Vec::new();
             let mut updated: Vec<(BucketId, Cached)> = Vec::new();
             for i in chunk {
-                let (id, new, put, alerts, _) = planned[i].take().expect("planned once");
+                let Planned {
+                    id,
+                    new,
+                    put,
+                    alerts,
+                    ..
+                } = planned[i].take().expect("planned once");
                 items.push(TransactWriteItem::builder().put(put).build());
                 roles.push(Some(id.clone()));
                 chunk_alerts.extend(alerts);
@@ -540,7 +561,13 @@ impl DynamoStore {
             }
             let mut cache = self.cache.lock().expect("cache lock");
             for (id, new) in updated {
-                cache.insert(id, new);
+                // Another shard's batch on this host may have written newer.
+                match cache.get(&id) {
+                    Some(known) if known.version > new.version => {}
+                    _ => {
+                        cache.insert(id, new);
+                    }
+                }
             }
             committed.alerts.extend(chunk_alerts);
             committed.outbox.extend(outbox);
