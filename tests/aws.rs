@@ -650,6 +650,19 @@ fn shard_commit(writes: Vec<BucketWrite>, seq: &str) -> ShardCommit {
 async fn a_stale_host_cannot_overwrite_newer_state() {
     let aws = aws().await;
     let names = setup(&aws, 1).await;
+    let again = tocsin::aws::init(
+        &aws.config,
+        &names.events,
+        &names.table,
+        Some(&names.alerts),
+        1,
+    )
+    .await
+    .unwrap();
+    assert!(
+        again.iter().all(|line| line.ends_with("exists")),
+        "init is idempotent: {again:?}"
+    );
     let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
     let leases = Leases::new(table.clone(), &names.events);
     assert!(leases.create("shard-x", &[]).await.unwrap());
@@ -807,4 +820,106 @@ async fn a_partially_failed_put_records_is_retried_without_duplicating_ids() {
     assert_eq!(ids.len(), 1200, "every alert arrived");
     assert!(ids.values().all(|&n| n == 1), "no id twice");
     assert_eq!(records.len(), 1200);
+}
+
+/// Sits between a client and kinesis-local and answers the first
+/// `throttle` GetRecords calls the way a throttled shard does.
+struct Throttler {
+    upstream: String,
+    throttle: usize,
+    get_records: AtomicUsize,
+    http: reqwest::Client,
+}
+
+async fn throttling_proxy(throttler: Arc<Throttler>) -> String {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+
+    async fn forward(
+        axum::extract::State(t): axum::extract::State<Arc<Throttler>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> axum::response::Response {
+        let target = headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if target.ends_with(".GetRecords")
+            && t.get_records.fetch_add(1, Ordering::SeqCst) < t.throttle
+        {
+            let body = r#"{"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded for shard"}"#;
+            return (
+                StatusCode::BAD_REQUEST,
+                [("content-type", "application/x-amz-json-1.1")],
+                body,
+            )
+                .into_response();
+        }
+        let mut request = t.http.post(&t.upstream).body(body);
+        for (name, value) in &headers {
+            if name != "host" && name != "content-length" {
+                request = request.header(name, value);
+            }
+        }
+        let response = request.send().await.unwrap();
+        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/x-amz-json-1.1")
+            .to_owned();
+        let bytes = response.bytes().await.unwrap();
+        (status, [("content-type", content_type)], bytes).into_response()
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .fallback(axum::routing::post(forward))
+        .with_state(throttler);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_shard_is_read_after_backing_off() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let seed = support::seed_events();
+    put(&aws, &names.events, &seed).await;
+
+    // More throttled calls in a row than the SDK's own retries absorb, so
+    // the reader's backoff has to carry it.
+    let throttler = Arc::new(Throttler {
+        upstream: std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap(),
+        throttle: 6,
+        get_records: AtomicUsize::new(0),
+        http: reqwest::Client::new(),
+    });
+    let proxy = throttling_proxy(throttler.clone()).await;
+    let client = aws_sdk_kinesis::Client::from_conf(
+        aws_sdk_kinesis::config::Builder::from(&aws.config)
+            .endpoint_url(proxy)
+            .build(),
+    );
+    let shard = tocsin::source::kinesis::list_shards(&client, &names.events)
+        .await
+        .unwrap()
+        .remove(0);
+    let mut reader =
+        tocsin::source::kinesis::ShardReader::open(client, &names.events, &shard.id, None)
+            .await
+            .unwrap();
+    let mut records = Vec::new();
+    while records.len() < seed.len() {
+        records.extend(reader.next().await.expect("throttling is retried").records);
+    }
+    let read: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.data().as_ref().to_vec()).unwrap())
+        .collect();
+    assert_eq!(read, seed, "every record, in order");
+    assert!(throttler.get_records.load(Ordering::SeqCst) > 6);
 }

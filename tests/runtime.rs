@@ -353,3 +353,42 @@ fn components_with_forbidden_imports_or_garbage_are_refused_at_load() {
     assert_eq!(error.rule, "junk.wasm");
     assert!(matches!(error.cause, Cause::InvalidComponent(_)), "{error}");
 }
+
+#[test]
+fn a_replayed_batch_skips_what_each_bucket_already_applied() {
+    let runtime = runtime();
+    let rule = load(&runtime, "client-01", components::TEST_EVENT).unwrap();
+    let events: Vec<Incoming> = (1..=4)
+        .map(|seq| {
+            let mut event = Incoming::parse(
+                r#"{"eventType":"test-event","clientId":"client-01"}"#,
+                "clientId",
+                0,
+            )
+            .unwrap();
+            event.position = format!("shard-0:{seq}");
+            event.seq = tocsin::event::SeqNo::new(&seq.to_string());
+            event
+        })
+        .collect();
+    let refs: Vec<&Incoming> = events.iter().collect();
+    let keys = |applied: Option<&str>| -> Vec<String> {
+        let run = pipeline::run_rule_after(&rule, &refs, 0, |_| {
+            Ok::<_, ()>(pipeline::Prior {
+                state: None::<Vec<u8>>,
+                applied: applied.and_then(tocsin::event::SeqNo::new),
+            })
+        })
+        .unwrap();
+        run.buckets
+            .into_iter()
+            .flat_map(|b| b.result.unwrap().alerts)
+            .map(|a| a.key)
+            .collect()
+    };
+    assert_eq!(keys(None).len(), 4);
+    // Events 1 and 2 were applied before a crash: only 3 and 4 run.
+    assert_eq!(keys(Some("2")), ["test-event-1", "test-event-2"]);
+    // Everything applied: the bucket is not called at all.
+    assert!(keys(Some("4")).is_empty());
+}

@@ -244,3 +244,37 @@ impl Config {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_parse_and_bad_ones_are_named() {
+        let config = Config::from_toml(
+            "source = \"kinesis:events\"\nstate = \"dynamodb:tocsin\"\nalerts = \"kinesis:alerts\"",
+        )
+        .unwrap();
+        assert_eq!(config.source, Source::Kinesis("events".into()));
+        assert_eq!(config.state, StateBackend::Dynamodb("tocsin".into()));
+        assert_eq!(config.alerts, AlertsBackend::Kinesis("alerts".into()));
+
+        let error = Config::from_toml("source = \"kafka:events\"").unwrap_err();
+        assert!(
+            error.contains("unknown source `kafka:events`: expected `http` or `kinesis:<name>`"),
+            "{error}"
+        );
+        let error = Config::from_toml("state = \"dynamodb:\"").unwrap_err();
+        assert!(error.contains("unknown state `dynamodb:`"), "{error}");
+    }
+
+    #[test]
+    fn kinesis_needs_dynamodb_and_dynamodb_needs_kinesis() {
+        let error = Config::from_toml("source = \"kinesis:events\"").unwrap_err();
+        assert!(error.contains("needs state `dynamodb:<table>`"), "{error}");
+        let error = Config::from_toml("state = \"dynamodb:tocsin\"").unwrap_err();
+        assert!(error.contains("is for the Kinesis source"), "{error}");
+        // HTTP ingest may publish to Kinesis.
+        Config::from_toml("alerts = \"kinesis:alerts\"").unwrap();
+    }
+}
