@@ -923,3 +923,45 @@ async fn a_throttled_shard_is_read_after_backing_off() {
     assert_eq!(read, seed, "every record, in order");
     assert!(throttler.get_records.load(Ordering::SeqCst) > 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_over_the_item_limit_is_a_rule_error_and_other_tenants_go_on() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let data = tempfile::tempdir().unwrap();
+    let rules = vec![
+        ("evil".to_owned(), support::components::HOSTILE.to_owned()),
+        (
+            "client-01".to_owned(),
+            support::components::TEST_EVENT.to_owned(),
+        ),
+    ];
+    let mut config = config(&names, data.path(), &rules);
+    // The sandbox would allow 1 MiB; DynamoDB's item limit does not.
+    config.limits.max_state_bytes = 1 << 20;
+    let host = tocsin::cluster::start(config, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let base = format!("http://{}", host.addr());
+    put(
+        &aws,
+        &names.events,
+        &[
+            r#"{"clientId":"evil","attack":"state"}"#.to_owned(),
+            r#"{"clientId":"client-01","eventType":"test-event"}"#.to_owned(),
+        ],
+    )
+    .await;
+    let alerts = alerts_when(&aws, &names.alerts, 1, Duration::from_secs(60)).await;
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].tenant, "client-01");
+    let status = status(&base).await.unwrap();
+    assert_eq!(status.rule_failures, 1, "{status:?}");
+    let states = stored_states(&aws, &names.table).await;
+    assert!(
+        states.keys().all(|id| id.tenant != "evil"),
+        "the oversized state was not stored: {:?}",
+        states.keys().collect::<Vec<_>>()
+    );
+    host.stop().await.unwrap();
+}
