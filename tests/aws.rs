@@ -965,3 +965,53 @@ async fn state_over_the_item_limit_is_a_rule_error_and_other_tenants_go_on() {
     );
     host.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_its_stream_says_what_is_missing() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let missing = Names {
+        events: format!("{}-missing", names.events),
+        alerts: names.alerts.clone(),
+        table: names.table.clone(),
+    };
+    let data = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tocsin"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .arg("--source")
+        .arg(format!("kinesis:{}", missing.events))
+        .arg("--state")
+        .arg(format!("dynamodb:{}", missing.table))
+        .arg("--rule")
+        .arg(format!("client-01={}", support::components::TEST_EVENT))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "Kinesis stream `{}` does not exist: create it with `tocsin aws init`",
+            missing.events
+        )),
+        "{stderr}"
+    );
+
+    // A host of the stream points producers there.
+    let host = tocsin::cluster::start(
+        config(&names, data.path(), &seed_rules()),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/events", host.addr()))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains(&names.events));
+    host.stop().await.unwrap();
+}

@@ -101,6 +101,59 @@ pub async fn init(
     Ok(done)
 }
 
+/// Fail with a message naming what is missing if the events stream, the
+/// alerts stream or the table does not exist: a host started before
+/// `tocsin aws init` should say so, not wait forever.
+pub async fn check_exists(
+    config: &aws_config::SdkConfig,
+    streams: &[&str],
+    table: &str,
+) -> anyhow::Result<()> {
+    let kinesis = aws_sdk_kinesis::Client::new(config);
+    for stream in streams {
+        match kinesis
+            .describe_stream_summary()
+            .stream_name(*stream)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                bail!(
+                    "Kinesis stream `{stream}` does not exist: create it with `tocsin aws init` and the same flags"
+                );
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "{}",
+                    aws_sdk_kinesis::error::DisplayErrorContext(e)
+                ))
+                .with_context(|| format!("cannot reach Kinesis stream `{stream}`"));
+            }
+        }
+    }
+    let dynamodb = aws_sdk_dynamodb::Client::new(config);
+    match dynamodb.describe_table().table_name(table).send().await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            bail!(
+                "DynamoDB table `{table}` does not exist: create it with `tocsin aws init` and the same flags"
+            )
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "{}",
+            aws_sdk_dynamodb::error::DisplayErrorContext(e)
+        ))
+        .with_context(|| format!("cannot reach DynamoDB table `{table}`")),
+    }
+}
+
 async fn create_stream(
     kinesis: &aws_sdk_kinesis::Client,
     stream: &str,

@@ -449,6 +449,20 @@ impl ClusterHost {
                 }),
             )
             .route("/v1/status", get(status))
+            .route(
+                "/v1/events",
+                axum::routing::post(|State(shared): State<Arc<Shared>>| async move {
+                    (
+                        StatusCode::CONFLICT,
+                        Json(serde_json::json!({
+                            "error": format!(
+                                "this host reads its events from the Kinesis stream `{}`: put them there",
+                                shared.engine.settings.stream
+                            )
+                        })),
+                    )
+                }),
+            )
             .with_state(shared.clone());
         let coordinator = tokio::spawn(coordinate(shared, kinesis, stopped.clone()));
         let mut until_stopped = stopped;
@@ -779,8 +793,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Clus
             "the distributed engine needs source `kinesis:<stream>` and state `dynamodb:<table>`"
         );
     };
-    let catalogue = serve::load_catalogue(&config).await?;
     let aws = crate::aws::sdk_config().await;
+    let mut streams = vec![stream.as_str()];
+    if let crate::config::AlertsBackend::Kinesis(alerts) = &config.alerts {
+        streams.push(alerts);
+    }
+    crate::aws::check_exists(&aws, &streams, table).await?;
+    let catalogue = serve::load_catalogue(&config).await?;
     let store = Arc::new(DynamoStore::new(Table::new(
         aws_sdk_dynamodb::Client::new(&aws),
         table,
