@@ -3,7 +3,7 @@
 //! written once even when the outbox republishes it.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -38,28 +38,82 @@ impl FileSink {
     }
 }
 
-/// The `seq` of the last complete line. A torn last line (a crash mid-write)
+/// The `seq` of the last complete line, read from the end of the file (a
+/// long-running host's file is large). A torn last line (a crash mid-write)
 /// is cut off, so appending resumes on a line boundary.
 fn last_seq(file: &mut File) -> std::io::Result<u64> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut reader = BufReader::new(&*file);
-    let mut line = String::new();
-    let (mut complete, mut last) = (0u64, 0u64);
-    let mut offset = 0u64;
+    const STEP: u64 = 64 * 1024;
+    let mut start = file.metadata()?.len();
+    let mut tail: Vec<u8> = Vec::new();
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 || !line.ends_with('\n') {
-            break;
+        // Widen the window backwards until it holds the last complete line.
+        let from = start.saturating_sub(STEP.max(tail.len() as u64));
+        let mut chunk = vec![0; (start - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        start = from;
+        let Some(end) = tail.iter().rposition(|&b| b == b'\n') else {
+            if start == 0 {
+                file.set_len(0)?;
+                return Ok(0);
+            }
+            continue;
+        };
+        let line_start = tail[..end].iter().rposition(|&b| b == b'\n').map(|p| p + 1);
+        if line_start.is_none() && start > 0 {
+            continue;
         }
-        offset += n as u64;
-        complete = offset;
-        if let Ok(record) = serde_json::from_str::<AlertRecord>(&line) {
-            last = record.seq.unwrap_or(last);
-        }
+        file.set_len(start + end as u64 + 1)?;
+        let line = &tail[line_start.unwrap_or(0)..end];
+        return Ok(serde_json::from_slice::<AlertRecord>(line)
+            .ok()
+            .and_then(|record| record.seq)
+            .unwrap_or(0));
     }
-    file.set_len(complete)?;
-    Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, title: &str) -> String {
+        let mut alert: AlertRecord = serde_json::from_value(serde_json::json!({
+            "id": "x", "tenant": "t", "rule": "r", "rule_version": "1.0.0", "bucket": "",
+            "key": "k", "status": "firing", "severity": "info", "title": title,
+            "detail": null, "at": 0
+        }))
+        .unwrap();
+        alert.seq = Some(seq);
+        serde_json::to_string(&alert).unwrap() + "\n"
+    }
+
+    #[test]
+    fn the_last_complete_line_is_found_from_the_end_and_a_torn_tail_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.ndjson");
+        // Lines longer than the read window, and a torn last line.
+        let long = "x".repeat(100_000);
+        let text = record(1, "a") + &record(2, &long) + &record(3, &long) + "{\"id\":\"torn";
+        std::fs::write(&path, &text).unwrap();
+        let sink = FileSink::open(&path).unwrap();
+        assert_eq!(sink.inner.lock().unwrap().written, 3);
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert!(kept.ends_with(&record(3, &long)), "torn line cut off");
+
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(
+            FileSink::open(&path).unwrap().inner.lock().unwrap().written,
+            0
+        );
+        std::fs::write(&path, "{\"torn").unwrap();
+        assert_eq!(
+            FileSink::open(&path).unwrap().inner.lock().unwrap().written,
+            0
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
 }
 
 impl AlertSink for FileSink {
