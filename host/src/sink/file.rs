@@ -74,6 +74,31 @@ fn last_seq(file: &mut File) -> std::io::Result<u64> {
     }
 }
 
+impl AlertSink for FileSink {
+    fn publish(&self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
+        let mut inner = self.inner.lock().expect("file sink lock");
+        let mut buffer = Vec::new();
+        let mut written = inner.written;
+        for alert in alerts {
+            let seq = alert.seq.unwrap_or(0);
+            if seq <= written {
+                continue;
+            }
+            serde_json::to_writer(&mut buffer, alert).map_err(|e| SinkError(e.to_string()))?;
+            buffer.push(b'\n');
+            written = seq;
+        }
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        let fail = |e: std::io::Error| SinkError(format!("{}: {e}", self.path.display()));
+        inner.file.write_all(&buffer).map_err(fail)?;
+        inner.file.flush().map_err(fail)?;
+        inner.written = written;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,30 +138,5 @@ mod tests {
             0
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
-    }
-}
-
-impl AlertSink for FileSink {
-    fn publish(&self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
-        let mut inner = self.inner.lock().expect("file sink lock");
-        let mut buffer = Vec::new();
-        let mut written = inner.written;
-        for alert in alerts {
-            let seq = alert.seq.unwrap_or(0);
-            if seq <= written {
-                continue;
-            }
-            serde_json::to_writer(&mut buffer, alert).map_err(|e| SinkError(e.to_string()))?;
-            buffer.push(b'\n');
-            written = seq;
-        }
-        if buffer.is_empty() {
-            return Ok(());
-        }
-        let fail = |e: std::io::Error| SinkError(format!("{}: {e}", self.path.display()));
-        inner.file.write_all(&buffer).map_err(fail)?;
-        inner.file.flush().map_err(fail)?;
-        inner.written = written;
-        Ok(())
     }
 }
