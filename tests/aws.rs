@@ -1015,3 +1015,47 @@ async fn a_host_without_its_stream_says_what_is_missing() {
     assert!(body["error"].as_str().unwrap().contains(&names.events));
     host.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_cache_drops_buckets_and_rereads_them_when_needed() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
+    let leases = Leases::new(table.clone(), &names.events);
+    leases.create("shard-x", &[]).await.unwrap();
+    let lease = leases.list().await.unwrap().remove(0);
+    let epoch = leases.take(&lease, "host-a").await.unwrap().unwrap();
+    let fence = Fence {
+        stream: names.events.clone(),
+        shard: "shard-x".into(),
+        owner: "host-a".into(),
+        epoch,
+    };
+    let ids: Vec<BucketId> = (1..=5)
+        .map(|m| bucket(&format!("machine-{m:02}")))
+        .collect();
+    let store = DynamoStore::with_cache(table.clone(), 2);
+    for (n, id) in ids.iter().enumerate() {
+        store.load([id.clone()]).await.unwrap();
+        assert!(store.cached_len() <= 2, "the cache stays bounded");
+        store
+            .commit(
+                &fence,
+                shard_commit(vec![write(id, b"v1")], &(n + 1).to_string()),
+            )
+            .await
+            .unwrap();
+    }
+    // machine-01 was dropped long ago: reading it again finds its state.
+    store.load([ids[0].clone()]).await.unwrap();
+    let item = store.cached(&ids[0]).unwrap();
+    assert_eq!(item.state.as_deref(), Some(&b"v1"[..]));
+    assert_eq!(item.version, 1);
+    store
+        .commit(&fence, shard_commit(vec![write(&ids[0], b"v2")], "10"))
+        .await
+        .unwrap();
+    let states = stored_states(&aws, &names.table).await;
+    assert_eq!(states.len(), 5);
+    assert_eq!(states[&ids[0]], b"v2");
+}

@@ -184,12 +184,25 @@ pub struct DynamoStore {
     cache: Mutex<HashMap<BucketId, Cached>>,
     /// Outbox items per shard written by this host: a counter for their keys.
     outbox_serial: std::sync::atomic::AtomicU64,
+    /// Most buckets kept in the cache.
+    max_cached: usize,
 }
+
+/// Buckets a host keeps in memory by default: about 200 MB of small states.
+pub const DEFAULT_MAX_CACHED: usize = 1_000_000;
 
 impl DynamoStore {
     pub fn new(table: Table) -> Self {
+        Self::with_cache(table, DEFAULT_MAX_CACHED)
+    }
+
+    /// A store whose cache holds at most `max_cached` buckets. Past that,
+    /// buckets not being loaded are dropped; one dropped while a batch uses
+    /// it only costs that batch a version conflict and a reread.
+    pub fn with_cache(table: Table, max_cached: usize) -> Self {
         DynamoStore {
             table,
+            max_cached: max_cached.max(1),
             cache: Mutex::default(),
             outbox_serial: std::sync::atomic::AtomicU64::new(0),
         }
@@ -201,6 +214,11 @@ impl DynamoStore {
 
     pub fn usage(&self) -> &Usage {
         &self.table.usage
+    }
+
+    /// Buckets in the cache.
+    pub fn cached_len(&self) -> usize {
+        self.cache.lock().expect("cache lock").len()
     }
 
     /// The cached item of `id`, if known.
@@ -274,6 +292,19 @@ impl DynamoStore {
                 }
             }
             let mut cache = self.cache.lock().expect("cache lock");
+            if cache.len() + chunk.len() > self.max_cached {
+                let keep: std::collections::HashSet<&BucketId> = missing.iter().collect();
+                let excess = cache.len() + chunk.len() - self.max_cached * 9 / 10;
+                let evict: Vec<BucketId> = cache
+                    .keys()
+                    .filter(|id| !keep.contains(id))
+                    .take(excess)
+                    .cloned()
+                    .collect();
+                for id in evict {
+                    cache.remove(&id);
+                }
+            }
             for id in chunk {
                 let item = found.remove(id).unwrap_or_default();
                 cache.entry(id.clone()).or_insert(item);
