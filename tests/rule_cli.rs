@@ -304,3 +304,49 @@ fn inspect_prints_manifest_and_imports() {
     assert!(text.contains("tocsin:rule/host@0.1.0"), "{text}");
     assert!(!text.contains("wasi:sockets"), "{text}");
 }
+
+/// The other way tenants build: `cargo component build --release`
+/// (cargo-component 0.21.1, which `scripts/setup` installs). Its output
+/// imports `wasi:filesystem` and more, and the host runs it all the same.
+#[test]
+fn a_rule_built_with_cargo_component_runs_like_the_plain_build() {
+    let crate_dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../rules-examples/any-machine-stopped"
+    );
+    let target = tempfile::tempdir().unwrap();
+    let build = Command::new("cargo")
+        .args(["component", "build", "--release", "--quiet"])
+        .current_dir(crate_dir)
+        .env("CARGO_TARGET_DIR", target.path())
+        .output()
+        .expect("cargo component is installed (scripts/setup installs it)");
+    assert!(
+        build.status.success(),
+        "cargo component build failed: {}",
+        stderr(&build)
+    );
+    let wasm = target
+        .path()
+        .join("wasm32-wasip1/release/any_machine_stopped.wasm");
+    let file = events_file(&support::seed_events());
+    let args = |rule: &str| {
+        tocsin(
+            &[
+                "rule",
+                "test",
+                rule,
+                "--events",
+                file.path().to_str().unwrap(),
+                "--now",
+                "0",
+            ],
+            None,
+        )
+    };
+    let component = args(wasm.to_str().unwrap());
+    assert!(component.status.success(), "{}", stderr(&component));
+    let plain = args(components::ANY_MACHINE_STOPPED);
+    assert_eq!(alerts(&component), alerts(&plain));
+    assert_eq!(alerts(&component).len(), 14, "7 alerts per tenant");
+}
