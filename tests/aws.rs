@@ -2,7 +2,8 @@
 //! `./scripts/test` starts (kinesis-local, moto): the seed scenario from the
 //! events stream to the alerts stream; three `tocsin serve` processes over a
 //! 4-shard stream with one killed by SIGKILL; a shard split mid-run; a stale
-//! host's write; a partially failed PutRecords.
+//! host's write; a partially failed PutRecords; a throttled shard; state
+//! over DynamoDB's item limit; a bounded cache; missing resources.
 //!
 //! Every test works in streams and a table of its own, so they run in
 //! parallel against the same emulators.
@@ -537,7 +538,6 @@ async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
     let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
     let (leaving, staying) = (survivors[0], survivors[1]);
     let stopped = Instant::now();
-    // SAFETY-free: a plain signal to a child we own.
     let pid = hosts[leaving].child.id().to_string();
     let status_code = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status_code.success());
