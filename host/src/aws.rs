@@ -4,14 +4,15 @@
 //! DynamoDB table (bucket state, shard leases and the alert outbox, told
 //! apart by key), request counters, and `tocsin aws init`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
-    TimeToLiveSpecification,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_kinesis::types::StreamStatus;
 
@@ -25,6 +26,21 @@ pub const EXPIRES: &str = "expires";
 /// Load the shared AWS configuration the way every AWS tool does.
 pub async fn sdk_config() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+}
+
+/// A string attribute.
+pub fn s(text: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(text.into())
+}
+
+/// A number attribute.
+pub fn n(number: impl ToString) -> AttributeValue {
+    AttributeValue::N(number.to_string())
+}
+
+/// An AWS SDK error with its whole chain of causes, on one line.
+pub fn error_text(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string()
 }
 
 /// DynamoDB requests made, by kind: the figures `GET /v1/status` reports.
@@ -69,6 +85,30 @@ impl Table {
             usage: Arc::default(),
         }
     }
+
+    /// Every item of partition `pk`, in sort-key order, strongly
+    /// consistent, across pages.
+    pub async fn query_partition(
+        &self,
+        pk: &str,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, String> {
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.name)
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":pk", s(pk))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        let mut items = Vec::new();
+        while let Some(item) = pages.next().await {
+            items.push(item.map_err(error_text)?);
+        }
+        Ok(items)
+    }
 }
 
 /// Create what is missing: the events stream (`shards` shards), the alerts
@@ -111,46 +151,50 @@ pub async fn check_exists(
 ) -> anyhow::Result<()> {
     let kinesis = aws_sdk_kinesis::Client::new(config);
     for stream in streams {
-        match kinesis
-            .describe_stream_summary()
-            .stream_name(*stream)
-            .send()
-            .await
-        {
-            Ok(_) => {}
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
-            {
-                bail!(
-                    "Kinesis stream `{stream}` does not exist: create it with `tocsin aws init` and the same flags"
-                );
-            }
-            Err(e) => {
-                return Err(anyhow::anyhow!(
-                    "{}",
-                    aws_sdk_kinesis::error::DisplayErrorContext(e)
-                ))
-                .with_context(|| format!("cannot reach Kinesis stream `{stream}`"));
-            }
+        if !stream_exists(&kinesis, stream).await? {
+            bail!(
+                "Kinesis stream `{stream}` does not exist: create it with `tocsin aws init` and the same flags"
+            );
         }
     }
-    let dynamodb = aws_sdk_dynamodb::Client::new(config);
-    match dynamodb.describe_table().table_name(table).send().await {
-        Ok(_) => Ok(()),
+    if !table_exists(&aws_sdk_dynamodb::Client::new(config), table).await? {
+        bail!(
+            "DynamoDB table `{table}` does not exist: create it with `tocsin aws init` and the same flags"
+        );
+    }
+    Ok(())
+}
+
+async fn stream_exists(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> anyhow::Result<bool> {
+    match kinesis
+        .describe_stream_summary()
+        .stream_name(stream)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(true),
         Err(e)
             if e.as_service_error()
                 .is_some_and(|e| e.is_resource_not_found_exception()) =>
         {
-            bail!(
-                "DynamoDB table `{table}` does not exist: create it with `tocsin aws init` and the same flags"
-            )
+            Ok(false)
         }
-        Err(e) => Err(anyhow::anyhow!(
-            "{}",
-            aws_sdk_dynamodb::error::DisplayErrorContext(e)
-        ))
-        .with_context(|| format!("cannot reach DynamoDB table `{table}`")),
+        Err(e) => Err(anyhow::anyhow!(error_text(e)))
+            .with_context(|| format!("cannot describe Kinesis stream `{stream}`")),
+    }
+}
+
+async fn table_exists(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> anyhow::Result<bool> {
+    match dynamodb.describe_table().table_name(table).send().await {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(anyhow::anyhow!(error_text(e)))
+            .with_context(|| format!("cannot describe DynamoDB table `{table}`")),
     }
 }
 
@@ -159,24 +203,7 @@ async fn create_stream(
     stream: &str,
     shards: i32,
 ) -> anyhow::Result<bool> {
-    let exists = match kinesis
-        .describe_stream_summary()
-        .stream_name(stream)
-        .send()
-        .await
-    {
-        Ok(_) => true,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_resource_not_found_exception()) =>
-        {
-            false
-        }
-        Err(e) => {
-            return Err(anyhow::Error::new(e.into_service_error()))
-                .with_context(|| format!("cannot describe Kinesis stream `{stream}`"));
-        }
-    };
+    let exists = stream_exists(kinesis, stream).await?;
     if !exists {
         match kinesis
             .create_stream()
@@ -216,19 +243,7 @@ async fn create_stream(
 }
 
 async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> anyhow::Result<bool> {
-    let exists = match dynamodb.describe_table().table_name(table).send().await {
-        Ok(_) => true,
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_resource_not_found_exception()) =>
-        {
-            false
-        }
-        Err(e) => {
-            return Err(anyhow::Error::new(e.into_service_error()))
-                .with_context(|| format!("cannot describe DynamoDB table `{table}`"));
-        }
-    };
+    let exists = table_exists(dynamodb, table).await?;
     if !exists {
         let key = |name: &str, kind| {
             KeySchemaElement::builder()

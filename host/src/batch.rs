@@ -18,6 +18,22 @@ pub struct Bucket {
     pub members: Vec<usize>,
 }
 
+impl Bucket {
+    fn empty(key: String) -> Self {
+        Bucket {
+            key,
+            batch: EventBatch {
+                times: Vec::new(),
+                kinds: Vec::new(),
+                values: Vec::new(),
+                raw: Vec::new(),
+                text: Vec::new(),
+            },
+            members: Vec::new(),
+        }
+    }
+}
+
 /// An event the manifest's event-time field cannot be read from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("event #{index}: event-time field `{field}` {reason}")]
@@ -133,17 +149,7 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Bad
             Some(&slot) => slot,
             None => {
                 by_key.insert(key.clone(), buckets.len());
-                buckets.push(Bucket {
-                    key,
-                    batch: EventBatch {
-                        times: Vec::new(),
-                        kinds: Vec::new(),
-                        values: Vec::new(),
-                        raw: Vec::new(),
-                        text: Vec::new(),
-                    },
-                    members: Vec::new(),
-                });
+                buckets.push(Bucket::empty(key));
                 buckets.len() - 1
             }
         };
@@ -161,17 +167,7 @@ pub fn rebuild(
     bucket: &Bucket,
     mut keep: impl FnMut(usize) -> bool,
 ) -> Bucket {
-    let mut rebuilt = Bucket {
-        key: bucket.key.clone(),
-        batch: EventBatch {
-            times: Vec::new(),
-            kinds: Vec::new(),
-            values: Vec::new(),
-            raw: Vec::new(),
-            text: Vec::new(),
-        },
-        members: Vec::new(),
-    };
+    let mut rebuilt = Bucket::empty(bucket.key.clone());
     for (n, &index) in bucket.members.iter().enumerate() {
         if keep(index) {
             push_event(

@@ -5,7 +5,7 @@
 //! the processor spent its time.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -123,17 +123,15 @@ fn bodies(options: &Options) -> Vec<String> {
         .collect()
 }
 
-pub async fn run(options: Options) -> anyhow::Result<Report> {
-    let rules: BTreeMap<String, PathBuf> = tokio::task::spawn_blocking(seed::build_rules)
-        .await??
-        .into_iter()
-        .collect();
-    let data = tempfile::tempdir()?;
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: data.path().to_owned(),
-        max_instances: (options.tenants * seed::RULES.len() + 16) as u32,
-        rules: (0..options.tenants)
+/// A service on port 0 in `data_dir` where `tenants` tenants each run every
+/// one of `rules`.
+fn tenants_config(tenants: usize, rules: &BTreeMap<String, PathBuf>, data_dir: &Path) -> Config {
+    eprintln!("loading {tenants} tenants × {} rules…", rules.len());
+    Config {
+        listen: "127.0.0.1:0".parse().expect("a socket address"),
+        data_dir: data_dir.to_owned(),
+        max_instances: (tenants * seed::RULES.len() + 16) as u32,
+        rules: (0..tenants)
             .flat_map(|t| {
                 rules.values().map(move |path| RuleEntry {
                     tenant: format!("tenant-{t:04}"),
@@ -142,12 +140,16 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             })
             .collect(),
         ..Config::default()
-    };
-    eprintln!(
-        "loading {} tenants × {} rules…",
-        options.tenants,
-        rules.len()
-    );
+    }
+}
+
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    let rules: BTreeMap<String, PathBuf> = tokio::task::spawn_blocking(seed::build_rules)
+        .await??
+        .into_iter()
+        .collect();
+    let data = tempfile::tempdir()?;
+    let config = tenants_config(options.tenants, &rules, data.path());
     let server = Server::start(config, Arc::new(SystemClock)).await?;
     let url = format!("http://{}/v1/events", server.addr());
     let bodies = bodies(&options);
@@ -316,27 +318,11 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
 
     let data = tempfile::tempdir()?;
     let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: data.path().to_owned(),
-        max_instances: (options.tenants * seed::RULES.len() + 16) as u32,
         source: Source::Kinesis(events_stream),
         state: StateBackend::Dynamodb(table),
         alerts: AlertsBackend::Kinesis(alerts_stream),
-        rules: (0..options.tenants)
-            .flat_map(|t| {
-                rules.values().map(move |path| RuleEntry {
-                    tenant: format!("tenant-{t:04}"),
-                    path: path.clone(),
-                })
-            })
-            .collect(),
-        ..Config::default()
+        ..tenants_config(options.tenants, &rules, data.path())
     };
-    eprintln!(
-        "loading {} tenants × {} rules…",
-        options.tenants,
-        rules.len()
-    );
     let catalogue_ready = crate::serve::load_catalogue(&config).await?;
     drop(catalogue_ready); // compiled once, cached on disk for the host below
     let started = Instant::now();

@@ -34,7 +34,7 @@ use crate::catalogue::Catalogue;
 use crate::clock::Clock;
 use crate::config::{Config, Source, StateBackend};
 use crate::event::{Incoming, SeqNo};
-use crate::pipeline::{self, Prior};
+use crate::pipeline;
 use crate::runtime::StateChange;
 use crate::serve;
 use crate::sink::AlertSink;
@@ -347,11 +347,7 @@ impl Engine {
             .par_iter()
             .map(|(tenant, events)| {
                 pipeline::run_tenant(self.catalogue.as_ref(), tenant, events, now, |id| {
-                    let cached = self.store.cached(id).unwrap_or_default();
-                    Ok::<_, std::convert::Infallible>(Prior {
-                        state: cached.state,
-                        applied: cached.applied.get(shard).cloned(),
-                    })
+                    Ok::<_, std::convert::Infallible>(self.store.prior(id, shard))
                 })
                 .unwrap_or_else(|never| match never {})
             })

@@ -5,7 +5,6 @@
 
 use std::future::Future;
 
-use aws_sdk_kinesis::error::DisplayErrorContext;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
@@ -59,7 +58,7 @@ impl RecordWriter for SdkWriter {
             .set_records(Some(records))
             .send()
             .await
-            .map_err(|e| DisplayErrorContext(e).to_string())?;
+            .map_err(crate::aws::error_text)?;
         Ok(output
             .records()
             .iter()

@@ -4,9 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 
+use crate::aws::error_text as err;
 use crate::event::{Incoming, SeqNo};
 
 /// Kinesis allows 5 GetRecords calls per second per shard; this leaves room
@@ -20,10 +21,6 @@ const MAX_RECORDS: i32 = 10_000;
 pub struct Shard {
     pub id: String,
     pub parents: Vec<String>,
-}
-
-fn err(e: impl std::error::Error + Send + Sync + 'static) -> String {
-    DisplayErrorContext(e).to_string()
 }
 
 /// Every shard of `stream`, open and closed.

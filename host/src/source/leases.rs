@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::aws::{PK, SK, Table, Usage};
+use crate::aws::{PK, SK, Table, Usage, error_text as err, n, s};
 use crate::store::dynamo::SHARD_END;
 
 /// The partition key of a stream's leases.
@@ -43,18 +43,6 @@ pub struct Leases {
     stream: String,
 }
 
-fn s(text: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(text.into())
-}
-
-fn n(number: u64) -> AttributeValue {
-    AttributeValue::N(number.to_string())
-}
-
-fn err(e: impl std::error::Error + Send + Sync + 'static) -> String {
-    aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string()
-}
-
 impl Leases {
     pub fn new(table: Table, stream: &str) -> Self {
         Leases {
@@ -77,21 +65,9 @@ impl Leases {
     /// Every lease of the stream, strongly consistent.
     pub async fn list(&self) -> Result<Vec<Lease>, String> {
         Usage::count(&self.table.usage.lease_requests);
-        let mut pages = self
-            .table
-            .client
-            .query()
-            .table_name(&self.table.name)
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", PK)
-            .expression_attribute_values(":pk", s(lease_pk(&self.stream)))
-            .consistent_read(true)
-            .into_paginator()
-            .items()
-            .send();
+        let items = self.table.query_partition(&lease_pk(&self.stream)).await?;
         let mut leases = Vec::new();
-        while let Some(item) = pages.next().await {
-            let item = item.map_err(err)?;
+        for item in items {
             let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
             let number = |name: &str| {
                 item.get(name)
@@ -175,48 +151,53 @@ impl Leases {
 
     /// Prove this host is alive; `false` if the lease is no longer ours.
     pub async fn renew(&self, shard: &str, me: &str, epoch: u64) -> Result<bool, String> {
-        Usage::count(&self.table.usage.lease_requests);
-        let update = self
-            .table
-            .client
-            .update_item()
-            .table_name(&self.table.name)
-            .set_key(Some(self.key(shard)))
-            .update_expression("SET #counter = #counter + :one")
-            .condition_expression("#owner = :me AND #epoch = :epoch")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_names("#epoch", "epoch")
-            .expression_attribute_names("#counter", "counter")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":epoch", n(epoch))
-            .send()
-            .await;
-        conditional(update.map(|_| ())).map(|r| r.is_some())
+        self.fenced_update(shard, me, epoch, "SET #counter = #counter + :one", None)
+            .await
     }
 
     /// Give the lease up so another host takes it at once. Raises the epoch:
     /// nothing this host still has in flight can commit afterwards.
     pub async fn release(&self, shard: &str, me: &str, epoch: u64) -> Result<bool, String> {
+        self.fenced_update(
+            shard,
+            me,
+            epoch,
+            "REMOVE #owner SET #epoch = :new, #counter = #counter + :one",
+            Some(epoch + 1),
+        )
+        .await
+    }
+
+    /// Apply `update` (which may use `#owner`, `#epoch`, `#counter`, `:one`
+    /// and, given `new_epoch`, `:new`) if `me` holds the lease at `epoch`;
+    /// `false` if it does not.
+    async fn fenced_update(
+        &self,
+        shard: &str,
+        me: &str,
+        epoch: u64,
+        update: &str,
+        new_epoch: Option<u64>,
+    ) -> Result<bool, String> {
         Usage::count(&self.table.usage.lease_requests);
-        let update = self
+        let mut request = self
             .table
             .client
             .update_item()
             .table_name(&self.table.name)
             .set_key(Some(self.key(shard)))
-            .update_expression("REMOVE #owner SET #epoch = :new, #counter = #counter + :one")
+            .update_expression(update)
             .condition_expression("#owner = :me AND #epoch = :epoch")
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_names("#epoch", "epoch")
             .expression_attribute_names("#counter", "counter")
             .expression_attribute_values(":me", s(me))
             .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":epoch", n(epoch))
-            .expression_attribute_values(":new", n(epoch + 1))
-            .send()
-            .await;
-        conditional(update.map(|_| ())).map(|r| r.is_some())
+            .expression_attribute_values(":epoch", n(epoch));
+        if let Some(new) = new_epoch {
+            request = request.expression_attribute_values(":new", n(new));
+        }
+        conditional(request.send().await.map(|_| ())).map(|r| r.is_some())
     }
 }
 

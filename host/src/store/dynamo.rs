@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
@@ -28,8 +28,9 @@ use aws_sdk_dynamodb::types::{
 
 use super::BucketId;
 use crate::alert::AlertRecord;
-use crate::aws::{EXPIRES, PK, SK, Table, Usage};
+use crate::aws::{EXPIRES, PK, SK, Table, Usage, error_text as store_err, n, s};
 use crate::event::SeqNo;
+use crate::pipeline::Prior;
 use crate::runtime::{StateChange, TimerChange};
 
 /// DynamoDB's item limit is 400 KB; the rest of a bucket item is small.
@@ -162,22 +163,6 @@ pub fn outbox_pk(stream: &str, shard: &str) -> String {
     format!("outbox#{stream}#{shard}")
 }
 
-fn s(text: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(text.into())
-}
-
-fn n(number: impl ToString) -> AttributeValue {
-    AttributeValue::N(number.to_string())
-}
-
-fn store_err<E, R>(e: SdkError<E, R>) -> String
-where
-    E: std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    DisplayErrorContext(e).to_string()
-}
-
 /// Bucket state in DynamoDB, with this host's cache in front.
 pub struct DynamoStore {
     table: Table,
@@ -219,6 +204,19 @@ impl DynamoStore {
     /// Buckets in the cache.
     pub fn cached_len(&self) -> usize {
         self.cache.lock().expect("cache lock").len()
+    }
+
+    /// What a batch of `shard` runs `id` on: its cached state and the last
+    /// sequence number of `shard` it applied (nothing if not cached).
+    pub fn prior(&self, id: &BucketId, shard: &str) -> Prior<Arc<[u8]>> {
+        let cache = self.cache.lock().expect("cache lock");
+        match cache.get(id) {
+            Some(item) => Prior {
+                state: item.state.clone(),
+                applied: item.applied.get(shard).cloned(),
+            },
+            None => Prior::state(None),
+        }
     }
 
     /// The cached item of `id`, if known.
@@ -615,22 +613,9 @@ impl DynamoStore {
     ) -> Result<(Vec<AlertRecord>, Vec<OutboxKey>), String> {
         Usage::count(&self.table.usage.outbox_reads);
         let pk = outbox_pk(stream, shard);
-        let mut pages = self
-            .table
-            .client
-            .query()
-            .table_name(&self.table.name)
-            .key_condition_expression("#pk = :pk")
-            .expression_attribute_names("#pk", PK)
-            .expression_attribute_values(":pk", s(&pk))
-            .consistent_read(true)
-            .into_paginator()
-            .items()
-            .send();
         let mut alerts = Vec::new();
         let mut keys = Vec::new();
-        while let Some(item) = pages.next().await {
-            let item = item.map_err(store_err)?;
+        for item in self.table.query_partition(&pk).await? {
             let sk = item
                 .get(SK)
                 .and_then(|v| v.as_s().ok())
