@@ -75,21 +75,23 @@ impl<'a> Events<'a> {
         if !batch.raw.is_empty() && batch.raw.len() != batch.times.len() {
             return Err("event batch has raw JSON for some events only".to_owned());
         }
-        let spans = batch
-            .kinds
-            .iter()
-            .zip(&batch.values)
-            .filter(|(k, _)| matches!(**k, kind::TEXT | kind::JSON))
-            .map(|(_, bits)| *bits)
-            .chain(batch.raw.iter().copied());
-        for bits in spans {
+        let in_text = |bits: u64| {
             let (start, end) = span(bits);
-            if !(text.is_char_boundary(start) && text.is_char_boundary(end) && start <= end) {
-                return Err(format!("event batch span {start}..{end} is out of bounds"));
+            if start <= end && text.is_char_boundary(start) && text.is_char_boundary(end) {
+                Ok(())
+            } else {
+                Err(format!("event batch span {start}..{end} is out of bounds"))
+            }
+        };
+        for (&kind, &bits) in batch.kinds.iter().zip(&batch.values) {
+            match kind {
+                kind::TEXT | kind::JSON => in_text(bits)?,
+                kind::ABSENT..kind::TEXT => {}
+                unknown => return Err(format!("event batch has unknown value kind {unknown}")),
             }
         }
-        if let Some(unknown) = batch.kinds.iter().find(|k| **k > kind::JSON) {
-            return Err(format!("event batch has unknown value kind {unknown}"));
+        for &bits in &batch.raw {
+            in_text(bits)?;
         }
         Ok(Events {
             batch,
@@ -98,20 +100,24 @@ impl<'a> Events<'a> {
         })
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.batch.times.len()
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.batch.times.is_empty()
     }
 
+    #[inline]
     pub fn iter(&self) -> impl ExactSizeIterator<Item = Event<'a>> + 'a {
         let events = *self;
         (0..self.len()).map(move |index| Event { index, events })
     }
 
     /// The event at `index`, if there is one.
+    #[inline]
     pub fn get(&self, index: usize) -> Option<Event<'a>> {
         (index < self.len()).then_some(Event {
             index,
@@ -119,14 +125,22 @@ impl<'a> Events<'a> {
         })
     }
 
+    #[inline]
     fn text(self, bits: u64) -> &'a str {
         let (start, end) = span(bits);
-        // Checked in `new`: within the text and on character boundaries.
-        &self.text[start..end]
+        debug_assert!(self.text.is_char_boundary(start) && self.text.is_char_boundary(end));
+        // SAFETY: `new` checked every span of the batch: in bounds, ordered,
+        // on character boundaries.
+        unsafe { self.text.get_unchecked(start..end) }
     }
 
+    #[inline]
     fn column(&self, name: &str) -> usize {
-        match self.fields.iter().position(|f| f == name) {
+        match self
+            .fields
+            .iter()
+            .position(|f| same(f.as_bytes(), name.as_bytes()))
+        {
             Some(column) => column,
             None => panic!(
                 "field `{name}` is read but not declared: add it to the manifest's `fields` ({:?})",
@@ -136,14 +150,42 @@ impl<'a> Events<'a> {
     }
 }
 
+/// `N` bytes of `s` from `at`, as one value to compare.
+#[inline(always)]
+fn word<const N: usize>(s: &[u8], at: usize) -> [u8; N] {
+    s[at..at + N].try_into().expect("N bytes")
+}
+
+/// Byte equality, inline for names of up to 16 bytes: reading a field by name
+/// is the commonest thing a rule does, and a call to `bcmp` per field per
+/// event costs more than the comparison under fuel metering.
+#[inline(always)]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        // First, middle and last byte cover every byte of 1 to 3.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        // Two overlapping words cover every byte.
+        4..=7 => word::<4>(a, 0) == word(b, 0) && word::<4>(a, n - 4) == word(b, n - 4),
+        8..=16 => word::<8>(a, 0) == word(b, 0) && word::<8>(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
+}
+
 impl<'a> Event<'a> {
     /// Position of the event in this batch (what [`Error::bad_event`] reports).
+    #[inline]
     pub fn index(&self) -> usize {
         self.index
     }
 
     /// Event time in milliseconds since the Unix epoch: the manifest's
     /// `event_time` field, or the time the host accepted the event.
+    #[inline]
     pub fn time(&self) -> i64 {
         self.events.batch.times[self.index]
     }
@@ -152,11 +194,12 @@ impl<'a> Event<'a> {
     ///
     /// # Panics
     /// If `name` is not declared: that is a bug in the rule, not in the event.
+    #[inline]
     pub fn get(&self, name: &str) -> Field<'a> {
         let events = self.events;
         let entry = self.index * events.fields.len() + events.column(name);
-        let bits = events.batch.values[entry];
-        match events.batch.kinds[entry] {
+        let (bits, kind) = (events.batch.values[entry], events.batch.kinds[entry]);
+        match kind {
             kind::ABSENT => Field::Absent,
             kind::NULL => Field::Null,
             kind::BOOLEAN => Field::Bool(bits != 0),
@@ -170,6 +213,7 @@ impl<'a> Event<'a> {
     }
 
     /// The field as a string, if it is one.
+    #[inline]
     pub fn str(&self, name: &str) -> Option<&'a str> {
         match self.get(name) {
             Field::Str(s) => Some(s),
@@ -178,6 +222,7 @@ impl<'a> Event<'a> {
     }
 
     /// The field as a number (integers convert), if it is one.
+    #[inline]
     pub fn f64(&self, name: &str) -> Option<f64> {
         match self.get(name) {
             Field::Float(f) => Some(f),
@@ -187,6 +232,7 @@ impl<'a> Event<'a> {
     }
 
     /// The field as an integer, if it is one.
+    #[inline]
     pub fn i64(&self, name: &str) -> Option<i64> {
         match self.get(name) {
             Field::Int(i) => Some(i),
@@ -195,6 +241,7 @@ impl<'a> Event<'a> {
     }
 
     /// The field as a boolean, if it is one.
+    #[inline]
     pub fn bool(&self, name: &str) -> Option<bool> {
         match self.get(name) {
             Field::Bool(b) => Some(b),
@@ -203,20 +250,65 @@ impl<'a> Event<'a> {
     }
 
     /// The field as a string, or a bad-event error naming it.
+    #[inline]
     pub fn require_str(&self, name: &str) -> Result<&'a str, Error> {
         self.str(name)
             .ok_or_else(|| Error::bad_event(self, format!("`{name}` must be a string")))
     }
 
     /// The field as a number, or a bad-event error naming it.
+    #[inline]
     pub fn require_f64(&self, name: &str) -> Result<f64, Error> {
         self.f64(name)
             .ok_or_else(|| Error::bad_event(self, format!("`{name}` must be a number")))
     }
 
     /// The event's JSON text, if the manifest asked for `raw_json`.
+    #[inline]
     pub fn raw_json(&self) -> Option<&'a str> {
         let raw = self.events.batch.raw.get(self.index)?;
         Some(self.events.text(*raw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_compares_every_byte_of_every_length() {
+        let text = "abcdefghijklmnopqrstuvwxyz0123456789";
+        for n in 0..=text.len() {
+            let a = &text.as_bytes()[..n];
+            assert!(same(a, a), "length {n}");
+            for i in 0..n {
+                let mut b = a.to_vec();
+                b[i] ^= 0x20;
+                assert!(!same(a, &b), "length {n}, byte {i} differs");
+            }
+            assert!(!same(a, &text.as_bytes()[..n.saturating_sub(1)]) || n == 0);
+        }
+    }
+
+    #[test]
+    fn new_rejects_spans_off_character_boundaries_and_unknown_kinds() {
+        let fields = ["name".to_owned()];
+        let batch = abi::EventBatch {
+            times: vec![0],
+            kinds: vec![kind::TEXT],
+            values: vec![1],
+            raw: vec![],
+            text: "é".as_bytes().to_vec(),
+        };
+        let err = Events::new(&batch, &fields).err().unwrap();
+        assert_eq!(err, "event batch span 0..1 is out of bounds");
+
+        let batch = abi::EventBatch {
+            kinds: vec![7],
+            values: vec![0],
+            ..batch
+        };
+        let err = Events::new(&batch, &fields).err().unwrap();
+        assert_eq!(err, "event batch has unknown value kind 7");
     }
 }

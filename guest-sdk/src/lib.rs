@@ -2,10 +2,16 @@
 
 #[doc(hidden)]
 pub mod abi;
+#[cfg(all(
+    feature = "allocator",
+    target_arch = "wasm32",
+    not(target_feature = "atomics")
+))]
+mod alloc;
 mod context;
 mod event;
 mod manifest;
-#[cfg(target_arch = "wasm32")]
+#[cfg(any(target_arch = "wasm32", test))]
 mod mem;
 mod state;
 pub mod testing;
@@ -23,7 +29,7 @@ use serde::{Serialize, de::DeserializeOwned};
     not(target_feature = "atomics")
 ))]
 #[global_allocator]
-static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+static ALLOCATOR: alloc::RuleAllocator = alloc::RuleAllocator::new();
 
 /// An alert rule: a plain type, its state, and what it does with events.
 ///

@@ -9,40 +9,93 @@ use core::ffi::c_int;
 
 /// # Safety
 /// `a` and `b` must be valid for reads of `n` bytes.
+#[cfg(target_arch = "wasm32")]
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> c_int {
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n, and the caller guarantees n readable bytes.
-        let (x, y) = unsafe {
-            (
-                a.add(i).cast::<u64>().read_unaligned(),
-                b.add(i).cast::<u64>().read_unaligned(),
-            )
-        };
-        if x != y {
-            // Little-endian: the lowest differing byte comes first in memory.
-            let shift = (x ^ y).trailing_zeros() & !7;
-            let (p, q) = ((x >> shift) as u8, (y >> shift) as u8);
-            return c_int::from(p) - c_int::from(q);
+    // SAFETY: forwarded from the caller.
+    unsafe { compare(a, b, n) }
+}
+
+/// # Safety
+/// `a` and `b` must be valid for reads of `n` bytes.
+#[inline(always)]
+unsafe fn compare(a: *const u8, b: *const u8, n: usize) -> c_int {
+    // SAFETY (all reads below): every offset read plus its width is at most
+    // n, and the caller guarantees n readable bytes.
+    let word = |p: *const u8, at: usize| unsafe { p.add(at).cast::<u64>().read_unaligned() };
+    let half = |p: *const u8, at: usize| unsafe { p.add(at).cast::<u32>().read_unaligned() };
+    if n >= 8 {
+        let mut i = 0;
+        while i + 8 <= n {
+            let (x, y) = (word(a, i), word(b, i));
+            if x != y {
+                return first_difference(x, y);
+            }
+            i += 8;
         }
-        i += 8;
+        if i < n {
+            // The last eight bytes, overlapping ones already found equal.
+            let (x, y) = (word(a, n - 8), word(b, n - 8));
+            if x != y {
+                return first_difference(x, y);
+            }
+        }
+        return 0;
     }
-    while i < n {
+    if n >= 4 {
+        for at in [0, n - 4] {
+            let (x, y) = (half(a, at), half(b, at));
+            if x != y {
+                return first_difference(u64::from(x), u64::from(y));
+            }
+        }
+        return 0;
+    }
+    for i in 0..n {
         // SAFETY: i < n.
         let (p, q) = unsafe { (*a.add(i), *b.add(i)) };
         if p != q {
             return c_int::from(p) - c_int::from(q);
         }
-        i += 1;
     }
     0
 }
 
+/// The order of two unequal little-endian words read from memory: that of
+/// their first differing byte.
+fn first_difference(x: u64, y: u64) -> c_int {
+    let shift = (x ^ y).trailing_zeros() & !7;
+    let (p, q) = ((x >> shift) as u8, (y >> shift) as u8);
+    c_int::from(p) - c_int::from(q)
+}
+
 /// # Safety
 /// `a` and `b` must be valid for reads of `n` bytes.
+#[cfg(target_arch = "wasm32")]
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> c_int {
     // SAFETY: forwarded from the caller.
-    unsafe { memcmp(a, b, n) }
+    unsafe { compare(a, b, n) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn orders_like_slices_for_every_length_and_difference() {
+        let base: Vec<u8> = (0..40u8).map(|i| i.wrapping_mul(37)).collect();
+        for n in 0..=base.len() {
+            let a = &base[..n];
+            // SAFETY: both slices hold n bytes.
+            assert_eq!(unsafe { super::compare(a.as_ptr(), a.as_ptr(), n) }, 0);
+            for i in 0..n {
+                for delta in [1u8, 0x80, 0xff] {
+                    let mut b = a.to_vec();
+                    b[i] = b[i].wrapping_add(delta);
+                    // SAFETY: both slices hold n bytes.
+                    let got = unsafe { super::compare(a.as_ptr(), b.as_ptr(), n) };
+                    assert_eq!(got.signum(), a.cmp(&b) as i32, "length {n}, byte {i}");
+                }
+            }
+        }
+    }
 }

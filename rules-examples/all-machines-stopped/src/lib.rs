@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
 
 pub struct AllMachinesStopped;
 
@@ -58,18 +58,16 @@ impl Rule for AllMachinesStopped {
                 let alert =
                     Alert::firing(ALERT_KEY, format!("all {count} machine{plural} stopped"))
                         .severity(Severity::Critical)
-                        .detail(
-                            json!({ "machines": machines, "last": machine, "at": event.time() }),
-                        );
+                        .field("machines", machines)
+                        .field("last", machine)
+                        .field("at", event.time());
                 ctx.emit(alert);
             } else if !all_stopped && state.all_stopped {
                 let alert = Alert::resolved(ALERT_KEY, format!("{machine} is {machine_state}"))
                     .severity(Severity::Critical)
-                    .detail(json!({
-                        "machineId": machine,
-                        "state": machine_state,
-                        "at": event.time(),
-                    }));
+                    .field("machineId", machine)
+                    .field("state", machine_state)
+                    .field("at", event.time());
                 ctx.emit(alert);
             }
             state.all_stopped = all_stopped;
@@ -83,6 +81,7 @@ tocsin_rule::export!(AllMachinesStopped);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tocsin_rule::json;
     use tocsin_rule::testing::Harness;
 
     const TENANT: &str = "";

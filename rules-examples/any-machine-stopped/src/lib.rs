@@ -3,7 +3,7 @@
 //! resolves the alert. One bucket per machine.
 
 use serde::{Deserialize, Serialize};
-use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
 
 pub struct AnyMachineStopped;
 
@@ -31,14 +31,16 @@ impl Rule for AnyMachineStopped {
             if stopped && !state.stopped {
                 let alert = Alert::firing(ALERT_KEY, format!("machine {} stopped", ctx.bucket()))
                     .severity(Severity::Critical)
-                    .detail(json!({ "machineId": ctx.bucket(), "at": event.time() }));
+                    .field("machineId", ctx.bucket())
+                    .field("at", event.time());
                 ctx.emit(alert);
             } else if !stopped && state.stopped {
                 let alert = Alert::resolved(
                     ALERT_KEY,
                     format!("machine {} is {machine_state}", ctx.bucket()),
                 )
-                .detail(json!({ "machineId": ctx.bucket(), "state": machine_state }));
+                .field("machineId", ctx.bucket())
+                .field("state", machine_state);
                 ctx.emit(alert);
             }
             state.stopped = stopped;
@@ -52,6 +54,7 @@ tocsin_rule::export!(AnyMachineStopped);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tocsin_rule::json;
     use tocsin_rule::testing::Harness;
 
     fn status(state: &str) -> serde_json::Value {

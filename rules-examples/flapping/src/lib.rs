@@ -9,7 +9,7 @@
 //! 10 minutes.
 
 use serde::{Deserialize, Serialize};
-use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
 
 pub struct Flapping;
 
@@ -44,12 +44,10 @@ impl State {
         let machine = ctx.bucket();
         let alert = Alert::resolved(self.key(), format!("{machine} is no longer flapping"))
             .severity(Severity::Warning)
-            .detail(json!({
-                "machineId": machine,
-                "episode": self.episode,
-                "last_change": self.last_change,
-                "at": ended_at,
-            }));
+            .field("machineId", machine)
+            .field("episode", self.episode)
+            .field("last_change", self.last_change)
+            .field("at", ended_at);
         ctx.emit(alert);
         self.active = false;
         self.changes.retain(|&t| t >= ended_at - WINDOW_MS);
@@ -107,12 +105,10 @@ impl Rule for Flapping {
                     ),
                 )
                 .severity(Severity::Warning)
-                .detail(json!({
-                    "machineId": machine,
-                    "episode": state.episode,
-                    "changes": state.changes,
-                    "state": machine_state,
-                }));
+                .field("machineId", &machine)
+                .field("episode", state.episode)
+                .field("changes", &state.changes)
+                .field("state", machine_state);
                 ctx.emit(alert);
             }
             if state.active {
@@ -142,6 +138,7 @@ tocsin_rule::export!(Flapping);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tocsin_rule::json;
     use tocsin_rule::testing::{Harness, abi};
 
     const MACHINE: &str = "machine-03";

@@ -5,7 +5,7 @@
 //! bucket (`change-1`, `change-2`, ...). Price moves are not resolved.
 
 use serde::{Deserialize, Serialize};
-use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
 
 pub struct PriceChange;
 
@@ -49,12 +49,10 @@ impl Rule for PriceChange {
                         format!("{ticker} {change_pct:+.2}% to {price:.2}"),
                     )
                     .severity(Severity::Warning)
-                    .detail(json!({
-                        "previous": previous,
-                        "price": price,
-                        "change_pct": change_pct,
-                        "at": event.time(),
-                    }));
+                    .field("previous", previous)
+                    .field("price", price)
+                    .field("change_pct", change_pct)
+                    .field("at", event.time());
                     ctx.emit(alert);
                 }
             }
@@ -69,6 +67,7 @@ tocsin_rule::export!(PriceChange);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tocsin_rule::json;
     use tocsin_rule::testing::{Harness, abi};
 
     fn quote(ticker: &str, price: f64, time: &str) -> serde_json::Value {

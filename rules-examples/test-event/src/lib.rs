@@ -5,7 +5,7 @@
 //! never resolved.
 
 use serde::{Deserialize, Serialize};
-use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
 
 pub struct TestEvent;
 
@@ -30,7 +30,8 @@ impl Rule for TestEvent {
             let n = state.received;
             let alert = Alert::firing(format!("test-event-{n}"), TITLE)
                 .severity(Severity::Info)
-                .detail(json!({ "n": n, "at": event.time() }));
+                .field("n", n)
+                .field("at", event.time());
             ctx.emit(alert);
         }
         Ok(())
@@ -42,6 +43,7 @@ tocsin_rule::export!(TestEvent);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tocsin_rule::json;
     use tocsin_rule::testing::{Harness, abi};
 
     const TENANT: &str = "";
