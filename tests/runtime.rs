@@ -209,13 +209,6 @@ fn hostile_rules_are_stopped_with_typed_errors_and_healthy_rules_go_on() {
             },
         ),
         (
-            "alerts",
-            Cause::OutputTooLarge {
-                what: Output::Alerts,
-                limit: limits.max_alerts as usize,
-            },
-        ),
-        (
             "log",
             Cause::OutputTooLarge {
                 what: Output::LogBytes,
@@ -241,16 +234,23 @@ fn hostile_rules_are_stopped_with_typed_errors_and_healthy_rules_go_on() {
         assert_eq!(after, vec![("ok-0".into(), 1.into())], "after `{name}`");
     }
 
-    // Oversized state is refused after a clean return: no trap, the
-    // instance stays (this is its second call since the last trap).
-    let state = Cause::OutputTooLarge {
-        what: Output::StateBytes,
-        limit: limits.max_state_bytes,
-    };
-    assert_eq!(cause(attack(&hostile, &["state"])), state);
+    // Too much output is refused after a clean return: no trap, the
+    // instance stays (the next call is its fifth since the last trap).
+    let too_much = [
+        ("state", Output::StateBytes, limits.max_state_bytes),
+        ("alerts", Output::Alerts, limits.max_alerts as usize),
+        ("alert-bytes", Output::AlertBytes, limits.max_alert_bytes),
+    ];
+    for (name, what, limit) in too_much {
+        assert_eq!(
+            cause(attack(&hostile, &[name])),
+            Cause::OutputTooLarge { what, limit },
+            "attack `{name}`"
+        );
+    }
     assert_eq!(
         attack(&hostile, &["none"]).unwrap(),
-        vec![("ok-0".into(), 3.into())]
+        vec![("ok-0".into(), 5.into())]
     );
 
     match cause(attack(&hostile, &["panic"])) {

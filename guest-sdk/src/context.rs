@@ -123,27 +123,49 @@ impl Alert {
         }
     }
 
-    #[cfg(target_arch = "wasm32")]
-    fn into_abi(self) -> abi::Alert {
-        abi::Alert {
-            key: self.key,
-            status: if self.firing {
-                abi::AlertStatus::Firing
-            } else {
-                abi::AlertStatus::Resolved
-            },
-            severity: match self.severity {
-                Severity::Info => abi::Severity::Info,
-                Severity::Warning => abi::Severity::Warning,
-                Severity::Critical => abi::Severity::Critical,
-            },
-            detail: match String::from_utf8(self.detail) {
-                Ok(json) if !json.is_empty() => json,
-                _ => "{}".to_owned(),
-            },
-            title: self.title,
+    /// Append to the call's alert columns.
+    fn append_to(self, batch: &mut abi::AlertBatch) {
+        batch.status.push(if self.firing {
+            abi::AlertStatus::Firing
+        } else {
+            abi::AlertStatus::Resolved
+        });
+        batch.severity.push(match self.severity {
+            Severity::Info => abi::Severity::Info,
+            Severity::Warning => abi::Severity::Warning,
+            Severity::Critical => abi::Severity::Critical,
+        });
+        for part in [&self.key, &self.title, self.detail_json()] {
+            batch.spans.push(push_text(&mut batch.text, part));
         }
     }
+
+    /// The `index`-th alert of a call's columns (the native harness's view).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn from_batch(batch: &abi::AlertBatch, index: usize) -> Alert {
+        let text = |n: usize| {
+            let (start, end) = crate::event::span(batch.spans[3 * index + n]);
+            batch.text[start..end].to_owned()
+        };
+        Alert {
+            key: text(0),
+            firing: batch.status[index] == abi::AlertStatus::Firing,
+            severity: match batch.severity[index] {
+                abi::Severity::Info => Severity::Info,
+                abi::Severity::Warning => Severity::Warning,
+                abi::Severity::Critical => Severity::Critical,
+            },
+            title: text(1),
+            detail: text(2).into_bytes(),
+        }
+    }
+}
+
+/// Append `s` to `text`, returning its span.
+fn push_text(text: &mut String, s: &str) -> u64 {
+    let span = ((text.len() as u64) << 32) | s.len() as u64;
+    text.push_str(s);
+    span
 }
 
 /// Everything a rule reports that is not state: the host-facing side of one
@@ -153,8 +175,7 @@ pub struct Context<'a> {
     now: i64,
     timer: abi::TimerChange,
     delete: bool,
-    #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) alerts: Vec<Alert>,
+    pub(crate) alerts: abi::AlertBatch,
 }
 
 impl<'a> Context<'a> {
@@ -164,8 +185,12 @@ impl<'a> Context<'a> {
             now,
             timer: abi::TimerChange::Keep,
             delete: false,
-            #[cfg(not(target_arch = "wasm32"))]
-            alerts: Vec::new(),
+            alerts: abi::AlertBatch {
+                status: Vec::new(),
+                severity: Vec::new(),
+                spans: Vec::new(),
+                text: String::new(),
+            },
         }
     }
 
@@ -179,12 +204,10 @@ impl<'a> Context<'a> {
         self.now
     }
 
-    /// Raise or resolve an alert. The host bounds how many and how large.
+    /// Raise or resolve an alert. The host receives the call's alerts, in
+    /// order, when it returns, and bounds how many and how large.
     pub fn emit(&mut self, alert: Alert) {
-        #[cfg(target_arch = "wasm32")]
-        crate::bindings::tocsin::rule::host::emit_alert(&alert.into_abi());
-        #[cfg(not(target_arch = "wasm32"))]
-        self.alerts.push(alert);
+        alert.append_to(&mut self.alerts);
     }
 
     /// Have `on_timer` called for this bucket at `at` (epoch milliseconds),

@@ -140,7 +140,6 @@ macro_rules! export {
                         &events,
                         now,
                     )
-                    .map(|(outcome, _)| outcome)
                 }
 
                 fn on_timer(
@@ -153,7 +152,6 @@ macro_rules! export {
                 > {
                     $crate::__private::install_panic_hook();
                     $crate::__private::on_timer::<$rule>(prepared(), &bucket, state.as_deref(), now)
-                        .map(|(outcome, _)| outcome)
                 }
             }
 
@@ -181,13 +179,6 @@ pub mod __private {
     pub use crate::abi;
     use crate::{Context, Events, Rule, state};
 
-    /// Alerts the call emitted: collected natively, already handed to the
-    /// host inside a component.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub type Emitted = Vec<crate::Alert>;
-    #[cfg(target_arch = "wasm32")]
-    pub type Emitted = ();
-
     /// What the glue computes once per rule type: the declared fields and
     /// the encoding of the default state.
     pub struct Prepared {
@@ -211,7 +202,7 @@ pub mod __private {
         stored: Option<&[u8]>,
         batch: &abi::EventBatch,
         now: i64,
-    ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
+    ) -> Result<abi::Outcome, abi::RuleError> {
         let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
         let events = Events::new(batch, &prepared.fields).map_err(abi::RuleError::Failed)?;
@@ -224,7 +215,7 @@ pub mod __private {
         bucket: &str,
         stored: Option<&[u8]>,
         now: i64,
-    ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
+    ) -> Result<abi::Outcome, abi::RuleError> {
         let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
         R::on_timer(&mut state, &mut ctx).map_err(|e| e.into_abi())?;
@@ -236,7 +227,7 @@ pub mod __private {
         state: &S,
         stored: Option<&[u8]>,
         ctx: Context<'_>,
-    ) -> Result<(abi::Outcome, Emitted), abi::RuleError> {
+    ) -> Result<abi::Outcome, abi::RuleError> {
         let change = if ctx.deletes() {
             deletion(stored)
         } else {
@@ -249,14 +240,11 @@ pub mod __private {
                 abi::StateChange::Set(bytes)
             }
         };
-        let outcome = abi::Outcome {
+        Ok(abi::Outcome {
             state: change,
             timer: ctx.timer(),
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        return Ok((outcome, ctx.alerts));
-        #[cfg(target_arch = "wasm32")]
-        Ok((outcome, ()))
+            alerts: ctx.alerts,
+        })
     }
 
     fn deletion(stored: Option<&[u8]>) -> abi::StateChange {

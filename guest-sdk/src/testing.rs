@@ -94,11 +94,9 @@ impl<R: Rule> Harness<R> {
     pub fn evaluate(&mut self, bucket: &str, events: &[Json]) -> Result<Vec<Alert>, CallError> {
         let batch = batch_from_json(&self.manifest, events, self.now).map_err(CallError)?;
         let stored = self.states.get(bucket).map(Vec::as_slice);
-        let (outcome, alerts) =
-            __private::evaluate::<R>(&self.prepared, bucket, stored, &batch, self.now)
-                .map_err(CallError)?;
-        self.apply(bucket, outcome);
-        Ok(alerts)
+        let outcome = __private::evaluate::<R>(&self.prepared, bucket, stored, &batch, self.now)
+            .map_err(CallError)?;
+        Ok(self.apply(bucket, outcome))
     }
 
     /// One `on-timer` call for `bucket` at `now`.
@@ -106,10 +104,9 @@ impl<R: Rule> Harness<R> {
         self.now = now;
         self.timers.remove(bucket);
         let stored = self.states.get(bucket).map(Vec::as_slice);
-        let (outcome, alerts) =
+        let outcome =
             __private::on_timer::<R>(&self.prepared, bucket, stored, now).map_err(CallError)?;
-        self.apply(bucket, outcome);
-        Ok(alerts)
+        Ok(self.apply(bucket, outcome))
     }
 
     /// The bucket's stored state, decoded; `None` if nothing is stored.
@@ -123,7 +120,8 @@ impl<R: Rule> Harness<R> {
         self.timers.get(bucket).copied()
     }
 
-    fn apply(&mut self, bucket: &str, outcome: abi::Outcome) {
+    /// Keep the call's state and timer as the host would; its alerts.
+    fn apply(&mut self, bucket: &str, outcome: abi::Outcome) -> Vec<Alert> {
         match outcome.state {
             abi::StateChange::Unchanged => {}
             abi::StateChange::Set(bytes) => {
@@ -142,6 +140,9 @@ impl<R: Rule> Harness<R> {
                 self.timers.remove(bucket);
             }
         }
+        (0..outcome.alerts.status.len())
+            .map(|index| Alert::from_batch(&outcome.alerts, index))
+            .collect()
     }
 }
 

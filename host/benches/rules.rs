@@ -86,9 +86,9 @@ fn native_batch<R: Rule>(
     let mut alerts = 0;
     for (key, batch) in buckets {
         let state = states.get(key).map(Vec::as_slice);
-        let (outcome, emitted) =
+        let outcome =
             tocsin_rule::__private::evaluate::<R>(prepared, key, state, batch, NOW).unwrap();
-        alerts += emitted.len();
+        alerts += outcome.alerts.status.len();
         match outcome.state {
             abi::StateChange::Unchanged => {}
             abi::StateChange::Set(bytes) => {

@@ -84,7 +84,7 @@ impl AlertRecord {
     pub fn new(
         origin: Origin<'_>,
         rule_version: &str,
-        alert: runtime::Alert,
+        alert: runtime::Alert<'_>,
         seq: usize,
         at: i64,
     ) -> Self {
@@ -92,22 +92,22 @@ impl AlertRecord {
             AlertStatus::Firing => Status::Firing,
             AlertStatus::Resolved => Status::Resolved,
         };
-        let detail =
-            serde_json::from_str(&alert.detail).unwrap_or(serde_json::Value::String(alert.detail));
+        let detail = serde_json::from_str(alert.detail)
+            .unwrap_or_else(|_| serde_json::Value::String(alert.detail.to_owned()));
         AlertRecord {
-            id: alert_id(origin, &alert.key, status, seq),
+            id: alert_id(origin, alert.key, status, seq),
             tenant: origin.tenant.to_owned(),
             rule: origin.rule.to_owned(),
             rule_version: rule_version.to_owned(),
             bucket: origin.bucket.to_owned(),
-            key: alert.key,
+            key: alert.key.to_owned(),
             status,
             severity: match alert.severity {
                 runtime::Severity::Info => Severity::Info,
                 runtime::Severity::Warning => Severity::Warning,
                 runtime::Severity::Critical => Severity::Critical,
             },
-            title: alert.title,
+            title: alert.title.to_owned(),
             detail,
             at,
             seq: None,

@@ -135,7 +135,7 @@ pub fn run_rule_after<S: AsRef<[u8]>, E>(
                 };
                 let alerts = output
                     .alerts
-                    .into_iter()
+                    .iter()
                     .enumerate()
                     .map(|(seq, alert)| {
                         AlertRecord::new(origin, &manifest.version, alert, seq, now)

@@ -4,8 +4,7 @@ wasmtime::component::bindgen!({
     path: "../wit",
     world: "rule",
     imports: {
-        // Emitting past the output bounds traps the guest.
-        "tocsin:rule/host.emit-alert": trappable,
+        // Logging past the log bound traps the guest.
         "tocsin:rule/host.log": trappable,
     },
 });

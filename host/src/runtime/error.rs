@@ -51,6 +51,10 @@ pub enum Cause {
     BadState(String),
     #[error("failed: {0}")]
     Failed(String),
+    /// The rule's output breaks the contract (only a component not built
+    /// with the SDK can do this).
+    #[error("returned malformed output: {0}")]
+    BadOutput(String),
 }
 
 /// Which output bound a call exceeded.
@@ -75,11 +79,11 @@ impl std::fmt::Display for Output {
 
 impl Cause {
     /// Whether the sandbox stopped the call midway: the instance is then
-    /// discarded and never entered again. (Oversized state is refused after
-    /// the guest returned, so it is not a trap.)
+    /// discarded and never entered again. (Oversized state and alerts are
+    /// refused after the guest returned, so they are not traps.)
     pub fn is_trap(&self) -> bool {
         match self {
-            Cause::OutputTooLarge { what, .. } => *what != Output::StateBytes,
+            Cause::OutputTooLarge { what, .. } => *what == Output::LogBytes,
             Cause::OutOfFuel { .. }
             | Cause::OutOfMemory { .. }
             | Cause::StackOverflow { .. }

@@ -7,6 +7,7 @@
 //! it turns (bucket, state, typed events) into (state change, alerts) under
 //! [`Limits`], or into a [`RuleError`].
 
+mod alerts;
 mod bindings;
 mod cache;
 mod error;
@@ -20,8 +21,9 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
+pub use alerts::{Alert, Alerts};
 pub use bindings::{
-    Alert, AlertStatus, Condition, EventBatch, EventTime, Manifest, Outcome, Scalar, Severity,
+    AlertBatch, AlertStatus, Condition, EventBatch, EventTime, Manifest, Outcome, Scalar, Severity,
     StateChange, Test, TimerChange, ValueKind,
 };
 pub use error::{Cause, Output, RuleError};
@@ -265,7 +267,7 @@ pub struct CallOutput {
     pub state: StateChange,
     pub timer: TimerChange,
     /// In the order the rule emitted them.
-    pub alerts: Vec<Alert>,
+    pub alerts: Alerts,
     pub fuel: u64,
     pub log: Vec<LogLine>,
 }
@@ -339,16 +341,15 @@ impl LoadedRule {
         ) -> wasmtime::Result<Result<Outcome, bindings::RuleError>>,
     ) -> Result<CallOutput, RuleError> {
         let mut fuel = 0;
-        let mut alerts = Vec::new();
         let mut log = Vec::new();
         let result = self.call_with(|rule, store| {
             let result = f(rule, store)?;
             fuel = self.limits.fuel_per_call - store.get_fuel().unwrap_or(0);
-            alerts = std::mem::take(&mut store.data_mut().alerts);
             log = store.data_mut().take_log();
             Ok(result)
         })?;
         let outcome = result.map_err(|e| self.error(rule_error_cause(e)))?;
+        let alerts = Alerts::check(outcome.alerts, &self.limits).map_err(|e| self.error(e))?;
         if let StateChange::Set(bytes) = &outcome.state
             && bytes.len() > self.limits.max_state_bytes
         {

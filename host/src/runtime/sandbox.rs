@@ -1,6 +1,6 @@
 //! What one rule instance's store holds: deny-by-default WASI, the bounded
-//! rule log (which stdout and stderr also feed), the alerts of the current
-//! call, and the memory limiter. Host imports live here.
+//! rule log (which stdout and stderr also feed), and the memory limiter.
+//! Host imports live here.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +12,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::Limits;
-use super::bindings::{self, Alert, Level};
+use super::bindings::{self, Level};
 use super::error::{Cause, Output, Stop};
 
 /// One line of a rule's log.
@@ -73,8 +73,6 @@ pub(crate) struct Sandbox {
     wasi: WasiCtx,
     table: ResourceTable,
     log: Arc<Mutex<RuleLog>>,
-    pub(crate) alerts: Vec<Alert>,
-    alert_bytes: usize,
     limits: Limits,
 }
 
@@ -97,16 +95,12 @@ impl Sandbox {
             wasi,
             table: ResourceTable::new(),
             log,
-            alerts: Vec::new(),
-            alert_bytes: 0,
             limits: limits.clone(),
         }
     }
 
     /// Forget the previous call's output.
     pub(crate) fn begin_call(&mut self) {
-        self.alerts.clear();
-        self.alert_bytes = 0;
         let mut log = self.log.lock().expect("rule log lock");
         log.lines.clear();
         log.bytes = 0;
@@ -139,25 +133,6 @@ impl bindings::tocsin::rule::host::Host for Sandbox {
         };
         let mut log = self.log.lock().expect("rule log lock");
         log.append(level, &message).map_err(wasmtime::Error::new)
-    }
-
-    fn emit_alert(&mut self, alert: Alert) -> wasmtime::Result<()> {
-        let limits = &self.limits;
-        if self.alerts.len() >= limits.max_alerts as usize {
-            return Err(wasmtime::Error::new(Stop(Cause::OutputTooLarge {
-                what: Output::Alerts,
-                limit: limits.max_alerts as usize,
-            })));
-        }
-        self.alert_bytes += alert.key.len() + alert.title.len() + alert.detail.len();
-        if self.alert_bytes > limits.max_alert_bytes {
-            return Err(wasmtime::Error::new(Stop(Cause::OutputTooLarge {
-                what: Output::AlertBytes,
-                limit: limits.max_alert_bytes,
-            })));
-        }
-        self.alerts.push(alert);
-        Ok(())
     }
 }
 

@@ -44,11 +44,14 @@ impl Rule for Hostile {
                     black_box(recurse(black_box(1)));
                 }
                 "panic" => panic!("boom on purpose"),
+                // One more than the host's default bound.
                 "alerts" => {
-                    for n in 0.. {
+                    for n in 0..10_001 {
                         ctx.emit(Alert::firing(format!("flood-{n}"), "flood"));
                     }
                 }
+                // 5 MiB of title against the default 4 MiB.
+                "alert-bytes" => ctx.emit(Alert::firing("huge", "x".repeat(5 << 20))),
                 "log" => loop {
                     log(Level::Info, "spam spam spam spam spam spam spam spam");
                 },
