@@ -54,7 +54,7 @@ impl Alert {
     /// as JSON. A value that cannot be serialized leaves `{}`.
     pub fn detail(mut self, detail: impl serde::Serialize) -> Self {
         self.detail.clear();
-        if serde_json::to_writer(&mut self.detail, &detail).is_err() {
+        if crate::json::write_value(&mut self.detail, &detail).is_err() {
             self.detail.clear();
         }
         self
@@ -87,11 +87,9 @@ impl Alert {
         if end > 1 {
             detail.push(b',');
         }
-        let written = serde_json::to_writer(&mut *detail, name).is_ok() && {
-            detail.push(b':');
-            serde_json::to_writer(&mut *detail, &value).is_ok()
-        };
-        if !written {
+        crate::json::write_str(detail, name);
+        detail.push(b':');
+        if crate::json::write_value(detail, &value).is_err() {
             detail.truncate(end);
         }
         detail.push(b'}');
@@ -118,8 +116,8 @@ impl Alert {
     pub fn detail_json(&self) -> &str {
         match self.detail.as_slice() {
             [] => "{}",
-            // Only serde_json writes the detail, and it writes UTF-8.
-            bytes => std::str::from_utf8(bytes).unwrap_or("{}"),
+            // SAFETY: the detail holds only what `json` wrote, whole: UTF-8.
+            bytes => unsafe { std::str::from_utf8_unchecked(bytes) },
         }
     }
 
@@ -207,7 +205,16 @@ impl<'a> Context<'a> {
     /// Raise or resolve an alert. The host receives the call's alerts, in
     /// order, when it returns, and bounds how many and how large.
     pub fn emit(&mut self, alert: Alert) {
-        alert.append_to(&mut self.alerts);
+        let alerts = &mut self.alerts;
+        if alerts.status.capacity() == 0 {
+            // Most calls emit few alerts: start with room for several
+            // rather than growing each column from empty.
+            alerts.status.reserve(8);
+            alerts.severity.reserve(8);
+            alerts.spans.reserve(24);
+            alerts.text.reserve(1024);
+        }
+        alert.append_to(alerts);
     }
 
     /// Have `on_timer` called for this bucket at `at` (epoch milliseconds),
@@ -277,3 +284,39 @@ impl std::fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_build_one_json_object_escaping_where_needed() {
+        let alert = Alert::firing("k", "t")
+            .field("plain", "a\"b")
+            .field("quote\"d", 1)
+            .field("list", [1, 2]);
+        let detail: serde_json::Value = serde_json::from_str(alert.detail_json()).unwrap();
+        assert_eq!(
+            detail,
+            serde_json::json!({"plain": "a\"b", "quote\"d": 1, "list": [1, 2]})
+        );
+        assert_eq!(Alert::firing("k", "t").detail_json(), "{}");
+    }
+
+    #[test]
+    fn a_field_after_a_non_object_detail_starts_a_new_object() {
+        let alert = Alert::firing("k", "t").detail([1, 2]).field("n", 3);
+        assert_eq!(alert.detail_json(), r#"{"n":3}"#);
+        let alert = Alert::firing("k", "t")
+            .detail(serde_json::json!({"a": 1}))
+            .field("b", 2);
+        assert_eq!(alert.detail_json(), r#"{"a":1,"b":2}"#);
+    }
+
+    #[test]
+    fn a_value_that_cannot_be_serialized_is_left_out() {
+        let bad: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let alert = Alert::firing("k", "t").field("a", 1).field("bad", bad);
+        assert_eq!(alert.detail_json(), r#"{"a":1}"#);
+    }
+}

@@ -10,6 +10,7 @@ pub mod abi;
 mod alloc;
 mod context;
 mod event;
+mod json;
 mod manifest;
 #[cfg(any(target_arch = "wasm32", test))]
 mod mem;
