@@ -74,7 +74,7 @@ mod native {
         pub kinds: Vec<u8>,
         pub values: Vec<u64>,
         pub raw: Vec<u64>,
-        pub text: Vec<u8>,
+        pub text: String,
     }
 
     #[derive(Clone, Debug, PartialEq)]

@@ -29,7 +29,7 @@ pub(crate) fn span(bits: u64) -> (usize, usize) {
 pub struct Events<'a> {
     batch: &'a abi::EventBatch,
     fields: &'a [String],
-    /// The batch text, checked once to be UTF-8.
+    /// The batch text.
     text: &'a str,
 }
 
@@ -56,12 +56,11 @@ pub struct Event<'a> {
 
 impl<'a> Events<'a> {
     /// Wrap a batch from the host, checking once what reads rely on: the
-    /// table has one entry per event and field, kinds are known, the text is
-    /// UTF-8 and every span lies on character boundaries within it.
+    /// table has one entry per event and field, kinds are known and every
+    /// span lies on character boundaries within the text.
     #[doc(hidden)]
     pub fn new(batch: &'a abi::EventBatch, fields: &'a [String]) -> Result<Self, String> {
-        let text = std::str::from_utf8(&batch.text)
-            .map_err(|e| format!("event batch text is not UTF-8: {e}"))?;
+        let text = batch.text.as_str();
         let entries = batch.times.len() * fields.len();
         if batch.kinds.len() != entries || batch.values.len() != entries {
             return Err(format!(
@@ -298,7 +297,7 @@ mod tests {
             kinds: vec![kind::TEXT],
             values: vec![1],
             raw: vec![],
-            text: "é".as_bytes().to_vec(),
+            text: "é".to_owned(),
         };
         let err = Events::new(&batch, &fields).err().unwrap();
         assert_eq!(err, "event batch span 0..1 is out of bounds");

@@ -194,9 +194,9 @@ pub fn batch_from_json(
 }
 
 /// Append `s` to the text, returning its span.
-fn push_text(text: &mut Vec<u8>, s: &str) -> u64 {
+fn push_text(text: &mut String, s: &str) -> u64 {
     let span = ((text.len() as u64) << 32) | s.len() as u64;
-    text.extend_from_slice(s.as_bytes());
+    text.push_str(s);
     span
 }
 

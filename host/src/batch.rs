@@ -27,7 +27,7 @@ impl Bucket {
                 kinds: Vec::new(),
                 values: Vec::new(),
                 raw: Vec::new(),
-                text: Vec::new(),
+                text: String::new(),
             },
             members: Vec::new(),
         }
@@ -212,8 +212,8 @@ pub fn push_event(batch: &mut EventBatch, manifest: &Manifest, event: &Incoming,
 }
 
 /// Append `s` to the text, returning its span (`offset << 32 | length`).
-fn push_text(text: &mut Vec<u8>, s: &str) -> u64 {
+fn push_text(text: &mut String, s: &str) -> u64 {
     let span = ((text.len() as u64) << 32) | s.len() as u64;
-    text.extend_from_slice(s.as_bytes());
+    text.push_str(s);
     span
 }
