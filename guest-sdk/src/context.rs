@@ -1,6 +1,8 @@
 //! What a rule can do besides changing its state: raise and resolve alerts,
 //! ask for a timer, forget its bucket.
 
+use std::borrow::Cow;
+
 use crate::abi;
 
 /// How urgent an alert is.
@@ -14,19 +16,22 @@ pub enum Severity {
 
 /// An alert to raise or resolve. Its key identifies it within the bucket:
 /// resolving uses the key it fired with.
+///
+/// Key and title may be borrowed (a constant, a field of an event) or owned
+/// (`format!`): borrowing saves an allocation per alert.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Alert {
-    key: String,
+pub struct Alert<'a> {
+    key: Cow<'a, str>,
     firing: bool,
     severity: Severity,
-    title: String,
+    title: Cow<'a, str>,
     /// JSON text; empty stands for `{}`.
     detail: Vec<u8>,
 }
 
-impl Alert {
+impl<'a> Alert<'a> {
     /// A firing alert.
-    pub fn firing(key: impl Into<String>, title: impl Into<String>) -> Self {
+    pub fn firing(key: impl Into<Cow<'a, str>>, title: impl Into<Cow<'a, str>>) -> Self {
         Alert {
             key: key.into(),
             firing: true,
@@ -37,7 +42,7 @@ impl Alert {
     }
 
     /// The resolution of the alert that fired with `key`.
-    pub fn resolved(key: impl Into<String>, title: impl Into<String>) -> Self {
+    pub fn resolved(key: impl Into<Cow<'a, str>>, title: impl Into<Cow<'a, str>>) -> Self {
         Alert {
             firing: false,
             ..Alert::firing(key, title)
@@ -140,20 +145,20 @@ impl Alert {
 
     /// The `index`-th alert of a call's columns (the native harness's view).
     #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) fn from_batch(batch: &abi::AlertBatch, index: usize) -> Alert {
+    pub(crate) fn from_batch(batch: &abi::AlertBatch, index: usize) -> Alert<'static> {
         let text = |n: usize| {
             let (start, end) = crate::event::span(batch.spans[3 * index + n]);
             batch.text[start..end].to_owned()
         };
         Alert {
-            key: text(0),
+            key: Cow::Owned(text(0)),
             firing: batch.status[index] == abi::AlertStatus::Firing,
             severity: match batch.severity[index] {
                 abi::Severity::Info => Severity::Info,
                 abi::Severity::Warning => Severity::Warning,
                 abi::Severity::Critical => Severity::Critical,
             },
-            title: text(1),
+            title: Cow::Owned(text(1)),
             detail: text(2).into_bytes(),
         }
     }
@@ -204,7 +209,7 @@ impl<'a> Context<'a> {
 
     /// Raise or resolve an alert. The host receives the call's alerts, in
     /// order, when it returns, and bounds how many and how large.
-    pub fn emit(&mut self, alert: Alert) {
+    pub fn emit(&mut self, alert: Alert<'_>) {
         let alerts = &mut self.alerts;
         if alerts.status.capacity() == 0 {
             // Most calls emit few alerts: start with room for several

@@ -71,20 +71,27 @@ fn needs_escape(bytes: &[u8]) -> bool {
         let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
         control | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\')))
     };
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        if special(u64::from_le_bytes(word.try_into().expect("8 bytes"))) != 0 {
-            return true;
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let half = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let n = bytes.len();
+    match n {
+        // Each byte on its own: copying a short tail into a padded word
+        // would cost a `memory.copy`, dearer than this.
+        0..4 => bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\'),
+        // Two overlapping halves cover every byte.
+        4..8 => special(u64::from(half(0)) | (u64::from(half(n - 4)) << 32)) != 0,
+        _ => {
+            let mut at = 0;
+            while at + 8 <= n {
+                if special(word(at)) != 0 {
+                    return true;
+                }
+                at += 8;
+            }
+            // The last eight bytes, overlapping ones already checked.
+            at < n && special(word(n - 8)) != 0
         }
     }
-    let rest = words.remainder();
-    if rest.is_empty() {
-        return false;
-    }
-    // Pad the tail with a harmless byte.
-    let mut last = [b'a'; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    special(u64::from_le_bytes(last)) != 0
 }
 
 /// serde_json's serializer, but for strings at any depth a value reaches
@@ -190,7 +197,18 @@ mod tests {
             "long string with no escapes at all, past 16",
             "long string with an escape at the very end\n",
         ];
-        for s in samples {
+        // An escape at every position of every length up to 20.
+        let mut samples: Vec<String> = samples.iter().map(|s| s.to_string()).collect();
+        for n in 1..=20 {
+            for at in 0..n {
+                for special in ['"', '\\', '\n', '\u{7f}', 'é'] {
+                    let mut s: String = "x".repeat(n);
+                    s.replace_range(at..at + 1, &special.to_string());
+                    samples.push(s);
+                }
+            }
+        }
+        for s in &samples {
             let mut ours = Vec::new();
             write_value(&mut ours, s).unwrap();
             assert_eq!(ours, serde_json::to_vec(s).unwrap(), "{s:?}");

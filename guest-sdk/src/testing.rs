@@ -91,7 +91,11 @@ impl<R: Rule> Harness<R> {
     }
 
     /// One `evaluate` call for `bucket` with these events, in order.
-    pub fn evaluate(&mut self, bucket: &str, events: &[Json]) -> Result<Vec<Alert>, CallError> {
+    pub fn evaluate(
+        &mut self,
+        bucket: &str,
+        events: &[Json],
+    ) -> Result<Vec<Alert<'static>>, CallError> {
         let batch = batch_from_json(&self.manifest, events, self.now).map_err(CallError)?;
         let stored = self.states.get(bucket).map(Vec::as_slice);
         let outcome = __private::evaluate::<R>(&self.prepared, bucket, stored, &batch, self.now)
@@ -100,7 +104,7 @@ impl<R: Rule> Harness<R> {
     }
 
     /// One `on-timer` call for `bucket` at `now`.
-    pub fn on_timer(&mut self, bucket: &str, now: i64) -> Result<Vec<Alert>, CallError> {
+    pub fn on_timer(&mut self, bucket: &str, now: i64) -> Result<Vec<Alert<'static>>, CallError> {
         self.now = now;
         self.timers.remove(bucket);
         let stored = self.states.get(bucket).map(Vec::as_slice);
@@ -121,7 +125,7 @@ impl<R: Rule> Harness<R> {
     }
 
     /// Keep the call's state and timer as the host would; its alerts.
-    fn apply(&mut self, bucket: &str, outcome: abi::Outcome) -> Vec<Alert> {
+    fn apply(&mut self, bucket: &str, outcome: abi::Outcome) -> Vec<Alert<'static>> {
         match outcome.state {
             abi::StateChange::Unchanged => {}
             abi::StateChange::Set(bytes) => {

@@ -157,7 +157,7 @@ mod tests {
         })
     }
 
-    fn summary(alerts: &[Alert]) -> Vec<(&str, bool, &str)> {
+    fn summary<'a>(alerts: &'a [Alert<'_>]) -> Vec<(&'a str, bool, &'a str)> {
         alerts
             .iter()
             .map(|a| (a.key(), a.is_firing(), a.title()))
@@ -165,7 +165,7 @@ mod tests {
     }
 
     /// Running at 0, then stopped/running changes at minutes 1, 2, 3, 4.
-    fn flap(rule: &mut Harness<Flapping>) -> Vec<Alert> {
+    fn flap(rule: &mut Harness<Flapping>) -> Vec<Alert<'static>> {
         rule.evaluate(
             MACHINE,
             &[
