@@ -167,7 +167,8 @@ impl<'a> Alert<'a> {
 /// Append `s` to `text`, returning its span.
 fn push_text(text: &mut String, s: &str) -> u64 {
     let span = ((text.len() as u64) << 32) | s.len() as u64;
-    text.push_str(s);
+    // SAFETY: a whole `str` appended to a `String` keeps it UTF-8.
+    crate::json::append(unsafe { text.as_mut_vec() }, s.as_bytes());
     span
 }
 

@@ -33,12 +33,12 @@ struct Shared<'w>(&'w RefCell<Vec<u8>>);
 
 impl io::Write for Shared<'_> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.0.borrow_mut().extend_from_slice(bytes);
+        append(&mut self.0.borrow_mut(), bytes);
         Ok(bytes.len())
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.0.borrow_mut().extend_from_slice(bytes);
+        append(&mut self.0.borrow_mut(), bytes);
         Ok(())
     }
 
@@ -54,8 +54,44 @@ pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     } else {
         out.reserve(s.len() + 2);
         out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
+        append(out, s.as_bytes());
         out.push(b'"');
+    }
+}
+
+/// `out.extend_from_slice(bytes)`, with short slices copied as two
+/// overlapping words: in a component a `memcpy` is a `memory.copy`, which
+/// the runtime serves with a call out of the sandbox, dear for a few bytes.
+#[inline]
+pub(crate) fn append(out: &mut Vec<u8>, bytes: &[u8]) {
+    let n = bytes.len();
+    if !(4..=16).contains(&n) {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    out.reserve(n);
+    let len = out.len();
+    // SAFETY: `reserve` made room for n more bytes after `len`; the reads
+    // and writes below stay within bytes[..n] and out[len..len + n], and
+    // cover every one of those bytes before `set_len` exposes them.
+    unsafe {
+        let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr().add(len));
+        if n >= 8 {
+            let (head, tail) = (
+                src.cast::<u64>().read_unaligned(),
+                src.add(n - 8).cast::<u64>().read_unaligned(),
+            );
+            dst.cast::<u64>().write_unaligned(head);
+            dst.add(n - 8).cast::<u64>().write_unaligned(tail);
+        } else {
+            let (head, tail) = (
+                src.cast::<u32>().read_unaligned(),
+                src.add(n - 4).cast::<u32>().read_unaligned(),
+            );
+            dst.cast::<u32>().write_unaligned(head);
+            dst.add(n - 4).cast::<u32>().write_unaligned(tail);
+        }
+        out.set_len(len + n);
     }
 }
 
@@ -212,6 +248,17 @@ mod tests {
             let mut ours = Vec::new();
             write_value(&mut ours, s).unwrap();
             assert_eq!(ours, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn append_copies_every_length() {
+        let source: Vec<u8> = (0..40).collect();
+        for n in 0..=source.len() {
+            let mut out = b"prefix".to_vec();
+            append(&mut out, &source[..n]);
+            assert_eq!(&out[..6], b"prefix");
+            assert_eq!(&out[6..], &source[..n], "length {n}");
         }
     }
 
