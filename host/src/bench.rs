@@ -38,6 +38,9 @@ pub struct Report {
     pub rules: Duration,
     pub commit: Duration,
     pub publish: Duration,
+    /// CPU time of the whole process (service and load generator) while
+    /// events were sent, where the platform tells it.
+    pub cpu: Option<Duration>,
 }
 
 impl Report {
@@ -79,6 +82,15 @@ impl std::fmt::Display for Report {
             self.commits,
             self.events as f64 / self.commits.max(1) as f64
         )?;
+        if let Some(cpu) = self.cpu {
+            writeln!(
+                f,
+                "cpu: {:.2} s (service and load generator) = {:.2} cores busy, {:.1} µs per event",
+                cpu.as_secs_f64(),
+                cpu.as_secs_f64() / self.elapsed.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / self.events.max(1) as f64
+            )?;
+        }
         write!(
             f,
             "processor time: rules {:.0}% ({:.0} ms), commit {:.0}% ({:.0} ms), publish {:.0}% ({:.0} ms)",
@@ -162,6 +174,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 
     let client = reqwest::Client::new();
     let queue = Arc::new(std::sync::Mutex::new(bodies.into_iter().enumerate()));
+    let cpu_before = process_cpu();
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..options.connections.max(1) {
@@ -194,6 +207,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         latencies.extend(worker.await??);
     }
     let elapsed = started.elapsed();
+    let cpu = process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let stats = server.processor().stats();
     let nanos = |counter: &std::sync::atomic::AtomicU64| {
         Duration::from_nanos(counter.load(Ordering::Relaxed))
@@ -207,9 +223,22 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         rules: nanos(&stats.rules_ns),
         commit: nanos(&stats.commit_ns),
         publish: nanos(&stats.publish_ns),
+        cpu,
     };
     server.stop().await?;
     Ok(report)
+}
+
+/// User plus system CPU time of this process so far (Linux: from
+/// `/proc/self/stat`, in clock ticks of 10 ms).
+fn process_cpu() -> Option<Duration> {
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name, which may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
 }
 
 /// What `tocsin bench --distributed` measured: one host of the distributed
