@@ -427,9 +427,10 @@ pub async fn run(
     mut queue: mpsc::Receiver<Submission>,
     max_events: usize,
 ) {
-    // One computed group waits at most: memory stays bounded, and a failed
-    // commit takes at most the group behind it down too.
-    let (computed, to_commit) = sync_mpsc::sync_channel::<Computed>(1);
+    // A rendezvous: a computed group waits for the committer, and what
+    // queues meanwhile forms a larger next group. At most two groups are in
+    // flight, so a failed commit takes at most the one behind it down too.
+    let (computed, to_commit) = sync_mpsc::sync_channel::<Computed>(0);
     let committer = {
         let processor = processor.clone();
         std::thread::Builder::new()
