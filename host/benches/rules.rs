@@ -128,12 +128,58 @@ fn bench_rule<R: Rule>(c: &mut Criterion, runtime: &Runtime, name: &str) {
     group.finish();
 }
 
+/// The fixed cost of one call: `any-machine-stopped` on one event of a
+/// bucket whose state is stored, so the call decodes and encodes state and
+/// crosses the boundary with every list, but does little else.
+fn bench_call(c: &mut Criterion, runtime: &Runtime) {
+    type R = any_machine_stopped::AnyMachineStopped;
+    let name = "any-machine-stopped";
+    let wasm = std::fs::read(seed_component(name)).unwrap();
+    let rule = runtime.load("client-01", name, &wasm).unwrap();
+    let prepared = tocsin_rule::__private::Prepared::new::<R>();
+    let line = r#"{"eventType":"machineStatusChange","clientId":"client-01","machineId":"machine-01","state":"running"}"#;
+    let event = Incoming::parse(line, "clientId", NOW).unwrap();
+    let (buckets, _) = batch::route(rule.manifest(), &[&event]);
+    let bucket = &buckets[0];
+    let native = to_native(&bucket.batch);
+    let state = match rule.evaluate(&bucket.key, None, &bucket.batch, NOW).unwrap().state {
+        StateChange::Set(bytes) => Some(bytes),
+        _ => None,
+    };
+    let mut group = c.benchmark_group("one-call");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("wasm", |b| {
+        b.iter(|| {
+            black_box(
+                rule.evaluate(&bucket.key, state.as_deref(), &bucket.batch, NOW)
+                    .unwrap(),
+            )
+        })
+    });
+    group.bench_function("native", |b| {
+        b.iter(|| {
+            black_box(
+                tocsin_rule::__private::evaluate::<R>(
+                    &prepared,
+                    &bucket.key,
+                    state.as_deref(),
+                    &native,
+                    NOW,
+                )
+                .unwrap(),
+            )
+        })
+    });
+    group.finish();
+}
+
 fn rules(c: &mut Criterion) {
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: None,
         ..RuntimeConfig::default()
     })
     .unwrap();
+    bench_call(c, &runtime);
     bench_rule::<test_event::TestEvent>(c, &runtime, "test-event");
     bench_rule::<all_machines_stopped::AllMachinesStopped>(c, &runtime, "all-machines-stopped");
     bench_rule::<any_machine_stopped::AnyMachineStopped>(c, &runtime, "any-machine-stopped");
