@@ -142,7 +142,11 @@ fn bench_call(c: &mut Criterion, runtime: &Runtime) {
     let (buckets, _) = batch::route(rule.manifest(), &[&event]);
     let bucket = &buckets[0];
     let native = to_native(&bucket.batch);
-    let state = match rule.evaluate(&bucket.key, None, &bucket.batch, NOW).unwrap().state {
+    let state = match rule
+        .evaluate(&bucket.key, None, &bucket.batch, NOW)
+        .unwrap()
+        .state
+    {
         StateChange::Set(bytes) => Some(bytes),
         _ => None,
     };

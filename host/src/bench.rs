@@ -59,8 +59,6 @@ impl Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let busy = self.rules + self.commit + self.publish;
-        let share = |d: Duration| 100.0 * d.as_secs_f64() / busy.as_secs_f64().max(1e-9);
         writeln!(
             f,
             "events: {} in {:.2} s = {:.0} events/s",
@@ -93,12 +91,9 @@ impl std::fmt::Display for Report {
         }
         write!(
             f,
-            "processor time: rules {:.0}% ({:.0} ms), commit {:.0}% ({:.0} ms), publish {:.0}% ({:.0} ms)",
-            share(self.rules),
+            "stages (a group's rules overlap the previous group's commit): rules {:.0} ms, commit {:.0} ms, publish {:.0} ms",
             ms(self.rules),
-            share(self.commit),
             ms(self.commit),
-            share(self.publish),
             ms(self.publish)
         )
     }
