@@ -230,7 +230,13 @@ impl Processor {
             return None;
         }
         let generation = self.cache.lock().expect("state cache lock").generation;
-        match self.run_rules(&fresh, generation) {
+        // A panic here would otherwise leave the keys in flight for good,
+        // and every retry of them waiting.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_rules(&fresh, generation)
+        }))
+        .unwrap_or_else(|_| Err(ProcessError("processing the batch panicked".to_owned())));
+        match run {
             Ok((commit, failures)) => Some(Computed {
                 events: fresh.iter().map(|s| s.events.len()).sum(),
                 submissions: fresh,
