@@ -8,7 +8,8 @@
 //! blocks, and the chunks the pools are cut from, come from talc.
 //!
 //! Components run single-threaded (`wasm32-wasip2` without atomics), which
-//! is what makes the unsynchronised cell sound.
+//! is what makes the unsynchronised cell sound. The pools are generic over
+//! the allocator behind them so that tests can run them natively.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -23,9 +24,21 @@ const POOL_ALIGN: usize = 16;
 /// What a pool takes from talc when it runs dry.
 const CHUNK: usize = 64 * 1024;
 
-pub struct RuleAllocator {
+/// The allocator a component installs.
+#[cfg(target_arch = "wasm32")]
+pub type RuleAllocator = Pooled<talc::wasm::WasmDynamicTalc>;
+
+#[cfg(target_arch = "wasm32")]
+impl RuleAllocator {
+    pub const fn new() -> Self {
+        Pooled::with_backing(talc::wasm::new_wasm_dynamic_allocator())
+    }
+}
+
+/// Size-class pools in front of the `large` allocator.
+pub struct Pooled<B> {
     pools: UnsafeCell<Pools>,
-    large: talc::wasm::WasmDynamicTalc,
+    large: B,
 }
 
 struct Pools {
@@ -37,18 +50,19 @@ struct Pools {
 }
 
 // SAFETY: components are single-threaded (see the module docs and the
-// `not(target_feature = "atomics")` gate where this is installed).
-unsafe impl Sync for RuleAllocator {}
+// `not(target_feature = "atomics")` gate where this is installed); the
+// tests use each instance from one thread.
+unsafe impl<B: Sync> Sync for Pooled<B> {}
 
-impl RuleAllocator {
-    pub const fn new() -> Self {
-        RuleAllocator {
+impl<B> Pooled<B> {
+    pub const fn with_backing(large: B) -> Self {
+        Pooled {
             pools: UnsafeCell::new(Pools {
                 free: [ptr::null_mut(); CLASSES],
                 next: ptr::null_mut(),
                 end: ptr::null_mut(),
             }),
-            large: talc::wasm::new_wasm_dynamic_allocator(),
+            large,
         }
     }
 }
@@ -66,7 +80,7 @@ fn class_size(class: usize) -> usize {
     1 << (class as u32 + MIN_CLASS_BITS)
 }
 
-unsafe impl GlobalAlloc for RuleAllocator {
+unsafe impl<B: GlobalAlloc> GlobalAlloc for Pooled<B> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let Some(class) = class(layout) else {
             // SAFETY: forwarded from the caller.
@@ -133,6 +147,101 @@ unsafe impl GlobalAlloc for RuleAllocator {
                     moved
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block handed out by the allocator, filled with a pattern of its own.
+    struct Block {
+        ptr: *mut u8,
+        layout: Layout,
+        fill: u8,
+    }
+
+    fn check(block: &Block) {
+        for i in 0..block.layout.size() {
+            // SAFETY: the block is live and `size` bytes long.
+            let byte = unsafe { *block.ptr.add(i) };
+            assert_eq!(byte, block.fill, "a live block was overwritten");
+        }
+    }
+
+    fn fill(block: &Block) {
+        // SAFETY: the block is live and `size` bytes long.
+        unsafe { ptr::write_bytes(block.ptr, block.fill, block.layout.size()) };
+    }
+
+    #[test]
+    fn blocks_of_every_class_stay_apart_through_frees_and_reallocs() {
+        let allocator = Pooled::with_backing(std::alloc::System);
+        let mut live: Vec<Block> = Vec::new();
+        // A fixed pseudo-random sequence: sizes across and past the classes,
+        // alignments up to 32, frees and reallocs interleaved.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in 0..20_000u32 {
+            let roll = next();
+            match roll % 4 {
+                0 | 1 => {
+                    let size = 1 + (next() % 1500) as usize;
+                    let align = 1 << (next() % 6);
+                    let layout = Layout::from_size_align(size, align).unwrap();
+                    // SAFETY: a non-zero size.
+                    let ptr = unsafe { allocator.alloc(layout) };
+                    assert!(!ptr.is_null());
+                    assert_eq!(ptr as usize % align, 0, "alignment {align}");
+                    let block = Block {
+                        ptr,
+                        layout,
+                        fill: step as u8,
+                    };
+                    fill(&block);
+                    live.push(block);
+                }
+                2 if !live.is_empty() => {
+                    let block = live.swap_remove((next() % live.len() as u64) as usize);
+                    check(&block);
+                    // SAFETY: allocated above with this layout, freed once.
+                    unsafe { allocator.dealloc(block.ptr, block.layout) };
+                }
+                _ if !live.is_empty() => {
+                    let index = (next() % live.len() as u64) as usize;
+                    let block = &mut live[index];
+                    check(block);
+                    let size = 1 + (next() % 1500) as usize;
+                    // SAFETY: a live block, its layout, a non-zero size.
+                    let moved = unsafe { allocator.realloc(block.ptr, block.layout, size) };
+                    assert!(!moved.is_null());
+                    let kept = size.min(block.layout.size());
+                    for i in 0..kept {
+                        // SAFETY: `moved` holds at least `kept` bytes.
+                        assert_eq!(
+                            unsafe { *moved.add(i) },
+                            block.fill,
+                            "realloc kept the bytes"
+                        );
+                    }
+                    block.ptr = moved;
+                    block.layout = Layout::from_size_align(size, block.layout.align()).unwrap();
+                    block.fill = step as u8;
+                    fill(block);
+                }
+                _ => {}
+            }
+        }
+        for block in live {
+            check(&block);
+            // SAFETY: allocated above with this layout, freed once.
+            unsafe { allocator.dealloc(block.ptr, block.layout) };
         }
     }
 }

@@ -2,10 +2,13 @@
 
 #[doc(hidden)]
 pub mod abi;
-#[cfg(all(
-    feature = "allocator",
-    target_arch = "wasm32",
-    not(target_feature = "atomics")
+#[cfg(any(
+    test,
+    all(
+        feature = "allocator",
+        target_arch = "wasm32",
+        not(target_feature = "atomics")
+    )
 ))]
 mod alloc;
 mod context;
