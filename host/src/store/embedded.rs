@@ -36,7 +36,7 @@ const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Index entries that wait in memory before a commit writes them all.
-const INDEX_BATCH: usize = 16 * 1024;
+const INDEX_BATCH: usize = 4 * 1024;
 
 /// The state store in `<data-dir>/state.redb`.
 pub struct EmbeddedStore {
