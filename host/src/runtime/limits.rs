@@ -17,11 +17,12 @@ pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
 /// (host calls, memory growth). Fuel normally stops a guest long before.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(500);
 
-/// Alerts one call may emit: a batch of 1,000 events each raising one alert
-/// fits; a runaway loop does not.
+/// Alerts one call may return: a batch of 1,000 events each raising one
+/// alert fits. Checked when the call returns (a runaway loop runs out of
+/// fuel or memory first); past it the call fails and its output is dropped.
 pub const DEFAULT_MAX_ALERTS: u32 = 10_000;
 
-/// Bytes of alerts (key, title, detail) one call may emit.
+/// Bytes of alerts (key, title, detail) one call may return.
 pub const DEFAULT_MAX_ALERT_BYTES: usize = 4 << 20;
 
 /// Encoded state of one bucket: below DynamoDB's 400 KB item limit, with room
