@@ -7,6 +7,12 @@
 //! handful of instructions to take or return one. Larger or over-aligned
 //! blocks, and the chunks the pools are cut from, come from talc.
 //!
+//! The trade-off: memory freed into a pool stays with that size class. A
+//! rule that once held many small blocks at the same time keeps that memory
+//! for small blocks, and a later large allocation grows linear memory
+//! instead (which never shrinks anyway). The memory limit still bounds the
+//! total.
+//!
 //! Components run single-threaded (`wasm32-wasip2` without atomics), which
 //! is what makes the unsynchronised cell sound. The pools are generic over
 //! the allocator behind them so that tests can run them natively.
