@@ -139,7 +139,9 @@ impl<'a> Alert<'a> {
             Severity::Critical => abi::Severity::Critical,
         });
         for part in [&self.key, &self.title, self.detail_json()] {
-            batch.spans.push(push_text(&mut batch.text, part));
+            batch
+                .spans
+                .push(crate::event::push_span(&mut batch.text, part));
         }
     }
 
@@ -162,14 +164,6 @@ impl<'a> Alert<'a> {
             detail: text(2).into_bytes(),
         }
     }
-}
-
-/// Append `s` to `text`, returning its span.
-fn push_text(text: &mut String, s: &str) -> u64 {
-    let span = ((text.len() as u64) << 32) | s.len() as u64;
-    // SAFETY: a whole `str` appended to a `String` keeps it UTF-8.
-    crate::json::append(unsafe { text.as_mut_vec() }, s.as_bytes());
-    span
 }
 
 /// Everything a rule reports that is not state: the host-facing side of one

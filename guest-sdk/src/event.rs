@@ -18,6 +18,14 @@ pub(crate) mod kind {
     pub const JSON: u8 = 6;
 }
 
+/// Append `s` to `text`, returning its span (`offset << 32 | length`).
+pub(crate) fn push_span(text: &mut String, s: &str) -> u64 {
+    let span = ((text.len() as u64) << 32) | s.len() as u64;
+    // SAFETY: a whole `str` appended to a `String` keeps it UTF-8.
+    crate::json::append(unsafe { text.as_mut_vec() }, s.as_bytes());
+    span
+}
+
 /// A span's byte range of the batch text.
 pub(crate) fn span(bits: u64) -> (usize, usize) {
     let start = (bits >> 32) as usize;
@@ -138,7 +146,7 @@ impl<'a> Events<'a> {
         match self
             .fields
             .iter()
-            .position(|f| same(f.as_bytes(), name.as_bytes()))
+            .position(|f| crate::mem::equal(f.as_bytes(), name.as_bytes()))
         {
             Some(column) => column,
             None => panic!(
@@ -146,32 +154,6 @@ impl<'a> Events<'a> {
                 self.fields
             ),
         }
-    }
-}
-
-/// `N` bytes of `s` from `at`, as one value to compare.
-#[inline(always)]
-fn word<const N: usize>(s: &[u8], at: usize) -> [u8; N] {
-    s[at..at + N].try_into().expect("N bytes")
-}
-
-/// Byte equality, inline for names of up to 16 bytes: reading a field by name
-/// is the commonest thing a rule does, and a call to `bcmp` per field per
-/// event costs more than the comparison under fuel metering.
-#[inline(always)]
-fn same(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    match n {
-        0 => true,
-        // First, middle and last byte cover every byte of 1 to 3.
-        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
-        // Two overlapping words cover every byte.
-        4..=7 => word::<4>(a, 0) == word(b, 0) && word::<4>(a, n - 4) == word(b, n - 4),
-        8..=16 => word::<8>(a, 0) == word(b, 0) && word::<8>(a, n - 8) == word(b, n - 8),
-        _ => a == b,
     }
 }
 
@@ -273,21 +255,6 @@ impl<'a> Event<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn same_compares_every_byte_of_every_length() {
-        let text = "abcdefghijklmnopqrstuvwxyz0123456789";
-        for n in 0..=text.len() {
-            let a = &text.as_bytes()[..n];
-            assert!(same(a, a), "length {n}");
-            for i in 0..n {
-                let mut b = a.to_vec();
-                b[i] ^= 0x20;
-                assert!(!same(a, &b), "length {n}, byte {i} differs");
-            }
-            assert!(!same(a, &text.as_bytes()[..n.saturating_sub(1)]) || n == 0);
-        }
-    }
 
     #[test]
     fn new_rejects_spans_off_character_boundaries_and_unknown_kinds() {

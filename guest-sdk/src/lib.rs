@@ -15,7 +15,6 @@ mod context;
 mod event;
 mod json;
 mod manifest;
-#[cfg(any(target_arch = "wasm32", test))]
 mod mem;
 mod state;
 pub mod testing;

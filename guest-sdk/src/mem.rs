@@ -3,7 +3,8 @@
 //! wasi-libc compares bytes one at a time. Under fuel metering and epoch
 //! checks every loop iteration costs several extra instructions, and string
 //! comparison (map keys, field names, `==` on `&str`) is what rules do most,
-//! so the SDK links these instead: eight bytes per iteration.
+//! so the SDK links these instead: eight bytes per iteration. [`equal`] is
+//! the same comparison inlined where the SDK compares field names.
 
 use core::ffi::c_int;
 
@@ -61,6 +62,15 @@ unsafe fn compare(a: *const u8, b: *const u8, n: usize) -> c_int {
     0
 }
 
+/// Byte equality through [`compare`], inlined: reading a field by name is
+/// the commonest thing a rule does, and a call to `bcmp` per field per event
+/// costs more than the comparison under fuel metering.
+#[inline(always)]
+pub(crate) fn equal(a: &[u8], b: &[u8]) -> bool {
+    // SAFETY: both slices hold `a.len()` bytes once the lengths match.
+    a.len() == b.len() && unsafe { compare(a.as_ptr(), b.as_ptr(), a.len()) } == 0
+}
+
 /// The order of two unequal little-endian words read from memory: that of
 /// their first differing byte.
 fn first_difference(x: u64, y: u64) -> c_int {
@@ -80,6 +90,27 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> c_int {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn equal_compares_every_byte_of_every_length() {
+        let text = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        for n in 0..=text.len() {
+            let a = &text[..n];
+            assert!(super::equal(a, a), "length {n}");
+            for i in 0..n {
+                let mut b = a.to_vec();
+                b[i] ^= 0x20;
+                assert!(!super::equal(a, &b), "length {n}, byte {i} differs");
+            }
+            if n > 0 {
+                assert!(
+                    !super::equal(a, &a[..n - 1]),
+                    "length {n} against {}",
+                    n - 1
+                );
+            }
+        }
+    }
+
     #[test]
     fn orders_like_slices_for_every_length_and_difference() {
         let base: Vec<u8> = (0..40u8).map(|i| i.wrapping_mul(37)).collect();

@@ -33,7 +33,7 @@ use std::marker::PhantomData;
 use serde_json::Value as Json;
 
 pub use crate::abi;
-use crate::event::kind;
+use crate::event::{kind, push_span};
 use crate::{__private, Alert, Manifest, Rule, state};
 
 /// A failed call, as the host would see it.
@@ -175,7 +175,7 @@ pub fn batch_from_json(
         };
         batch.times.push(time);
         if abi.raw_json {
-            let raw = push_text(&mut batch.text, &event.to_string());
+            let raw = push_span(&mut batch.text, &event.to_string());
             batch.raw.push(raw);
         }
         for field in &abi.fields {
@@ -187,21 +187,14 @@ pub fn batch_from_json(
                     Some(i) => (kind::INTEGER, i as u64),
                     None => (kind::FLOAT, n.as_f64().unwrap_or(f64::NAN).to_bits()),
                 },
-                Some(Json::String(s)) => (kind::TEXT, push_text(&mut batch.text, s)),
-                Some(other) => (kind::JSON, push_text(&mut batch.text, &other.to_string())),
+                Some(Json::String(s)) => (kind::TEXT, push_span(&mut batch.text, s)),
+                Some(other) => (kind::JSON, push_span(&mut batch.text, &other.to_string())),
             };
             batch.kinds.push(kind);
             batch.values.push(bits);
         }
     }
     Ok(batch)
-}
-
-/// Append `s` to the text, returning its span.
-fn push_text(text: &mut String, s: &str) -> u64 {
-    let span = ((text.len() as u64) << 32) | s.len() as u64;
-    text.push_str(s);
-    span
 }
 
 fn event_time(value: Option<&Json>) -> Option<i64> {
