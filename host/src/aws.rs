@@ -223,7 +223,7 @@ async fn create_stream(
             }
         }
     }
-    for _ in 0..300 {
+    wait_active(&format!("Kinesis stream `{stream}`"), || async {
         let summary = kinesis
             .describe_stream_summary()
             .stream_name(stream)
@@ -234,12 +234,25 @@ async fn create_stream(
         let status = summary
             .stream_description_summary()
             .map(|s| s.stream_status().clone());
-        if status == Some(StreamStatus::Active) {
-            return Ok(!exists);
+        Ok(status == Some(StreamStatus::Active))
+    })
+    .await?;
+    Ok(!exists)
+}
+
+/// Poll `active` every 100 ms until it says so, for at most 30 s.
+async fn wait_active<F, Fut>(what: &str, mut active: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    for _ in 0..300 {
+        if active().await? {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("Kinesis stream `{stream}` did not become active within 30 s")
+    bail!("{what} did not become active within 30 s")
 }
 
 async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> anyhow::Result<bool> {
@@ -278,7 +291,7 @@ async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> anyho
             }
         }
     }
-    for _ in 0..300 {
+    wait_active(&format!("DynamoDB table `{table}`"), || async {
         let described = dynamodb
             .describe_table()
             .table_name(table)
@@ -286,11 +299,9 @@ async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> anyho
             .await
             .map_err(|e| anyhow::Error::new(e.into_service_error()))
             .with_context(|| format!("cannot describe DynamoDB table `{table}`"))?;
-        if described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active))
+    })
+    .await?;
     dynamodb
         .update_time_to_live()
         .table_name(table)
