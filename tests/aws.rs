@@ -9,7 +9,6 @@
 //! parallel against the same emulators.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -421,19 +420,8 @@ fn spawn_host(names: &Names, data_dir: &Path, rules: &[(String, String)]) -> Hos
     for (tenant, path) in rules {
         command.arg("--rule").arg(format!("{tenant}={path}"));
     }
-    let mut child = command.spawn().expect("start tocsin serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
-    Host {
-        base: format!("http://{addr}"),
-        child,
-    }
+    let (child, base) = support::spawn_serve(&mut command);
+    Host { base, child }
 }
 
 /// Shards held per host (by index), once every shard of `total` is held.

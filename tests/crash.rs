@@ -4,7 +4,6 @@
 //! twice, and the final state must equal an uninterrupted run. And SIGTERM
 //! finishes in-flight work and exits 0.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,19 +36,8 @@ fn spawn(data_dir: &Path) -> Process {
             .arg("--rule")
             .arg(format!("{tenant}={}", support::seed_component(rule)));
     }
-    let mut child = command.spawn().expect("start tocsin serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
-    Process {
-        base: format!("http://{addr}"),
-        child,
-    }
+    let (child, base) = support::spawn_serve(&mut command);
+    Process { base, child }
 }
 
 /// The simulator's events in batches of 10, keyed.

@@ -117,6 +117,26 @@ pub fn seed_component(rule: &str) -> &'static str {
     }
 }
 
+/// Start a `tocsin serve` command (its stdout piped) and wait for its first
+/// line, `listening on ADDR`: the child and its base URL.
+pub fn spawn_serve(command: &mut std::process::Command) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tocsin serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+    let base = format!("http://{addr}");
+    (child, base)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
