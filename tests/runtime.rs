@@ -17,6 +17,7 @@ fn runtime_with(limits: Limits) -> Runtime {
         limits,
         max_instances: 16,
         cache_dir: None,
+        ..RuntimeConfig::default()
     })
     .expect("runtime")
 }

@@ -12,10 +12,10 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tocsin::batch::{self, Bucket};
 use tocsin::event::Incoming;
-use tocsin::runtime::{self, LoadedRule, Runtime, RuntimeConfig, StateChange};
+use tocsin::runtime::{self, LoadedRule, Metering, Runtime, RuntimeConfig, StateChange};
 use tocsin_rule::Rule;
 use tocsin_rule::testing::abi;
-use tocsin_test_support::seed_component;
+use tocsin_test_support::{SEED_RULES, seed_component};
 
 const NOW: i64 = 1_795_564_800_000;
 
@@ -177,9 +177,37 @@ fn bench_call(c: &mut Criterion, runtime: &Runtime) {
     group.finish();
 }
 
+/// What metering costs: the same rule with fuel and epoch checks compiled
+/// out (never done in the service), beside the metered run above.
+fn bench_unmetered(c: &mut Criterion) {
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        metering: Metering::Off,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let mut group = c.benchmark_group("unmetered");
+    for (_, name) in SEED_RULES {
+        let wasm = std::fs::read(seed_component(name)).unwrap();
+        let rule = runtime.load("client-01", name, &wasm).unwrap();
+        for size in [100usize, 1_000] {
+            let events = events(size);
+            let refs: Vec<&Incoming> = events.iter().collect();
+            let (buckets, _) = batch::route(rule.manifest(), &refs);
+            group.throughput(Throughput::Elements(size as u64));
+            let mut states = HashMap::new();
+            group.bench_function(BenchmarkId::new(name, size), |b| {
+                b.iter(|| black_box(wasm_batch(&rule, &buckets, &mut states)))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn rules(c: &mut Criterion) {
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: None,
+        metering: Metering::Enforced,
         ..RuntimeConfig::default()
     })
     .unwrap();
@@ -187,6 +215,7 @@ fn rules(c: &mut Criterion) {
     bench_rule::<test_event::TestEvent>(c, &runtime, "test-event");
     bench_rule::<all_machines_stopped::AllMachinesStopped>(c, &runtime, "all-machines-stopped");
     bench_rule::<any_machine_stopped::AnyMachineStopped>(c, &runtime, "any-machine-stopped");
+    bench_unmetered(c);
 }
 
 criterion_group!(benches, rules);

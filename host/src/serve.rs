@@ -13,7 +13,7 @@ use crate::catalogue::StaticCatalogue;
 use crate::clock::Clock;
 use crate::config::{AlertsBackend, Config};
 use crate::processor::{self, Processor};
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{Metering, Runtime, RuntimeConfig};
 use crate::server::{self, AppState};
 use crate::sink::AlertSink;
 use crate::sink::file::FileSink;
@@ -32,6 +32,8 @@ pub async fn load_catalogue(config: &Config) -> anyhow::Result<Arc<StaticCatalog
         limits: config.limits.clone(),
         max_instances: config.max_instances,
         cache_dir: Some(config.data_dir.join("components")),
+        metering: Metering::Enforced,
+        ..RuntimeConfig::default()
     })?;
     let assignments = config.assignments();
     let catalogue = tokio::task::spawn_blocking(move || {

@@ -19,7 +19,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Config, Engine, Inlining, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+};
 
 pub use alerts::{Alert, Alerts};
 pub use bindings::{
@@ -63,6 +65,23 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// Where compiled components are kept between runs; `None`: memory only.
     pub cache_dir: Option<PathBuf>,
+    /// Whether rules are stopped by fuel and by the epoch deadline. Always
+    /// [`Metering::Enforced`] in the service; [`Metering::Off`] exists only
+    /// so that the benchmark can show what metering costs.
+    pub metering: Metering,
+    /// Write `/tmp/perf-PID.map` so that `perf` names compiled rule code
+    /// (default: on when `TOCSIN_PERF_MAP` is set).
+    pub perf_map: bool,
+}
+
+/// How the sandbox bounds a call's running time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Metering {
+    /// Fuel bounds the work of a call, the epoch deadline its wall-clock time.
+    #[default]
+    Enforced,
+    /// Neither: a rule that loops never returns. For measurements only.
+    Off,
 }
 
 impl Default for RuntimeConfig {
@@ -71,6 +90,8 @@ impl Default for RuntimeConfig {
             limits: Limits::default(),
             max_instances: 1_000,
             cache_dir: cache::default_dir(),
+            metering: Metering::Enforced,
+            perf_map: std::env::var_os("TOCSIN_PERF_MAP").is_some(),
         }
     }
 }
@@ -115,11 +136,16 @@ impl Runtime {
             .max_memory_size(limits.memory_bytes);
 
         let mut wasm = Config::new();
-        wasm.consume_fuel(std::env::var("XFUEL").is_err())
-            .epoch_interruption(std::env::var("XEPOCH").is_err())
+        let metered = config.metering == Metering::Enforced;
+        wasm.consume_fuel(metered)
+            .epoch_interruption(metered)
             .max_wasm_stack(limits.max_wasm_stack)
+            // Rules are compiled once and cached: spend compile time on
+            // inlining small functions, which under fuel and epoch checks
+            // saves more than a plain call.
+            .compiler_inlining(Inlining::Yes)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        if std::env::var("XPERF").is_ok() {
+        if config.perf_map {
             wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let engine = Engine::new(&wasm).map_err(|e| anyhow::anyhow!("{e:#}"))?;
@@ -347,7 +373,9 @@ impl LoadedRule {
         let mut log = Vec::new();
         let result = self.call_with(|rule, store| {
             let result = f(rule, store)?;
-            fuel = self.limits.fuel_per_call - store.get_fuel().unwrap_or(0);
+            fuel = store
+                .get_fuel()
+                .map_or(0, |left| self.limits.fuel_per_call - left);
             log = store.data_mut().take_log();
             Ok(result)
         })?;
