@@ -227,7 +227,7 @@ async fn alerts_when(aws: &Aws, stream: &str, count: usize, within: Duration) ->
         let alerts: Vec<AlertRecord> = read_stream(aws, stream)
             .await
             .into_iter()
-            .map(|v| serde_json::from_value::<AlertRecord>(v).unwrap())
+            .map(|v| serde_json::from_str::<AlertRecord>(&v.to_string()).unwrap())
             .filter(|a| seen.insert(a.id.clone()))
             .collect();
         if alerts.len() >= count || started.elapsed() > within {
@@ -792,7 +792,7 @@ async fn a_partially_failed_put_records_is_retried_without_duplicating_ids() {
             status: tocsin::alert::Status::Firing,
             severity: tocsin::alert::Severity::Info,
             title: "test event received".into(),
-            detail: serde_json::json!({ "n": i }),
+            detail: tocsin::alert::Detail::from_value(&serde_json::json!({ "n": i })),
             at: 0,
             seq: None,
         })

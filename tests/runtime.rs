@@ -162,7 +162,7 @@ fn attack(
     Ok(outcome
         .alerts
         .into_iter()
-        .map(|a| (a.key, a.detail["instance_calls"].clone()))
+        .map(|a| (a.key, a.detail.to_value()["instance_calls"].clone()))
         .collect())
 }
 
@@ -308,7 +308,7 @@ fn the_sandbox_shows_no_environment_arguments_or_files() {
     let run = pipeline::run_rule(&hostile, &[&events[0]], 0, no_state).unwrap();
     let alert = &run.buckets[0].result.as_ref().unwrap().alerts[0];
     assert_eq!(
-        alert.detail,
+        alert.detail.to_value(),
         serde_json::json!({"env": 0, "args": 0, "root_dir": false, "etc_passwd": false})
     );
 }

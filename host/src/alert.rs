@@ -3,6 +3,7 @@
 //! again, so consumers can deduplicate.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::runtime::{self, AlertStatus};
@@ -38,13 +39,49 @@ pub struct AlertRecord {
     pub severity: Severity,
     pub title: String,
     /// The rule's JSON detail (a string if the rule's text was not JSON).
-    pub detail: serde_json::Value,
+    pub detail: Detail,
     /// Processing time of the batch that raised it, epoch milliseconds.
     pub at: i64,
     /// Position in the host's alert log, assigned when committed; the cursor
     /// of `GET /v1/tenants/{tenant}/alerts?after=`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+}
+
+/// An alert's detail: the JSON text the rule wrote, checked once and then
+/// carried and written out as it is, never rebuilt as a tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Detail(Box<RawValue>);
+
+impl Detail {
+    /// `text` if it is JSON, else `text` as a JSON string.
+    pub fn new(text: &str) -> Detail {
+        match RawValue::from_string(text.to_owned()) {
+            Ok(raw) => Detail(raw),
+            Err(_) => Detail::from_value(&serde_json::Value::String(text.to_owned())),
+        }
+    }
+
+    pub fn from_value(value: &serde_json::Value) -> Detail {
+        Detail(serde_json::value::to_raw_value(value).expect("a JSON value serializes"))
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.get()).expect("a detail holds JSON")
+    }
+}
+
+/// Details are equal when their JSON values are (`{"a": 1}` is `{"a":1}`).
+impl PartialEq for Detail {
+    fn eq(&self, other: &Detail) -> bool {
+        self.get() == other.get() || self.to_value() == other.to_value()
+    }
 }
 
 /// Where an alert came from, for its id.
@@ -92,8 +129,6 @@ impl AlertRecord {
             AlertStatus::Firing => Status::Firing,
             AlertStatus::Resolved => Status::Resolved,
         };
-        let detail = serde_json::from_str(alert.detail)
-            .unwrap_or_else(|_| serde_json::Value::String(alert.detail.to_owned()));
         AlertRecord {
             id: alert_id(origin, alert.key, status, seq),
             tenant: origin.tenant.to_owned(),
@@ -108,7 +143,7 @@ impl AlertRecord {
                 runtime::Severity::Critical => Severity::Critical,
             },
             title: alert.title.to_owned(),
-            detail,
+            detail: Detail::new(alert.detail),
             at,
             seq: None,
         }

@@ -74,6 +74,13 @@ fn equals(value: &Json, literal: &Scalar) -> bool {
 /// never share a key), other values as JSON, missing ones as nothing.
 pub fn bucket_key(fields: &[String], event: &Incoming) -> String {
     let mut key = String::new();
+    write_bucket_key(fields, event, &mut key);
+    key
+}
+
+/// [`bucket_key`] into `key`, replacing what it held.
+fn write_bucket_key(fields: &[String], event: &Incoming, key: &mut String) {
+    key.clear();
     for (i, field) in fields.iter().enumerate() {
         if i > 0 {
             key.push('/');
@@ -92,7 +99,6 @@ pub fn bucket_key(fields: &[String], event: &Incoming) -> String {
             Some(other) => key.push_str(&other.to_string()),
         }
     }
-    key
 }
 
 /// The event's time per the manifest, in epoch milliseconds.
@@ -133,6 +139,7 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Bad
     let mut buckets: Vec<Bucket> = Vec::new();
     let mut bad_times = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut key = String::new();
     for (index, event) in events.iter().enumerate() {
         if !matches(&manifest.filter, event) {
             continue;
@@ -144,12 +151,13 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Bad
                 continue;
             }
         };
-        let key = bucket_key(&manifest.bucket_key, event);
-        let slot = match by_key.get(&key) {
+        // One scratch key for every event: only a new bucket allocates one.
+        write_bucket_key(&manifest.bucket_key, event, &mut key);
+        let slot = match by_key.get(key.as_str()) {
             Some(&slot) => slot,
             None => {
                 by_key.insert(key.clone(), buckets.len());
-                buckets.push(Bucket::empty(key));
+                buckets.push(Bucket::empty(key.clone()));
                 buckets.len() - 1
             }
         };

@@ -104,12 +104,12 @@ mod tests {
     use super::*;
 
     fn record(seq: u64, title: &str) -> String {
-        let mut alert: AlertRecord = serde_json::from_value(serde_json::json!({
+        let json = serde_json::json!({
             "id": "x", "tenant": "t", "rule": "r", "rule_version": "1.0.0", "bucket": "",
             "key": "k", "status": "firing", "severity": "info", "title": title,
             "detail": null, "at": 0
-        }))
-        .unwrap();
+        });
+        let mut alert: AlertRecord = serde_json::from_str(&json.to_string()).unwrap();
         alert.seq = Some(seq);
         serde_json::to_string(&alert).unwrap() + "\n"
     }

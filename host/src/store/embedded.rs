@@ -131,7 +131,10 @@ impl StateStore for EmbeddedStore {
         let last_seq;
         {
             let mut states = tx.open_table(STATES).map_err(err)?;
-            for (id, state) in &commit.states {
+            // In key order, consecutive inserts land on the same leaf pages.
+            let mut changed: Vec<_> = commit.states.iter().collect();
+            changed.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+            for (id, state) in changed {
                 let key = (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
                 match state {
                     Some(bytes) => states.insert(key, bytes.as_slice()).map_err(err)?,
@@ -284,12 +287,12 @@ mod tests {
     use super::*;
 
     fn alert(tenant: &str, key: &str) -> AlertRecord {
-        serde_json::from_value(serde_json::json!({
+        let json = serde_json::json!({
             "id": key, "tenant": tenant, "rule": "r", "rule_version": "1.0.0", "bucket": "",
             "key": key, "status": "firing", "severity": "info", "title": key,
             "detail": null, "at": 0
-        }))
-        .unwrap()
+        });
+        serde_json::from_str(&json.to_string()).unwrap()
     }
 
     fn commit(store: &EmbeddedStore, alerts: &[(&str, &str)]) {
