@@ -4,9 +4,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value as Json;
-
-use crate::event::Incoming;
+use crate::event::{Incoming, Value};
 use crate::runtime::{Condition, EventBatch, EventTime, Manifest, Scalar, Test, ValueKind};
 
 /// One bucket's share of a batch for one rule.
@@ -46,7 +44,7 @@ pub struct BadEventTime {
 /// Whether the event passes every condition of the manifest's filter.
 pub fn matches(filter: &[Condition], event: &Incoming) -> bool {
     filter.iter().all(|condition| {
-        let value = event.fields.get(&condition.field);
+        let value = event.field(&condition.field);
         match &condition.test {
             Test::Exists => value.is_some(),
             Test::Equals(literal) => value.is_some_and(|v| equals(v, literal)),
@@ -55,16 +53,16 @@ pub fn matches(filter: &[Condition], event: &Incoming) -> bool {
     })
 }
 
-fn equals(value: &Json, literal: &Scalar) -> bool {
+fn equals(value: Value<'_>, literal: &Scalar) -> bool {
     match (value, literal) {
-        (Json::Null, Scalar::Null) => true,
-        (Json::Bool(a), Scalar::Boolean(b)) => a == b,
-        (Json::String(a), Scalar::Text(b)) => a == b,
-        (Json::Number(a), Scalar::Integer(b)) => match a.as_i64() {
+        (Value::Null, Scalar::Null) => true,
+        (Value::Bool(a), Scalar::Boolean(b)) => a == *b,
+        (Value::Str(a), Scalar::Text(b)) => a == b,
+        (Value::Number(a), Scalar::Integer(b)) => match a.as_i64() {
             Some(a) => a == *b,
-            None => a.as_f64() == Some(*b as f64),
+            None => a.as_f64() == *b as f64,
         },
-        (Json::Number(a), Scalar::Float(b)) => a.as_f64() == Some(*b),
+        (Value::Number(a), Scalar::Float(b)) => a.as_f64() == *b,
         _ => false,
     }
 }
@@ -85,9 +83,9 @@ fn write_bucket_key(fields: &[String], event: &Incoming, key: &mut String) {
         if i > 0 {
             key.push('/');
         }
-        match event.fields.get(field) {
-            None | Some(Json::Null) => {}
-            Some(Json::String(s)) => {
+        match event.field(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::Str(s)) => {
                 for c in s.chars() {
                     match c {
                         '%' => key.push_str("%25"),
@@ -96,7 +94,17 @@ fn write_bucket_key(fields: &[String], event: &Incoming, key: &mut String) {
                     }
                 }
             }
-            Some(other) => key.push_str(&other.to_string()),
+            Some(Value::Bool(b)) => key.push_str(if b { "true" } else { "false" }),
+            Some(Value::Number(n)) => {
+                use std::fmt::Write;
+                let _ = write!(key, "{n}");
+            }
+            // Written the way serde_json writes it, so that the same value
+            // keys the same bucket however the event spaced or ordered it.
+            Some(Value::Json(json)) => match serde_json::from_str::<serde_json::Value>(json) {
+                Ok(value) => key.push_str(&value.to_string()),
+                Err(_) => key.push_str(json),
+            },
         }
     }
 }
@@ -116,13 +124,10 @@ pub fn event_time(
         field: field.clone(),
         reason,
     };
-    match event.fields.get(field) {
+    match event.field(field) {
         None => Err(bad("is missing")),
-        Some(Json::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
-            .ok_or_else(|| bad("is not a number of milliseconds")),
-        Some(Json::String(s)) => parse_rfc3339(s).ok_or_else(|| bad("is not an RFC 3339 time")),
+        Some(Value::Number(n)) => Ok(n.as_i64().unwrap_or(n.as_f64() as i64)),
+        Some(Value::Str(s)) => parse_rfc3339(s).ok_or_else(|| bad("is not an RFC 3339 time")),
         Some(_) => Err(bad("must be an RFC 3339 string or epoch milliseconds")),
     }
 }
@@ -200,19 +205,16 @@ pub fn push_event(batch: &mut EventBatch, manifest: &Manifest, event: &Incoming,
         batch.raw.push(raw);
     }
     for field in &manifest.fields {
-        let (kind, bits) = match event.fields.get(field) {
+        let (kind, bits) = match event.field(field) {
             None => (ValueKind::Absent, 0),
-            Some(Json::Null) => (ValueKind::Null, 0),
-            Some(Json::Bool(b)) => (ValueKind::Boolean, u64::from(*b)),
-            Some(Json::Number(n)) => match n.as_i64() {
+            Some(Value::Null) => (ValueKind::Null, 0),
+            Some(Value::Bool(b)) => (ValueKind::Boolean, u64::from(b)),
+            Some(Value::Number(n)) => match n.as_i64() {
                 Some(i) => (ValueKind::Integer, i as u64),
-                None => (ValueKind::Float, n.as_f64().unwrap_or(f64::NAN).to_bits()),
+                None => (ValueKind::Float, n.as_f64().to_bits()),
             },
-            Some(Json::String(s)) => (ValueKind::Text, push_text(&mut batch.text, s)),
-            Some(other) => (
-                ValueKind::Json,
-                push_text(&mut batch.text, &other.to_string()),
-            ),
+            Some(Value::Str(s)) => (ValueKind::Text, push_text(&mut batch.text, s)),
+            Some(Value::Json(json)) => (ValueKind::Json, push_text(&mut batch.text, json)),
         };
         batch.kinds.push(kind as u8);
         batch.values.push(bits);
@@ -224,4 +226,49 @@ fn push_text(text: &mut String, s: &str) -> u64 {
     let span = ((text.len() as u64) << 32) | s.len() as u64;
     text.push_str(s);
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(line: &str) -> Incoming {
+        Incoming::parse(line, "clientId", 0).unwrap()
+    }
+
+    #[test]
+    fn bucket_keys_write_each_value_one_way_however_the_event_spells_it() {
+        let key = |line: &str, fields: &[&str]| {
+            let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+            bucket_key(&fields, &event(line))
+        };
+        assert_eq!(
+            key(r#"{"clientId":"c","m":"a/b%c","n":7}"#, &["m", "n"]),
+            "a%2Fb%25c/7"
+        );
+        assert_eq!(key(r#"{"clientId":"c","m":"\u0061"}"#, &["m"]), "a");
+        assert_eq!(
+            key(r#"{"clientId":"c","x":1.0,"b":true}"#, &["x", "b"]),
+            "1.0/true"
+        );
+        assert_eq!(
+            key(r#"{"clientId":"c","o":{"b": 2, "a": [1]}}"#, &["o"]),
+            key(r#"{"clientId":"c","o":{"a":[1],"b":2}}"#, &["o"]),
+        );
+        assert_eq!(key(r#"{"clientId":"c","n":null}"#, &["n", "missing"]), "/");
+    }
+
+    #[test]
+    fn filters_compare_numbers_across_integer_and_float() {
+        let e = event(r#"{"clientId":"c","n":2,"f":2.0,"s":"x"}"#);
+        let cond = |field: &str, test: Test| Condition {
+            field: field.to_owned(),
+            test,
+        };
+        assert!(matches(&[cond("n", Test::Equals(Scalar::Float(2.0)))], &e));
+        assert!(matches(&[cond("f", Test::Equals(Scalar::Integer(2)))], &e));
+        assert!(!matches(&[cond("s", Test::Equals(Scalar::Integer(2)))], &e));
+        assert!(matches(&[cond("s", Test::Exists)], &e));
+        assert!(!matches(&[cond("nope", Test::Exists)], &e));
+    }
 }

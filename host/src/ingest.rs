@@ -2,8 +2,6 @@
 //! each event checked on its own so bad lines are rejected with their reason
 //! while the good ones go through.
 
-use serde_json::Value as Json;
-
 use crate::catalogue::Catalogue;
 use crate::event::Incoming;
 use crate::processor::Rejected;
@@ -47,13 +45,8 @@ pub fn parse(
         let items: Vec<Box<serde_json::value::RawValue>> =
             serde_json::from_str(body).map_err(|e| format!("body is not a JSON array: {e}"))?;
         for (i, item) in items.iter().enumerate() {
-            let raw = item.get();
-            let result = serde_json::from_str::<Json>(raw)
-                .map_err(|e| e.to_string())
-                .and_then(|json| {
-                    Incoming::from_json(json, raw, tenant_field, arrival).map_err(|e| e.to_string())
-                });
-            accept(i + 1, result);
+            let result = Incoming::parse(item.get(), tenant_field, arrival);
+            accept(i + 1, result.map_err(|e| e.to_string()));
         }
     } else {
         for (i, line) in body.lines().enumerate() {
