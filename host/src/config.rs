@@ -31,7 +31,8 @@ pub const DEFAULT_LEASE_MS: u64 = 3_000;
 pub struct Config {
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
-    /// Directory holding `state.redb`, `alerts.ndjson` and compiled components.
+    /// Directory holding `state.redb` (with its alert index,
+    /// `state.index.redb`), `alerts.ndjson` and compiled components.
     pub data_dir: PathBuf,
     /// Top-level event field naming each event's tenant.
     pub tenant_field: String,

@@ -2,21 +2,18 @@
 //! one durable write transaction, so state, alerts and receipts are applied
 //! together or not at all, and survive a crash or a restart.
 //!
-//! The per-tenant alert index is derived data and is written behind the
-//! log: its entries for the latest alerts wait in memory and go into the
-//! table with a later commit, many commits' worth at once. Its random keys
-//! (one tenant after another) are what a commit pays most for per alert;
-//! written together, each tenant's page is written once per flush instead
-//! of once per commit. Listing reads the table and the waiting entries, so
-//! nothing committed is missing from it; after a crash, opening the store
-//! rebuilds the waiting entries from the log.
+//! The per-tenant alert index is derived data: a file and a thread of its
+//! own write it behind the log (see [`alert_index`](super::alert_index)).
+//! After a crash, opening the store rebuilds what the index file lacks from
+//! the log.
 
-use std::collections::BTreeSet;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::alert_index::AlertIndex;
 use super::{AlertLog, BucketId, Commit, Result, StateStore, StoreError};
 use crate::alert::AlertRecord;
 
@@ -27,26 +24,24 @@ const TIMERS: TableDefinition<(&str, &str, &str), i64> = TableDefinition::new("t
 /// seq → alert record as JSON: the alert log, appended in commit order.
 /// Entries after the `published` cursor are the outbox.
 const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
-/// (tenant, seq): each tenant's alerts, for listing.
-const TENANT_ALERTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("tenant_alerts");
+/// Where earlier versions kept the per-tenant index; dropped at open.
+const LEGACY_INDEX: TableDefinition<(&str, u64), ()> = TableDefinition::new("tenant_alerts");
 /// idempotency key → the answer given.
 const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
 /// Counters: `next_seq`; `published` (every alert up to it reached the
-/// sink); `indexed` (every alert up to it is in `tenant_alerts`).
+/// sink).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Index entries that wait in memory before a commit writes them all.
-const INDEX_BATCH: usize = 4 * 1024;
+/// Index entries that make the index writer go.
+const INDEX_BATCH: usize = 16 * 1024;
 
-/// The state store in `<data-dir>/state.redb`.
+/// The state store in `<data-dir>/state.redb`, its alert index beside it in
+/// `state.index.redb`.
 pub struct EmbeddedStore {
     db: Database,
-    /// `(tenant, seq)` of committed alerts after `indexed`, in seq order.
-    /// Locked across each commit, so a reader sees the table and these
-    /// entries as of the same commit.
-    unindexed: Mutex<BTreeSet<(String, u64)>>,
-    /// How many entries wait before a commit writes them ([`INDEX_BATCH`]).
-    index_batch: usize,
+    index: Arc<AlertIndex>,
+    /// The thread writing the index, if this store has one.
+    writer: Option<JoinHandle<()>>,
 }
 
 /// The one field of a logged alert that rebuilding the index needs.
@@ -61,48 +56,75 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 
 impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with(path, INDEX_BATCH)
+        Self::open_with(path, INDEX_BATCH, true)
     }
 
-    fn open_with(path: &Path, index_batch: usize) -> Result<Self> {
+    /// The index file of the store at `path`.
+    pub fn index_path(path: &Path) -> PathBuf {
+        path.with_extension("index.redb")
+    }
+
+    /// `background`: whether a thread writes the index (tests flush it
+    /// themselves).
+    fn open_with(path: &Path, index_batch: usize, background: bool) -> Result<Self> {
         let db =
             Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(err)?;
+        let last_seq;
         {
             tx.open_table(STATES).map_err(err)?;
             tx.open_table(TIMERS).map_err(err)?;
             tx.open_table(ALERTS).map_err(err)?;
-            tx.open_table(TENANT_ALERTS).map_err(err)?;
             tx.open_table(RECEIPTS).map_err(err)?;
             let mut meta = tx.open_table(META).map_err(err)?;
-            if meta.get("indexed").map_err(err)?.is_none() {
-                // A store from before the index was written behind: all of
-                // its log is indexed.
-                let next = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value());
-                meta.insert("indexed", next - 1).map_err(err)?;
-            }
+            meta.remove("indexed").map_err(err)?;
+            last_seq = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value()) - 1;
         }
+        tx.delete_table(LEGACY_INDEX).map_err(err)?;
         tx.commit().map_err(err)?;
-        let unindexed = Mutex::new(unindexed(&db)?);
-        Ok(EmbeddedStore {
-            db,
-            unindexed,
-            index_batch,
-        })
+
+        let index_path = Self::index_path(path);
+        let mut index = AlertIndex::open(&index_path, index_batch)?;
+        if index.indexed()? > last_seq {
+            // Not this log's index (the store was replaced): start anew.
+            drop(index);
+            std::fs::remove_file(&index_path)
+                .map_err(|e| StoreError(format!("{}: {e}", index_path.display())))?;
+            index = AlertIndex::open(&index_path, index_batch)?;
+        }
+        index.waiting().add(unindexed(&db, index.indexed()?)?);
+        let index = Arc::new(index);
+        let writer = background
+            .then(|| {
+                let index = index.clone();
+                std::thread::Builder::new()
+                    .name("tocsin-index".to_owned())
+                    .spawn(move || index.run_writer())
+            })
+            .transpose()
+            .map_err(|e| StoreError(format!("cannot start the alert index writer: {e}")))?;
+        Ok(EmbeddedStore { db, index, writer })
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            self.index.stop();
+            let _ = writer.join();
+        }
     }
 }
 
 /// The index entries of the alerts logged after `indexed`.
-fn unindexed(db: &Database) -> Result<BTreeSet<(String, u64)>> {
+fn unindexed(db: &Database, indexed: u64) -> Result<Vec<(String, u64)>> {
     let tx = db.begin_read().map_err(err)?;
-    let meta = tx.open_table(META).map_err(err)?;
-    let indexed = meta.get("indexed").map_err(err)?.map_or(0, |v| v.value());
     let log = tx.open_table(ALERTS).map_err(err)?;
-    let mut entries = BTreeSet::new();
+    let mut entries = Vec::new();
     for entry in log.range(indexed + 1..).map_err(err)? {
         let (seq, json) = entry.map_err(err)?;
         let TenantOf { tenant } = serde_json::from_slice(json.value()).map_err(err)?;
-        entries.insert((tenant, seq.value()));
+        entries.push((tenant, seq.value()));
     }
     Ok(entries)
 }
@@ -126,9 +148,11 @@ impl StateStore for EmbeddedStore {
     }
 
     fn commit(&self, commit: Commit) -> Result<Vec<AlertRecord>> {
+        // Held across the write: readers see these alerts in the log and in
+        // the index's waiting entries at once.
+        let mut waiting = self.index.waiting();
         let tx = self.db.begin_write().map_err(err)?;
         let mut alerts = commit.alerts;
-        let last_seq;
         {
             let mut states = tx.open_table(STATES).map_err(err)?;
             // In key order, consecutive inserts land on the same leaf pages.
@@ -161,7 +185,6 @@ impl StateStore for EmbeddedStore {
                 seq += 1;
             }
             meta.insert("next_seq", seq).map_err(err)?;
-            last_seq = seq - 1;
             let mut receipts = tx.open_table(RECEIPTS).map_err(err)?;
             for (key, answer) in &commit.receipts {
                 receipts
@@ -169,34 +192,13 @@ impl StateStore for EmbeddedStore {
                     .map_err(err)?;
             }
         }
-        let mut unindexed = self.unindexed.lock().expect("index lock");
-        let flush = unindexed.len() + alerts.len() >= self.index_batch;
-        if flush {
-            let mut index = tx.open_table(TENANT_ALERTS).map_err(err)?;
-            let pending = unindexed
-                .iter()
-                .map(|(tenant, seq)| (tenant.as_str(), *seq))
-                .chain(
-                    alerts
-                        .iter()
-                        .map(|a| (a.tenant.as_str(), a.seq.expect("set above"))),
-                );
-            for key in pending {
-                index.insert(key, ()).map_err(err)?;
-            }
-            let mut meta = tx.open_table(META).map_err(err)?;
-            meta.insert("indexed", last_seq).map_err(err)?;
-        }
         tx.commit().map_err(err)?;
-        if flush {
-            unindexed.clear();
-        } else {
-            unindexed.extend(
-                alerts
-                    .iter()
-                    .map(|a| (a.tenant.clone(), a.seq.expect("set above"))),
-            );
-        }
+        waiting.add(
+            alerts
+                .iter()
+                .map(|a| (a.tenant.clone(), a.seq.expect("set above"))),
+        );
+        self.index.added(&waiting);
         Ok(alerts)
     }
 
@@ -232,27 +234,20 @@ impl AlertLog for EmbeddedStore {
         if after == u64::MAX {
             return Ok(alerts);
         }
-        // The snapshot and the waiting entries as of the same commit: every
-        // waiting seq is above every indexed one.
-        let (tx, waiting) = {
-            let unindexed = self.unindexed.lock().expect("index lock");
-            let tx = self.db.begin_read().map_err(err)?;
-            let waiting: Vec<u64> = unindexed
-                .range((tenant.to_owned(), after + 1)..=(tenant.to_owned(), u64::MAX))
-                .map(|(_, seq)| *seq)
-                .take(limit)
-                .collect();
-            (tx, waiting)
-        };
-        let index = tx.open_table(TENANT_ALERTS).map_err(err)?;
+        // The log, the index file and the waiting entries as of one moment.
+        let (index, waiting, tx) = self
+            .index
+            .snapshot(tenant, after, limit, || self.db.begin_read().map_err(err))?;
         let log = tx.open_table(ALERTS).map_err(err)?;
-        let indexed = index
-            .range((tenant, after + 1)..=(tenant, u64::MAX))
-            .map_err(err)?
-            .map(|entry| entry.map(|(key, _)| key.value().1).map_err(err));
-        let seqs = indexed.chain(waiting.into_iter().map(Ok)).take(limit);
+        // The first `limit` of each, merged: an entry being written can be
+        // in both for a moment.
+        let mut seqs = index.seqs(tenant, after, limit)?;
+        seqs.extend(waiting);
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs.truncate(limit);
         for seq in seqs {
-            if let Some(json) = log.get(seq?).map_err(err)? {
+            if let Some(json) = log.get(seq).map_err(err)? {
                 alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
             }
         }
@@ -320,18 +315,21 @@ mod tests {
         all
     }
 
+    /// A store whose index the test writes itself, with `batch` 4.
+    fn open(path: &Path) -> EmbeddedStore {
+        EmbeddedStore::open_with(path, 4, false).unwrap()
+    }
+
     #[test]
-    fn listing_sees_every_committed_alert_whether_or_not_its_index_entry_is_written() {
+    fn listing_sees_every_committed_alert_whether_it_waits_or_is_in_the_index_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let store = EmbeddedStore::open_with(&path, 4).unwrap();
+        let store = open(&path);
         commit(&store, &[("a", "a1"), ("b", "b1"), ("a", "a2")]);
-        assert_eq!(keys(&store, "a", 0, 10), ["a1", "a2"], "before any flush");
-        // The fourth entry flushes all four into the table.
-        commit(&store, &[("a", "a3")]);
-        assert!(store.unindexed.lock().unwrap().is_empty());
-        commit(&store, &[("b", "b2"), ("a", "a4")]);
-        assert_eq!(store.unindexed.lock().unwrap().len(), 2);
+        assert_eq!(keys(&store, "a", 0, 10), ["a1", "a2"], "all waiting");
+        store.index.flush().unwrap();
+        assert_eq!(store.index.indexed().unwrap(), 3);
+        commit(&store, &[("a", "a3"), ("b", "b2"), ("a", "a4")]);
         assert_eq!(keys(&store, "a", 0, 10), ["a1", "a2", "a3", "a4"]);
         assert_eq!(
             paged(&store, "a"),
@@ -347,29 +345,82 @@ mod tests {
 
         // A crash loses the waiting entries: opening rebuilds them from the log.
         drop(store);
-        let store = EmbeddedStore::open_with(&path, 4).unwrap();
-        assert_eq!(store.unindexed.lock().unwrap().len(), 2);
+        let store = open(&path);
+        assert_eq!(store.index.indexed().unwrap(), 3);
         assert_eq!(paged(&store, "a"), ["a1", "a2", "a3", "a4"]);
         assert_eq!(paged(&store, "b"), ["b1", "b2"]);
-        commit(&store, &[("a", "a5"), ("b", "b3")]);
-        assert!(store.unindexed.lock().unwrap().is_empty(), "flushed");
+        store.index.flush().unwrap();
+        assert_eq!(store.index.indexed().unwrap(), 6);
+        commit(&store, &[("a", "a5")]);
         assert_eq!(paged(&store, "a"), ["a1", "a2", "a3", "a4", "a5"]);
     }
 
     #[test]
-    fn a_store_whose_index_was_written_with_every_commit_opens_fully_indexed() {
+    fn the_writer_thread_writes_a_waiting_batch_and_the_rest_when_the_store_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let store = EmbeddedStore::open_with(&path, 2, true).unwrap();
+        commit(&store, &[("a", "a1"), ("a", "a2"), ("b", "b1")]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.index.indexed().unwrap() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the batch was never written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        commit(&store, &[("b", "b2")]);
+        drop(store);
+        let store = open(&path);
+        assert_eq!(store.index.indexed().unwrap(), 4, "written at close");
+        assert_eq!(paged(&store, "b"), ["b1", "b2"]);
+    }
+
+    #[test]
+    fn a_store_without_its_index_file_or_with_an_old_index_table_lists_every_alert() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         {
-            // What an earlier version left: entries indexed, no `indexed`.
-            let store = EmbeddedStore::open_with(&path, 1).unwrap();
-            commit(&store, &[("a", "a1"), ("a", "a2")]);
+            // What an earlier version left: the index inside the store.
+            let store = open(&path);
+            commit(&store, &[("a", "a1"), ("b", "b1"), ("a", "a2")]);
             let tx = store.db.begin_write().unwrap();
-            tx.open_table(META).unwrap().remove("indexed").unwrap();
+            tx.open_table(LEGACY_INDEX)
+                .unwrap()
+                .insert(("a", 1), ())
+                .unwrap();
+            tx.open_table(META).unwrap().insert("indexed", 3).unwrap();
             tx.commit().unwrap();
         }
-        let store = EmbeddedStore::open(&path).unwrap();
-        assert!(store.unindexed.lock().unwrap().is_empty());
-        assert_eq!(keys(&store, "a", 0, 10), ["a1", "a2"]);
+        std::fs::remove_file(EmbeddedStore::index_path(&path)).unwrap();
+        let store = open(&path);
+        assert_eq!(paged(&store, "a"), ["a1", "a2"]);
+        let tx = store.db.begin_read().unwrap();
+        assert!(
+            tx.open_table(LEGACY_INDEX).is_err(),
+            "the old table is gone"
+        );
+        drop(tx);
+        store.index.flush().unwrap();
+        assert_eq!(keys(&store, "b", 0, 10), ["b1"]);
+    }
+
+    #[test]
+    fn an_index_file_ahead_of_the_log_is_started_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let store = open(&path);
+            commit(&store, &[("a", "a1"), ("a", "a2")]);
+            store.index.flush().unwrap();
+        }
+        // The store replaced by a newer, shorter one; its index kept.
+        std::fs::remove_file(&path).unwrap();
+        let store = open(&path);
+        assert_eq!(store.index.indexed().unwrap(), 0);
+        commit(&store, &[("b", "b1")]);
+        store.index.flush().unwrap();
+        assert!(keys(&store, "a", 0, 10).is_empty());
+        assert_eq!(keys(&store, "b", 0, 10), ["b1"]);
     }
 }

@@ -5,6 +5,7 @@
 //! The embedded store ([`embedded`]) is the default; other backends implement
 //! the same trait. The pipeline never names a backend type.
 
+mod alert_index;
 pub mod dynamo;
 pub mod embedded;
 
