@@ -2,18 +2,22 @@
 //! one durable write transaction, so state, alerts and receipts are applied
 //! together or not at all, and survive a crash or a restart.
 //!
-//! The per-tenant alert index is derived data: a file and a thread of its
-//! own write it behind the log (see [`alert_index`](super::alert_index)).
-//! After a crash, opening the store rebuilds what the index file lacks from
-//! the log.
+//! Bucket states go through a log first and into their table many commits'
+//! worth at a time (see [`state_log`](super::state_log)). The per-tenant
+//! alert index is derived data: a file and a thread of its own write it
+//! behind the alert log (see [`alert_index`](super::alert_index)). After a
+//! crash, opening the store replays the state log and rebuilds what the
+//! index file lacks from the alert log.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::alert_index::AlertIndex;
+use super::state_log::{self, Logged, STATE_LOG};
 use super::{AlertLog, BucketId, Commit, Result, StateStore, StoreError};
 use crate::alert::AlertRecord;
 
@@ -34,11 +38,19 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Index entries that make the index writer go.
 const INDEX_BATCH: usize = 16 * 1024;
+/// State changes the log holds before a commit writes them into `states`:
+/// bounds their memory and the replay at open.
+const STATE_BATCH: usize = 64 * 1024;
 
 /// The state store in `<data-dir>/state.redb`, its alert index beside it in
 /// `state.index.redb`.
 pub struct EmbeddedStore {
     db: Database,
+    /// State changes logged but not yet in `states`. Locked across each
+    /// commit (before the index's waiting entries), so that reads see the
+    /// log and the table as of one commit.
+    logged: Mutex<Logged>,
+    state_batch: usize,
     index: Arc<AlertIndex>,
     /// The thread writing the index, if this store has one.
     writer: Option<JoinHandle<()>>,
@@ -76,6 +88,7 @@ impl EmbeddedStore {
             tx.open_table(TIMERS).map_err(err)?;
             tx.open_table(ALERTS).map_err(err)?;
             tx.open_table(RECEIPTS).map_err(err)?;
+            tx.open_table(STATE_LOG).map_err(err)?;
             let mut meta = tx.open_table(META).map_err(err)?;
             meta.remove("indexed").map_err(err)?;
             last_seq = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value()) - 1;
@@ -103,7 +116,14 @@ impl EmbeddedStore {
             })
             .transpose()
             .map_err(|e| StoreError(format!("cannot start the alert index writer: {e}")))?;
-        Ok(EmbeddedStore { db, index, writer })
+        let logged = Mutex::new(Logged::replay(&db.begin_read().map_err(err)?)?);
+        Ok(EmbeddedStore {
+            db,
+            logged,
+            state_batch: STATE_BATCH,
+            index,
+            writer,
+        })
     }
 }
 
@@ -131,10 +151,14 @@ fn unindexed(db: &Database, indexed: u64) -> Result<Vec<(String, u64)>> {
 
 impl StateStore for EmbeddedStore {
     fn load(&self, ids: &[BucketId]) -> Result<Vec<Option<Vec<u8>>>> {
+        let logged = self.logged.lock().expect("state log lock");
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(STATES).map_err(err)?;
         ids.iter()
             .map(|id| {
+                if let Some(latest) = logged.get(id) {
+                    return Ok(latest.clone());
+                }
                 let key = (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
                 Ok(table.get(key).map_err(err)?.map(|v| v.value().to_vec()))
             })
@@ -150,20 +174,27 @@ impl StateStore for EmbeddedStore {
     fn commit(&self, commit: Commit) -> Result<Vec<AlertRecord>> {
         // Held across the write: readers see these alerts in the log and in
         // the index's waiting entries at once.
+        let mut logged = self.logged.lock().expect("state log lock");
         let mut waiting = self.index.waiting();
         let tx = self.db.begin_write().map_err(err)?;
         let mut alerts = commit.alerts;
+        let flush_states = logged.due(commit.states.len(), self.state_batch);
         {
-            let mut states = tx.open_table(STATES).map_err(err)?;
-            // In key order, consecutive inserts land on the same leaf pages.
-            let mut changed: Vec<_> = commit.states.iter().collect();
-            changed.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
-            for (id, state) in changed {
-                let key = (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
-                match state {
-                    Some(bytes) => states.insert(key, bytes.as_slice()).map_err(err)?,
-                    None => states.remove(key).map_err(err)?,
-                };
+            let mut log = tx.open_table(STATE_LOG).map_err(err)?;
+            if flush_states {
+                // In key order, consecutive writes land on the same pages.
+                let mut states = tx.open_table(STATES).map_err(err)?;
+                for (id, state) in logged.merged(&commit.states) {
+                    let key = (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
+                    match state {
+                        Some(bytes) => states.insert(key, bytes).map_err(err)?,
+                        None => states.remove(key).map_err(err)?,
+                    };
+                }
+                log.retain(|_, _| false).map_err(err)?;
+            } else if !commit.states.is_empty() {
+                let entry = state_log::encode(&commit.states);
+                log.insert(logged.next(), entry.as_slice()).map_err(err)?;
             }
             let mut timers = tx.open_table(TIMERS).map_err(err)?;
             for (id, due) in &commit.timers {
@@ -193,6 +224,11 @@ impl StateStore for EmbeddedStore {
             }
         }
         tx.commit().map_err(err)?;
+        if flush_states {
+            logged.flushed();
+        } else if !commit.states.is_empty() {
+            logged.logged(commit.states);
+        }
         waiting.add(
             alerts
                 .iter()
@@ -255,31 +291,40 @@ impl AlertLog for EmbeddedStore {
     }
 
     fn buckets(&self, tenant: &str) -> Result<Vec<(BucketId, Vec<u8>)>> {
-        let tx = self.db.begin_read().map_err(err)?;
+        let (tx, logged) = {
+            let logged = self.logged.lock().expect("state log lock");
+            (self.db.begin_read().map_err(err)?, logged.of_tenant(tenant))
+        };
         let states = tx.open_table(STATES).map_err(err)?;
-        let mut buckets = Vec::new();
+        let mut buckets = BTreeMap::new();
         for entry in states.range((tenant, "", "")..).map_err(err)? {
             let (key, state) = entry.map_err(err)?;
             let (t, rule, bucket) = key.value();
             if t != tenant {
                 break;
             }
-            buckets.push((
-                BucketId {
-                    tenant: t.to_owned(),
-                    rule: rule.to_owned(),
-                    bucket: bucket.to_owned(),
-                },
-                state.value().to_vec(),
-            ));
+            let id = BucketId {
+                tenant: t.to_owned(),
+                rule: rule.to_owned(),
+                bucket: bucket.to_owned(),
+            };
+            buckets.insert(id, state.value().to_vec());
         }
-        Ok(buckets)
+        // The log is newer than the table.
+        for (id, state) in logged {
+            match state {
+                Some(state) => buckets.insert(id, state),
+                None => buckets.remove(&id),
+            };
+        }
+        Ok(buckets.into_iter().collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTableMetadata;
 
     fn alert(tenant: &str, key: &str) -> AlertRecord {
         let json = serde_json::json!({
@@ -403,6 +448,72 @@ mod tests {
         drop(tx);
         store.index.flush().unwrap();
         assert_eq!(keys(&store, "b", 0, 10), ["b1"]);
+    }
+
+    fn id(tenant: &str, bucket: &str) -> BucketId {
+        BucketId {
+            tenant: tenant.to_owned(),
+            rule: "r".to_owned(),
+            bucket: bucket.to_owned(),
+        }
+    }
+
+    fn set_states(store: &EmbeddedStore, states: &[(&str, &str, Option<&[u8]>)]) {
+        let commit = Commit {
+            states: states
+                .iter()
+                .map(|(t, b, s)| (id(t, b), s.map(<[u8]>::to_vec)))
+                .collect(),
+            ..Commit::default()
+        };
+        store.commit(commit).unwrap();
+    }
+
+    fn state(store: &EmbeddedStore, tenant: &str, bucket: &str) -> Option<Vec<u8>> {
+        store.load(&[id(tenant, bucket)]).unwrap().pop().unwrap()
+    }
+
+    fn in_table(store: &EmbeddedStore) -> usize {
+        let tx = store.db.begin_read().unwrap();
+        let table = tx.open_table(STATES).unwrap();
+        ReadableTableMetadata::len(&table).unwrap() as usize
+    }
+
+    #[test]
+    fn states_read_the_same_from_the_log_the_table_and_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut store = open(&path);
+        store.state_batch = 5;
+        set_states(&store, &[("a", "x", Some(b"1")), ("a", "y", Some(b"2"))]);
+        set_states(&store, &[("a", "x", Some(b"3")), ("b", "x", Some(b"4"))]);
+        assert_eq!(in_table(&store), 0, "logged only");
+        assert_eq!(state(&store, "a", "x").as_deref(), Some(&b"3"[..]));
+        assert_eq!(state(&store, "a", "z"), None);
+        let listed = |store: &EmbeddedStore, tenant| -> Vec<(String, Vec<u8>)> {
+            let buckets = store.buckets(tenant).unwrap();
+            buckets.into_iter().map(|(id, s)| (id.bucket, s)).collect()
+        };
+        assert_eq!(
+            listed(&store, "a"),
+            [("x".into(), b"3".to_vec()), ("y".into(), b"2".to_vec())]
+        );
+
+        // The fifth change writes everything into the table.
+        set_states(&store, &[("a", "y", None)]);
+        assert_eq!(in_table(&store), 2);
+        assert!(store.logged.lock().unwrap().of_tenant("a").is_empty());
+        assert_eq!(listed(&store, "a"), [("x".into(), b"3".to_vec())]);
+
+        // Logged changes over the table, then a crash: the log is replayed.
+        set_states(&store, &[("a", "x", None), ("a", "w", Some(b"5"))]);
+        assert_eq!(listed(&store, "a"), [("w".into(), b"5".to_vec())]);
+        drop(store);
+        let store = open(&path);
+        assert_eq!(state(&store, "a", "x"), None, "deleted in the log");
+        assert_eq!(state(&store, "a", "w").as_deref(), Some(&b"5"[..]));
+        assert_eq!(state(&store, "b", "x").as_deref(), Some(&b"4"[..]));
+        assert_eq!(listed(&store, "a"), [("w".into(), b"5".to_vec())]);
     }
 
     #[test]

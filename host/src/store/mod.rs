@@ -8,6 +8,7 @@
 mod alert_index;
 pub mod dynamo;
 pub mod embedded;
+mod state_log;
 
 use crate::alert::AlertRecord;
 
