@@ -11,10 +11,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::alert_index::AlertIndex;
 use super::state_log::{self, Logged, STATE_LOG};
@@ -51,6 +52,9 @@ pub struct EmbeddedStore {
     /// log and the table as of one commit.
     logged: Mutex<Logged>,
     state_batch: usize,
+    /// Every alert up to this seq reached the sink: written to `meta` with
+    /// the next commit (and at close), not in a transaction of its own.
+    published: AtomicU64,
     index: Arc<AlertIndex>,
     /// The thread writing the index, if this store has one.
     writer: Option<JoinHandle<()>>,
@@ -83,6 +87,7 @@ impl EmbeddedStore {
             Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(err)?;
         let last_seq;
+        let published;
         {
             tx.open_table(STATES).map_err(err)?;
             tx.open_table(TIMERS).map_err(err)?;
@@ -92,6 +97,7 @@ impl EmbeddedStore {
             let mut meta = tx.open_table(META).map_err(err)?;
             meta.remove("indexed").map_err(err)?;
             last_seq = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value()) - 1;
+            published = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
         }
         tx.delete_table(LEGACY_INDEX).map_err(err)?;
         tx.commit().map_err(err)?;
@@ -121,14 +127,36 @@ impl EmbeddedStore {
             db,
             logged,
             state_batch: STATE_BATCH,
+            published: AtomicU64::new(published),
             index,
             writer,
         })
     }
 }
 
+impl EmbeddedStore {
+    /// Write the published cursor, if it moved, in `tx`.
+    fn write_published(&self, tx: &redb::WriteTransaction) -> Result<()> {
+        let mut meta = tx.open_table(META).map_err(err)?;
+        let stored = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
+        let published = self.published.load(Ordering::Relaxed);
+        if published > stored {
+            meta.insert("published", published).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
+        // Spare the next start republishing what already reached the sink.
+        let closing = self.db.begin_write().map_err(err).and_then(|tx| {
+            self.write_published(&tx)?;
+            tx.commit().map_err(err)
+        });
+        if let Err(error) = closing {
+            tracing::warn!(%error, "cannot record the published alerts at close");
+        }
         if let Some(writer) = self.writer.take() {
             self.index.stop();
             let _ = writer.join();
@@ -216,6 +244,8 @@ impl StateStore for EmbeddedStore {
                 seq += 1;
             }
             meta.insert("next_seq", seq).map_err(err)?;
+            drop(meta);
+            self.write_published(&tx)?;
             let mut receipts = tx.open_table(RECEIPTS).map_err(err)?;
             for (key, answer) in &commit.receipts {
                 receipts
@@ -241,7 +271,8 @@ impl StateStore for EmbeddedStore {
     fn unpublished(&self) -> Result<Vec<AlertRecord>> {
         let tx = self.db.begin_read().map_err(err)?;
         let meta = tx.open_table(META).map_err(err)?;
-        let published = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
+        let stored = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
+        let published = stored.max(self.published.load(Ordering::Relaxed));
         let log = tx.open_table(ALERTS).map_err(err)?;
         let mut alerts = Vec::new();
         for entry in log.range(published + 1..).map_err(err)? {
@@ -252,15 +283,10 @@ impl StateStore for EmbeddedStore {
     }
 
     fn mark_published(&self, up_to: u64) -> Result<()> {
-        let mut tx = self.db.begin_write().map_err(err)?;
-        // Not worth an fsync: after a crash the outbox merely republishes,
-        // and sinks skip what they already have.
-        tx.set_durability(Durability::None).map_err(err)?;
-        {
-            let mut meta = tx.open_table(META).map_err(err)?;
-            meta.insert("published", up_to).map_err(err)?;
-        }
-        tx.commit().map_err(err)
+        // Not worth a transaction of its own: after a crash the outbox
+        // merely republishes, and sinks skip what they already have.
+        self.published.fetch_max(up_to, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -514,6 +540,33 @@ mod tests {
         assert_eq!(state(&store, "a", "w").as_deref(), Some(&b"5"[..]));
         assert_eq!(state(&store, "b", "x").as_deref(), Some(&b"4"[..]));
         assert_eq!(listed(&store, "a"), [("w".into(), b"5".to_vec())]);
+    }
+
+    #[test]
+    fn the_published_cursor_rides_on_the_next_commit_and_is_kept_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let unpublished = |store: &EmbeddedStore| -> Vec<u64> {
+            let alerts = store.unpublished().unwrap();
+            alerts.into_iter().map(|a| a.seq.unwrap()).collect()
+        };
+        let store = open(&path);
+        commit(&store, &[("a", "a1"), ("a", "a2")]);
+        assert_eq!(unpublished(&store), [1, 2]);
+        store.mark_published(1).unwrap();
+        assert_eq!(unpublished(&store), [2], "at once, in this process");
+        commit(&store, &[("a", "a3")]);
+        let stored = |store: &EmbeddedStore| {
+            let tx = store.db.begin_read().unwrap();
+            let meta = tx.open_table(META).unwrap();
+            meta.get("published").unwrap().map(|v| v.value())
+        };
+        assert_eq!(stored(&store), Some(1), "written with the next commit");
+        store.mark_published(3).unwrap();
+        drop(store);
+        let store = open(&path);
+        assert_eq!(stored(&store), Some(3), "written at close");
+        assert!(unpublished(&store).is_empty());
     }
 
     #[test]
