@@ -166,35 +166,42 @@ pub async fn check_exists(
 }
 
 async fn stream_exists(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> anyhow::Result<bool> {
-    match kinesis
+    let described = kinesis
         .describe_stream_summary()
         .stream_name(stream)
         .send()
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_resource_not_found_exception()) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(anyhow::anyhow!(error_text(e)))
-            .with_context(|| format!("cannot describe Kinesis stream `{stream}`")),
-    }
+        .await;
+    found(
+        described,
+        |e| e.is_resource_not_found_exception(),
+        || format!("cannot describe Kinesis stream `{stream}`"),
+    )
 }
 
 async fn table_exists(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> anyhow::Result<bool> {
-    match dynamodb.describe_table().table_name(table).send().await {
+    let described = dynamodb.describe_table().table_name(table).send().await;
+    found(
+        described,
+        |e| e.is_resource_not_found_exception(),
+        || format!("cannot describe DynamoDB table `{table}`"),
+    )
+}
+
+/// Whether a describe call found its resource: a not-found answer is
+/// `false`, any other failure an error in the words of `what`.
+fn found<T, E, R>(
+    described: Result<T, aws_sdk_kinesis::error::SdkError<E, R>>,
+    not_found: impl FnOnce(&E) -> bool,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<bool>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match described {
         Ok(_) => Ok(true),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_resource_not_found_exception()) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(anyhow::anyhow!(error_text(e)))
-            .with_context(|| format!("cannot describe DynamoDB table `{table}`")),
+        Err(e) if e.as_service_error().is_some_and(not_found) => Ok(false),
+        Err(e) => Err(anyhow::anyhow!(error_text(e))).with_context(what),
     }
 }
 

@@ -386,6 +386,13 @@ mod tests {
         all
     }
 
+    /// Where a test's store lives (gone with the directory).
+    fn store_path() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        (dir, path)
+    }
+
     /// A store whose index the test writes itself, with `batch` 4.
     fn open(path: &Path) -> EmbeddedStore {
         EmbeddedStore::open_with(path, 4, false).unwrap()
@@ -393,8 +400,7 @@ mod tests {
 
     #[test]
     fn listing_sees_every_committed_alert_whether_it_waits_or_is_in_the_index_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
+        let (_dir, path) = store_path();
         let store = open(&path);
         commit(&store, &[("a", "a1"), ("b", "b1"), ("a", "a2")]);
         assert_eq!(keys(&store, "a", 0, 10), ["a1", "a2"], "all waiting");
@@ -428,8 +434,7 @@ mod tests {
 
     #[test]
     fn the_writer_thread_writes_a_waiting_batch_and_the_rest_when_the_store_closes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
+        let (_dir, path) = store_path();
         let store = EmbeddedStore::open_with(&path, 2, true).unwrap();
         commit(&store, &[("a", "a1"), ("a", "a2"), ("b", "b1")]);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -449,8 +454,7 @@ mod tests {
 
     #[test]
     fn a_store_without_its_index_file_or_with_an_old_index_table_lists_every_alert() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
+        let (_dir, path) = store_path();
         {
             // What an earlier version left: the index inside the store.
             let store = open(&path);
@@ -507,8 +511,7 @@ mod tests {
 
     #[test]
     fn states_read_the_same_from_the_log_the_table_and_after_a_crash() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
+        let (_dir, path) = store_path();
         let mut store = open(&path);
         store.state_batch = 5;
         set_states(&store, &[("a", "x", Some(b"1")), ("a", "y", Some(b"2"))]);
@@ -544,8 +547,7 @@ mod tests {
 
     #[test]
     fn the_published_cursor_rides_on_the_next_commit_and_is_kept_at_close() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
+        let (_dir, path) = store_path();
         let unpublished = |store: &EmbeddedStore| -> Vec<u64> {
             let alerts = store.unpublished().unwrap();
             alerts.into_iter().map(|a| a.seq.unwrap()).collect()
@@ -571,8 +573,7 @@ mod tests {
 
     #[test]
     fn an_index_file_ahead_of_the_log_is_started_anew() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
+        let (_dir, path) = store_path();
         {
             let store = open(&path);
             commit(&store, &[("a", "a1"), ("a", "a2")]);
