@@ -21,18 +21,19 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tocsin::alert::AlertRecord;
-use tocsin::catalogue::{Assignment, StaticCatalogue};
+use tocsin::api::Status;
+use tocsin::catalogue::{Assignment, Catalogue, StaticCatalogue};
 use tocsin::clock::SystemClock;
-use tocsin::cluster::Status;
 use tocsin::config::{AlertsBackend, Config, RuleEntry, Source, StateBackend};
+use tocsin::engine::run;
 use tocsin::event::{Incoming, SeqNo};
-use tocsin::pipeline::{self, Prior};
 use tocsin::runtime::{Runtime, RuntimeConfig, StateChange};
+use tocsin::serve::Server;
 use tocsin::sink::kinesis::{Entry, KinesisSink, RecordWriter, SdkWriter};
 use tocsin::source::leases::Leases;
-use tocsin::store::BucketId;
-use tocsin::store::dynamo::{
-    BucketWrite, Checkpoint, CommitError, DynamoStore, Fence, ShardCommit,
+use tocsin::store::dynamo::DynamoStore;
+use tocsin::store::{
+    BucketId, BucketWrite, Checkpoint, Commit, Fence, Progress, StateStore, StoreError,
 };
 use tocsin_test_support::{self as support, AlertShape};
 
@@ -292,15 +293,22 @@ fn reference(
         .collect();
     let mut alerts = Vec::new();
     let mut states = BTreeMap::new();
-    for (tenant, events) in pipeline::by_tenant(&events) {
-        let run = pipeline::run_tenant(&catalogue, tenant, &events, 0, |_| {
-            Ok::<_, ()>(Prior::state(None::<Vec<u8>>))
-        })
-        .unwrap();
-        for (id, outcome) in run.buckets {
-            alerts.extend(outcome.alerts.iter().map(shape));
-            if let StateChange::Set(bytes) = outcome.state {
-                states.insert(id, bytes);
+    for (tenant, indices) in run::by_tenant(&events) {
+        let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
+        for rule in catalogue.rules(tenant).unwrap().iter() {
+            let run =
+                run::run_rule(rule, &tenant_events, 0, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
+            for bucket in run.buckets {
+                let outcome = bucket.result.unwrap();
+                alerts.extend(outcome.alerts.iter().map(shape));
+                if let StateChange::Set(bytes) = outcome.state {
+                    let id = BucketId {
+                        tenant: tenant.to_owned(),
+                        rule: rule.manifest().name.clone(),
+                        bucket: bucket.key,
+                    };
+                    states.insert(id, bytes);
+                }
             }
         }
     }
@@ -308,7 +316,7 @@ fn reference(
 }
 
 async fn stored_states(aws: &Aws, table: &str) -> BTreeMap<BucketId, Vec<u8>> {
-    let store = DynamoStore::new(tocsin::aws::Table::new(aws.dynamodb.clone(), table));
+    let store = DynamoStore::new(tocsin::aws::Table::new(aws.dynamodb.clone(), table), "any");
     store
         .scan_buckets()
         .await
@@ -328,7 +336,7 @@ async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_th
     let aws = aws().await;
     let names = setup(&aws, 2).await;
     let data = tempfile::tempdir().unwrap();
-    let host = tocsin::cluster::start(
+    let host = Server::start(
         config(&names, data.path(), &seed_rules()),
         Arc::new(SystemClock),
     )
@@ -354,7 +362,7 @@ async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_th
 
     // The simulator's seed events: every bucket is cached now, so steady
     // state reads nothing from DynamoDB, and commits are one per shard batch.
-    let usage = host.engine().store().usage();
+    let usage = host.usage().unwrap();
     let reads_before = usage.bucket_reads.load(Ordering::Relaxed);
     let requests_before = usage.data_requests();
     let more = tocsin::seed::Simulator::seed(StdRng::seed_from_u64(3)).events(1000);
@@ -548,7 +556,7 @@ async fn a_shard_split_mid_run_loses_nothing_and_keeps_per_bucket_order() {
     let lines = fleet_events(&tenants, 600, 11);
     let (want_alerts, want_state) = reference(&rules, &lines);
     let data = tempfile::tempdir().unwrap();
-    let host = tocsin::cluster::start(config(&names, data.path(), &rules), Arc::new(SystemClock))
+    let host = Server::start(config(&names, data.path(), &rules), Arc::new(SystemClock))
         .await
         .unwrap();
     let base = format!("http://{}", host.addr());
@@ -624,12 +632,14 @@ fn write(id: &BucketId, state: &[u8]) -> BucketWrite {
     }
 }
 
-fn shard_commit(writes: Vec<BucketWrite>, seq: &str) -> ShardCommit {
-    ShardCommit {
+fn shard_commit(fence: &Fence, writes: Vec<BucketWrite>, seq: &str) -> Commit {
+    Commit {
         writes,
-        last: SeqNo::new(seq).unwrap(),
-        checkpoint: Checkpoint::At(SeqNo::new(seq).unwrap()),
-        published: Vec::new(),
+        progress: Progress::Shard {
+            fence: fence.clone(),
+            last: SeqNo::new(seq).unwrap(),
+            checkpoint: Checkpoint::At(SeqNo::new(seq).unwrap()),
+        },
         now_ms: 1_700_000_000_000,
     }
 }
@@ -674,12 +684,13 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
         epoch,
     };
     let id = bucket("machine-01");
-    let a = DynamoStore::new(table.clone());
-    a.load([id.clone()]).await.unwrap();
-    a.commit(
+    let a = DynamoStore::new(table.clone(), &names.events);
+    a.fetch([id.clone()]).await.unwrap();
+    a.commit(shard_commit(
         &fence("host-a", epoch_a),
-        shard_commit(vec![write(&id, b"a1")], "10"),
-    )
+        vec![write(&id, b"a1")],
+        "10",
+    ))
     .await
     .unwrap();
 
@@ -690,27 +701,29 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
         .unwrap()
         .expect("taken over");
     assert!(epoch_b > epoch_a);
-    let b = DynamoStore::new(table.clone());
-    b.load([id.clone()]).await.unwrap();
+    let b = DynamoStore::new(table.clone(), &names.events);
+    b.fetch([id.clone()]).await.unwrap();
     assert_eq!(b.cached(&id).unwrap().state.as_deref(), Some(&b"a1"[..]));
-    b.commit(
+    b.commit(shard_commit(
         &fence("host-b", epoch_b),
-        shard_commit(vec![write(&id, b"b1")], "20"),
-    )
+        vec![write(&id, b"b1")],
+        "20",
+    ))
     .await
     .unwrap();
 
     // A wakes up: its write is fenced off, and renewing tells it so.
     let stale = a
-        .commit(
+        .commit(shard_commit(
             &fence("host-a", epoch_a),
-            shard_commit(vec![write(&id, b"a2")], "11"),
-        )
+            vec![write(&id, b"a2")],
+            "11",
+        ))
         .await;
-    assert!(matches!(stale, Err(CommitError::Fenced(_))), "{stale:?}");
+    assert!(matches!(stale, Err(StoreError::Fenced(_))), "{stale:?}");
     assert!(!leases.renew("shard-x", "host-a", epoch_a).await.unwrap());
-    let c = DynamoStore::new(table.clone());
-    c.load([id.clone()]).await.unwrap();
+    let c = DynamoStore::new(table.clone(), &names.events);
+    c.fetch([id.clone()]).await.unwrap();
     let stored = c.cached(&id).unwrap();
     assert_eq!(
         stored.state.as_deref(),
@@ -728,20 +741,22 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
 
     // Two writers of one bucket under a valid fence: the one that read an
     // older version is told to read again.
-    b.commit(
+    b.commit(shard_commit(
         &fence("host-b", epoch_b),
-        shard_commit(vec![write(&id, b"b2")], "30"),
-    )
+        vec![write(&id, b"b2")],
+        "30",
+    ))
     .await
     .unwrap();
     let conflict = c
-        .commit(
+        .commit(shard_commit(
             &fence("host-b", epoch_b),
-            shard_commit(vec![write(&id, b"c1")], "31"),
-        )
+            vec![write(&id, b"c1")],
+            "31",
+        ))
         .await;
     match conflict {
-        Err(CommitError::Conflict(ids)) => assert_eq!(ids, vec![id.clone()]),
+        Err(StoreError::Conflict(ids)) => assert_eq!(ids, vec![id.clone()]),
         other => panic!("expected a version conflict, got {other:?}"),
     }
 }
@@ -927,9 +942,7 @@ async fn state_over_the_item_limit_is_a_rule_error_and_other_tenants_go_on() {
     let mut config = config(&names, data.path(), &rules);
     // The sandbox would allow 1 MiB; DynamoDB's item limit does not.
     config.limits.max_state_bytes = 1 << 20;
-    let host = tocsin::cluster::start(config, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let host = Server::start(config, Arc::new(SystemClock)).await.unwrap();
     let base = format!("http://{}", host.addr());
     put(
         &aws,
@@ -986,7 +999,7 @@ async fn a_host_without_its_stream_says_what_is_missing() {
     );
 
     // A host of the stream points producers there.
-    let host = tocsin::cluster::start(
+    let host = Server::start(
         config(&names, data.path(), &seed_rules()),
         Arc::new(SystemClock),
     )
@@ -1022,25 +1035,26 @@ async fn a_bounded_cache_drops_buckets_and_rereads_them_when_needed() {
     let ids: Vec<BucketId> = (1..=5)
         .map(|m| bucket(&format!("machine-{m:02}")))
         .collect();
-    let store = DynamoStore::with_cache(table.clone(), 2);
+    let store = DynamoStore::with_cache(table.clone(), &names.events, 2);
     for (n, id) in ids.iter().enumerate() {
-        store.load([id.clone()]).await.unwrap();
+        store.fetch([id.clone()]).await.unwrap();
         assert!(store.cached_len() <= 2, "the cache stays bounded");
         store
-            .commit(
+            .commit(shard_commit(
                 &fence,
-                shard_commit(vec![write(id, b"v1")], &(n + 1).to_string()),
-            )
+                vec![write(id, b"v1")],
+                &(n + 1).to_string(),
+            ))
             .await
             .unwrap();
     }
     // machine-01 was dropped long ago: reading it again finds its state.
-    store.load([ids[0].clone()]).await.unwrap();
+    store.fetch([ids[0].clone()]).await.unwrap();
     let item = store.cached(&ids[0]).unwrap();
     assert_eq!(item.state.as_deref(), Some(&b"v1"[..]));
     assert_eq!(item.version, 1);
     store
-        .commit(&fence, shard_commit(vec![write(&ids[0], b"v2")], "10"))
+        .commit(shard_commit(&fence, vec![write(&ids[0], b"v2")], "10"))
         .await
         .unwrap();
     let states = stored_states(&aws, &names.table).await;

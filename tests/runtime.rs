@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use tocsin::alert::AlertRecord;
 use tocsin::clock::ManualClock;
+use tocsin::engine::run as pipeline;
 use tocsin::event::Incoming;
-use tocsin::pipeline;
 use tocsin::rule_test::{self, Options};
 use tocsin::runtime::{Cause, Limits, LoadedRule, Output, RuleError, Runtime, RuntimeConfig};
 use tocsin_test_support::{self as support, components};
@@ -375,8 +375,8 @@ fn a_replayed_batch_skips_what_each_bucket_already_applied() {
     let refs: Vec<&Incoming> = events.iter().collect();
     let keys = |applied: Option<&str>| -> Vec<String> {
         let run = pipeline::run_rule_after(&rule, &refs, 0, |_| {
-            Ok::<_, ()>(pipeline::Prior {
-                state: None::<Vec<u8>>,
+            Ok::<_, ()>(tocsin::store::Prior {
+                state: None,
                 applied: applied.and_then(tocsin::event::SeqNo::new),
             })
         })

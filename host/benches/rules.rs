@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tocsin::batch::{self, Bucket};
+use tocsin::engine::route::{self as batch, Bucket};
 use tocsin::event::Incoming;
 use tocsin::runtime::{self, LoadedRule, Metering, Runtime, RuntimeConfig, StateChange};
 use tocsin_rule::Rule;

@@ -8,6 +8,18 @@ use sha2::{Digest, Sha256};
 
 use crate::runtime::{self, AlertStatus};
 
+/// Longest alert title kept; a longer one is cut (at a character boundary)
+/// and ends in `…`.
+pub const MAX_TITLE_BYTES: usize = 4 * 1024;
+/// Longest alert key kept as it is; a longer one is replaced by
+/// `sha256:<hex>` of it, which is as unique and always the same.
+pub const MAX_KEY_BYTES: usize = 512;
+/// Largest detail kept; a larger one is replaced by
+/// `{"truncated": true, "bytes": N}`. With the other bounds an alert record
+/// stays under 200 KiB: it fits a DynamoDB outbox item (400 KB) and a
+/// Kinesis record (1 MiB) whatever the rule returns.
+pub const MAX_DETAIL_BYTES: usize = 192 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -129,23 +141,81 @@ impl AlertRecord {
             AlertStatus::Firing => Status::Firing,
             AlertStatus::Resolved => Status::Resolved,
         };
+        let key = bounded_key(alert.key);
         AlertRecord {
-            id: alert_id(origin, alert.key, status, seq),
+            id: alert_id(origin, &key, status, seq),
             tenant: origin.tenant.to_owned(),
             rule: origin.rule.to_owned(),
             rule_version: rule_version.to_owned(),
             bucket: origin.bucket.to_owned(),
-            key: alert.key.to_owned(),
+            key,
             status,
             severity: match alert.severity {
                 runtime::Severity::Info => Severity::Info,
                 runtime::Severity::Warning => Severity::Warning,
                 runtime::Severity::Critical => Severity::Critical,
             },
-            title: alert.title.to_owned(),
-            detail: Detail::new(alert.detail),
+            title: bounded_title(alert.title),
+            detail: if alert.detail.len() > MAX_DETAIL_BYTES {
+                Detail::from_value(&serde_json::json!({
+                    "truncated": true,
+                    "bytes": alert.detail.len(),
+                }))
+            } else {
+                Detail::new(alert.detail)
+            },
             at,
             seq: None,
         }
+    }
+}
+
+fn bounded_key(key: &str) -> String {
+    if key.len() <= MAX_KEY_BYTES {
+        return key.to_owned();
+    }
+    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+fn bounded_title(title: &str) -> String {
+    if title.len() <= MAX_TITLE_BYTES {
+        return title.to_owned();
+    }
+    let mut end = MAX_TITLE_BYTES - '…'.len_utf8();
+    while !title.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &title[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_alert_a_rule_returns_is_bounded_to_what_stores_and_streams_take() {
+        let origin = Origin {
+            tenant: "t",
+            rule: "r",
+            bucket: "b",
+            position: "p:1",
+        };
+        let title = "é".repeat(MAX_TITLE_BYTES);
+        let key = "k".repeat(10 * MAX_KEY_BYTES);
+        let detail = format!("[{}]", "1,".repeat(MAX_DETAIL_BYTES) + "1");
+        let alert = runtime::Alert {
+            key: &key,
+            status: AlertStatus::Firing,
+            severity: runtime::Severity::Info,
+            title: &title,
+            detail: &detail,
+        };
+        let record = AlertRecord::new(origin, "1.0.0", alert, 0, 0);
+        assert!(record.title.len() <= MAX_TITLE_BYTES && record.title.ends_with('…'));
+        assert!(record.key.starts_with("sha256:") && record.key.len() <= MAX_KEY_BYTES);
+        assert_eq!(record.detail.to_value()["truncated"], true);
+        assert!(serde_json::to_vec(&record).unwrap().len() < 200 * 1024);
+        let again = AlertRecord::new(origin, "1.0.0", alert, 0, 0);
+        assert_eq!(record.id, again.id, "bounded the same way every time");
     }
 }

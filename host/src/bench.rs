@@ -205,7 +205,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let cpu = process_cpu()
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
-    let stats = server.processor().stats();
+    let stats = server.engine().stats();
     let nanos = |counter: &std::sync::atomic::AtomicU64| {
         Duration::from_nanos(counter.load(Ordering::Relaxed))
     };
@@ -350,12 +350,12 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
     let catalogue_ready = crate::serve::load_catalogue(&config).await?;
     drop(catalogue_ready); // compiled once, cached on disk for the host below
     let started = Instant::now();
-    let host = crate::cluster::start(config, Arc::new(SystemClock)).await?;
+    let host = Server::start(config, Arc::new(SystemClock)).await?;
     let engine = host.engine().clone();
+    let stats = engine.stats();
+    let shards = host.shards().expect("a Kinesis source");
     let total = lines.len() as u64;
-    while engine.stats.events.load(Ordering::Relaxed)
-        + engine.stats.unknown_tenant.load(Ordering::Relaxed)
-        < total
+    while stats.events.load(Ordering::Relaxed) + shards.bad_records.load(Ordering::Relaxed) < total
     {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
@@ -364,19 +364,19 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let usage = engine.store().usage();
+    let usage = host.usage().expect("the DynamoDB store");
     let report = DistributedReport {
-        events: engine.stats.events.load(Ordering::Relaxed),
+        events: stats.events.load(Ordering::Relaxed),
         elapsed,
-        alerts: engine.stats.alerts.load(Ordering::Relaxed),
-        batches: engine.stats.batches.load(Ordering::Relaxed),
+        alerts: stats.alerts.load(Ordering::Relaxed),
+        batches: shards.batches.load(Ordering::Relaxed),
         bucket_reads: usage.bucket_reads.load(Ordering::Relaxed),
         commits: usage.commits.load(Ordering::Relaxed),
         lease_requests: usage.lease_requests.load(Ordering::Relaxed),
-        load: Duration::from_nanos(engine.stats.load_ns.load(Ordering::Relaxed)),
-        rules: Duration::from_nanos(engine.stats.rules_ns.load(Ordering::Relaxed)),
-        commit: Duration::from_nanos(engine.stats.commit_ns.load(Ordering::Relaxed)),
-        publish: Duration::from_nanos(engine.stats.publish_ns.load(Ordering::Relaxed)),
+        load: Duration::from_nanos(stats.load_ns.load(Ordering::Relaxed)),
+        rules: Duration::from_nanos(stats.rules_ns.load(Ordering::Relaxed)),
+        commit: Duration::from_nanos(stats.commit_ns.load(Ordering::Relaxed)),
+        publish: Duration::from_nanos(stats.publish_ns.load(Ordering::Relaxed)),
     };
     host.stop().await?;
     Ok(report)

@@ -69,7 +69,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let mut live = server.processor().subscribe();
+    let mut live = server.engine().subscribe();
     let printer = tokio::spawn(async move {
         let mut counts: BTreeMap<(String, String, Status), usize> = BTreeMap::new();
         while let Ok(alert) = live.recv().await {
@@ -97,7 +97,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         sent += lines.len();
         batch_no += 1;
     }
-    let stats = server.processor().stats();
+    let stats = server.engine().stats();
     let alerts = stats.alerts.load(std::sync::atomic::Ordering::Relaxed);
     server.stop().await?;
     let counts = printer.await?;

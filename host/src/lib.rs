@@ -1,29 +1,25 @@
 //! Tocsin: a multi-tenant streaming alert engine. Tenants' rules are
-//! WebAssembly components run in a sandbox ([`runtime`]); events
-//! ([`event`]) are filtered and grouped into per-rule buckets ([`batch`]) and
-//! evaluated batch by batch ([`pipeline`]), raising [`alert`]s. The service
-//! ([`serve`]) feeds submitted batches through the [`processor`], which
-//! commits to a [`store`] and publishes to a [`sink`].
+//! WebAssembly components run in a sandbox ([`runtime`]). Every deployment
+//! runs one [`engine`]: a [`source`] hands it batches of [`event`]s, it
+//! routes them into per-rule buckets, runs the rules, commits to a
+//! [`store`] and publishes [`alert`]s to a [`sink`]. [`serve`] wires the
+//! backends a [`config`] names, with the HTTP [`api`] in front.
 
 pub mod alert;
+pub mod api;
 pub mod aws;
-pub mod backoff;
-pub mod batch;
+pub(crate) mod backoff;
 pub mod bench;
 pub mod catalogue;
 pub mod clock;
-pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod engine;
 pub mod event;
-pub mod ingest;
-pub mod pipeline;
-pub mod processor;
 pub mod rule_test;
 pub mod runtime;
 pub mod seed;
 pub mod serve;
-pub mod server;
 pub mod sink;
 pub mod source;
 pub mod store;

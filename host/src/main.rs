@@ -42,6 +42,8 @@ enum Command {
     Demo(DemoArgs),
     /// Drive a running host with the seed's machine simulator.
     Simulate(SimulateArgs),
+    /// Run the configured rules over a file of events through the engine; print the alerts as JSON lines.
+    Replay(ReplayArgs),
     /// Load-test the embedded service end to end and print figures.
     Bench(BenchArgs),
     /// Work with rule components.
@@ -68,6 +70,25 @@ struct ServeArgs {
     rules: Vec<tocsin::catalogue::Assignment>,
     #[command(flatten)]
     backends: BackendArgs,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Events, one JSON object per line; `-` reads standard input.
+    #[arg(long)]
+    events: PathBuf,
+    /// TOML config file (its rules, tenant field, limits and batch size).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run a rule for a tenant: TENANT=PATH.wasm (repeatable; adds to the config's rules).
+    #[arg(long = "rule", value_name = "TENANT=PATH")]
+    rules: Vec<tocsin::catalogue::Assignment>,
+    /// Keep state here (it accumulates over replays) [default: a new temporary directory].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Events per batch [default: the config's max_batch_events].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: Option<u32>,
 }
 
 #[derive(Args)]
@@ -259,6 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed: args.seed,
         })),
         Command::Simulate(args) => async_main(simulate(args)),
+        Command::Replay(args) => async_main(replay(args)),
         Command::Bench(args) => async_main(async move {
             let options = tocsin::bench::Options {
                 tenants: args.tenants,
@@ -308,16 +330,78 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if config.rules.is_empty() {
         bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
     }
-    if let Source::Kinesis(_) = config.source {
-        let host = tocsin::cluster::start(config, Arc::new(SystemClock)).await?;
-        // Tests and scripts read the bound address from this line.
-        println!("listening on {}", host.addr());
-        return host.run_until(shutdown_signal()).await;
-    }
     let server = Server::start(config, Arc::new(SystemClock)).await?;
     // Tests and scripts read the bound address from this line.
     println!("listening on {}", server.addr());
     server.run_until(shutdown_signal()).await
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    config
+        .rules
+        .extend(args.rules.into_iter().map(|a| RuleEntry {
+            tenant: a.tenant,
+            path: a.path,
+        }));
+    if config.rules.is_empty() {
+        bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
+    }
+    if let Some(size) = args.batch_size {
+        config.max_batch_events = size as usize;
+    }
+    let _scratch;
+    config.data_dir = match args.data_dir {
+        Some(dir) => dir,
+        None => {
+            let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
+            let path = dir.path().to_owned();
+            _scratch = dir;
+            path
+        }
+    };
+    let (input, name): (Box<dyn BufRead + Send>, String) = if args.events.as_os_str() == "-" {
+        (
+            Box::new(BufReader::new(std::io::stdin())),
+            "stdin".to_owned(),
+        )
+    } else {
+        let file = std::fs::File::open(&args.events)
+            .with_context(|| format!("cannot read events file {}", args.events.display()))?;
+        let name = args
+            .events
+            .file_name()
+            .map_or("events".into(), |n| n.to_string_lossy().into_owned());
+        (Box::new(BufReader::new(file)), name)
+    };
+    let alerts = Arc::new(tocsin::serve::WriterSink(std::sync::Mutex::new(
+        std::io::BufWriter::new(std::io::stdout()),
+    )));
+    let file = args.events.display().to_string();
+    let summary = tocsin::serve::replay(
+        &config,
+        input,
+        &name,
+        Arc::new(SystemClock),
+        alerts,
+        |line, rule, reason| match rule {
+            Some(rule) => eprintln!("{file}:{line}: rule `{rule}`: {reason}"),
+            None => eprintln!("{file}:{line}: {reason}"),
+        },
+    )
+    .await?;
+    eprintln!(
+        "events: {}, bad lines: {}, not applied: {}, alerts: {}, {:.0} events/s",
+        summary.events,
+        summary.bad_lines,
+        summary.rejected,
+        summary.alerts,
+        summary.events_per_second()
+    );
+    Ok(())
 }
 
 async fn aws(command: AwsCommand) -> anyhow::Result<()> {

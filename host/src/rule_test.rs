@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::alert::AlertRecord;
 use crate::clock::Clock;
+use crate::engine::run;
 use crate::event::Incoming;
-use crate::pipeline;
 use crate::runtime::{Cause, LoadedRule, RuleError, Runtime, StateChange};
 
 /// How `rule test` runs.
@@ -106,22 +106,28 @@ pub fn run(
             }
             let rule = &rules[tenant];
             let events: Vec<&Incoming> = members.iter().map(|l| &l.event).collect();
-            let run = pipeline::run_rule(rule, &events, now, |bucket| {
+            let run = run::run_rule(rule, &events, now, |bucket| {
                 Ok::<_, Error>(states.get(&(tenant.to_owned(), bucket.to_owned())).cloned())
             })?;
-            if let Some(bad) = run.bad_times.first() {
+            if let Some(bad) = run.unroutable.first() {
                 return Err(Error::BadLine {
                     line: members[bad.index].number,
-                    reason: format!("event-time field `{}` {}", bad.field, bad.reason),
+                    reason: bad.reason.clone(),
                 });
             }
             summary.matched += run.matched;
             for bucket in run.buckets {
                 let outcome = bucket.result.map_err(|error| match &error.cause {
-                    Cause::BadEvent { index, .. } => Error::Rule {
-                        line: members[bucket.members[*index as usize]].number,
-                        error,
-                    },
+                    // The index is the rule's claim: one outside the batch
+                    // names no line, so the whole batch is reported.
+                    Cause::BadEvent { index, .. }
+                        if bucket.members.get(*index as usize).is_some() =>
+                    {
+                        Error::Rule {
+                            line: members[bucket.members[*index as usize]].number,
+                            error,
+                        }
+                    }
                     _ => Error::Bucket {
                         bucket: bucket.key.clone(),
                         line: first_line,

@@ -1,27 +1,32 @@
-//! `tocsin serve`: wires the embedded backends, the processor and the HTTP
-//! API together, and runs until told to stop.
+//! Wiring: the backends a config names, the one [`Engine`] over them, the
+//! source that feeds it and the HTTP API, for every deployment the config
+//! accepts. `tocsin serve` and `tocsin replay` start here.
 
+use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::{self, AppState};
 use crate::catalogue::StaticCatalogue;
 use crate::clock::Clock;
-use crate::config::{AlertsBackend, Config};
-use crate::processor::{self, Processor};
+use crate::config::{AlertsBackend, Config, Source, StateBackend};
+use crate::engine::{Engine, Lane};
 use crate::runtime::{Metering, Runtime, RuntimeConfig};
-use crate::server::{self, AppState};
 use crate::sink::AlertSink;
 use crate::sink::file::FileSink;
 use crate::sink::kinesis::{KinesisSink, SdkWriter};
+use crate::source::file::FileSource;
+use crate::source::http::HttpIngest;
+use crate::source::leases::Leases;
+use crate::source::shards::{ShardSettings, Shards, ShardsState};
+use crate::store::StateStore;
+use crate::store::dynamo::DynamoStore;
 use crate::store::embedded::EmbeddedStore;
-
-/// Requests waiting for the processor before senders wait too.
-const QUEUE_DEPTH: usize = 1024;
 
 /// Create the data directory and compile every configured rule (once per
 /// component file, cached on disk).
@@ -64,56 +69,102 @@ pub async fn open_sink(config: &Config) -> anyhow::Result<Arc<dyn AlertSink>> {
     })
 }
 
-/// A running service.
+/// A running host, whichever its backends.
 pub struct Server {
     addr: SocketAddr,
-    processor: Arc<Processor>,
+    engine: Arc<Engine>,
+    shards: Option<Arc<ShardsState>>,
+    usage: Option<Arc<crate::aws::Usage>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// What a source leaves to wait for once the API stops.
+enum Running {
+    Http(JoinHandle<()>),
+    Shards(Shards),
+}
+
 impl Server {
-    /// Open the data directory, load the rules, publish what a previous run
-    /// left in the outbox, and start listening.
+    /// Open the backends, load the rules, publish what a previous run left
+    /// in the outbox, start the source and listen.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         config.validate().map_err(anyhow::Error::msg)?;
+        let (stop, stopped) = watch::channel(false);
         let catalogue = load_catalogue(&config).await?;
-        let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
-        let sink = open_sink(&config).await?;
-        let processor = Arc::new(Processor::new(
-            catalogue,
-            store.clone(),
-            sink,
-            clock.clone(),
-        ));
-        {
-            let processor = processor.clone();
-            tokio::task::spawn_blocking(move || processor.recover()).await??;
-        }
+        let (state, running) = match (&config.source, &config.state) {
+            (Source::Http, StateBackend::Embedded) => {
+                let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+                let sink = open_sink(&config).await?;
+                let engine = Arc::new(Engine::new(catalogue, store.clone(), sink, clock));
+                let (ingest, lane) = HttpIngest::start(
+                    engine.clone(),
+                    &config.tenant_field,
+                    config.max_batch_events,
+                )
+                .await?;
+                let state = AppState {
+                    engine,
+                    ingest: Some(ingest),
+                    shards: None,
+                    log: Some(store),
+                    usage: None,
+                    shutdown: stopped.clone(),
+                };
+                (state, Running::Http(lane))
+            }
+            (Source::Kinesis(stream), StateBackend::Dynamodb(table)) => {
+                let aws = crate::aws::sdk_config().await;
+                let mut streams = vec![stream.as_str()];
+                if let AlertsBackend::Kinesis(alerts) = &config.alerts {
+                    streams.push(alerts);
+                }
+                crate::aws::check_exists(&aws, &streams, table).await?;
+                let table = crate::aws::Table::new(aws_sdk_dynamodb::Client::new(&aws), table);
+                let usage = table.usage.clone();
+                let store = Arc::new(DynamoStore::new(table.clone(), stream));
+                let sink = open_sink(&config).await?;
+                let engine = Arc::new(Engine::new(catalogue, store, sink, clock));
+                let settings = ShardSettings {
+                    stream: stream.clone(),
+                    host: format!(
+                        "{}:{}:{:08x}",
+                        hostname(),
+                        std::process::id(),
+                        rand::random::<u32>()
+                    ),
+                    lease_duration: Duration::from_millis(config.lease_ms),
+                    tenant_field: config.tenant_field.clone(),
+                };
+                let shards = Shards::start(
+                    engine.clone(),
+                    aws_sdk_kinesis::Client::new(&aws),
+                    Leases::new(table, stream),
+                    settings.clone(),
+                    stopped.clone(),
+                );
+                let state = AppState {
+                    engine,
+                    ingest: None,
+                    shards: Some((shards.state.clone(), settings)),
+                    log: None,
+                    usage: Some(usage),
+                    shutdown: stopped.clone(),
+                };
+                (state, Running::Shards(shards))
+            }
+            // `validate` refuses the other combinations, saying why.
+            (source, state) => anyhow::bail!("unsupported backends: {source:?} with {state:?}"),
+        };
+        let engine = state.engine.clone();
+        let shards = state.shards.as_ref().map(|(s, _)| s.clone());
+        let usage = state.usage.clone();
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let (stop, stopped) = watch::channel(false);
-        let (queue, submissions) = mpsc::channel(QUEUE_DEPTH);
-        let state = Arc::new(AppState {
-            processor: processor.clone(),
-            queue,
-            log: store,
-            clock,
-            tenant_field: config.tenant_field.clone(),
-            ready: AtomicBool::new(true),
-            shutdown: stopped.clone(),
-            instance: format!("r{:x}", rand::random::<u64>()),
-            requests: AtomicU64::new(0),
-        });
-        let app = server::router(state, config.max_body_bytes);
-        let worker = tokio::spawn(processor::run(
-            processor.clone(),
-            submissions,
-            config.max_batch_events,
-        ));
+        let app = api::router(Arc::new(state), config.max_body_bytes);
         let mut until_stopped = stopped;
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -121,15 +172,20 @@ impl Server {
                     let _ = until_stopped.wait_for(|stop| *stop).await;
                 })
                 .await?;
-            // The router (and its queue sender) is gone: the worker finishes
-            // what is queued and returns.
-            worker.await?;
+            // The router (and the ingest with it) is gone: the lane finishes
+            // what is queued; shard workers finish their batch and release.
+            match running {
+                Running::Http(lane) => lane.await?,
+                Running::Shards(shards) => shards.join().await?,
+            }
             Ok(())
         });
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), source = ?config.source, state = ?config.state, "serving");
         Ok(Server {
             addr,
-            processor,
+            engine,
+            shards,
+            usage,
             stop,
             task,
         })
@@ -139,11 +195,22 @@ impl Server {
         self.addr
     }
 
-    pub fn processor(&self) -> &Arc<Processor> {
-        &self.processor
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
-    /// Stop accepting, finish in-flight batches, and return.
+    /// The Kinesis source's own state, with that source.
+    pub fn shards(&self) -> Option<&ShardsState> {
+        self.shards.as_deref()
+    }
+
+    /// DynamoDB requests made, with that store.
+    pub fn usage(&self) -> Option<&crate::aws::Usage> {
+        self.usage.as_deref()
+    }
+
+    /// Stop accepting, finish in-flight batches (releasing leases), and
+    /// return.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.task.await?
@@ -157,5 +224,121 @@ impl Server {
         signal.await;
         tracing::info!("stopping: finishing in-flight batches");
         self.stop().await
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned())
+}
+
+/// What `tocsin replay` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplaySummary {
+    pub events: u64,
+    /// Lines that were not events.
+    pub bad_lines: u64,
+    /// Events some rule did not apply (or none: unknown tenant).
+    pub rejected: u64,
+    pub alerts: u64,
+    pub elapsed: Duration,
+}
+
+impl ReplaySummary {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Run every configured tenant's rules over NDJSON `input` through the
+/// engine, with state in the config's data directory (the embedded store)
+/// and alerts to `alerts` as NDJSON. Each problem (a bad line, an event a
+/// rule did not apply) goes to `report` with its line number; none stops
+/// the good lines.
+pub async fn replay(
+    config: &Config,
+    input: impl BufRead + Send + 'static,
+    name: &str,
+    clock: Arc<dyn Clock>,
+    alerts: Arc<dyn AlertSink>,
+    mut report: impl FnMut(usize, Option<&str>, &str),
+) -> anyhow::Result<ReplaySummary> {
+    let catalogue = load_catalogue(config).await?;
+    let store: Arc<dyn StateStore> =
+        Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+    let engine = Arc::new(Engine::new(catalogue, store, alerts, clock.clone()));
+    let lane = Arc::new(Lane::new("file"));
+    let mut source = FileSource::new(input, name, &config.tenant_field, config.max_batch_events);
+    let started = Instant::now();
+    let (mut events, mut bad_lines, mut rejected) = (0u64, 0u64, 0u64);
+    loop {
+        let arrival = clock.now_ms();
+        // Reading may block on standard input: off the async threads.
+        let (next, back) = tokio::task::spawn_blocking(move || {
+            let next = source.next_batch(arrival);
+            (next, source)
+        })
+        .await?;
+        source = back;
+        let Some(file_batch) = next.context("cannot read the events")? else {
+            break;
+        };
+        for bad in &file_batch.bad {
+            bad_lines += 1;
+            report(bad.line, None, &bad.error);
+        }
+        if file_batch.batch.events.is_empty() {
+            continue;
+        }
+        let committed = engine.process(&lane, &file_batch.batch).await?;
+        events += file_batch.batch.events.len() as u64;
+        let mut last = None;
+        for rejection in &committed.rejected {
+            if last != Some(rejection.index) {
+                rejected += 1;
+                last = Some(rejection.index);
+            }
+            report(
+                file_batch.lines[rejection.index],
+                rejection.rule.as_deref(),
+                &rejection.reason,
+            );
+        }
+    }
+    engine.flush(&lane).await?;
+    Ok(ReplaySummary {
+        events,
+        bad_lines,
+        rejected,
+        alerts: engine
+            .stats()
+            .alerts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Alerts as NDJSON lines to a writer (standard output for `tocsin replay`).
+pub struct WriterSink<W>(pub std::sync::Mutex<W>);
+
+#[async_trait::async_trait]
+impl<W: Write + Send> AlertSink for WriterSink<W> {
+    async fn publish(
+        &self,
+        alerts: &[crate::alert::AlertRecord],
+    ) -> Result<(), crate::sink::SinkError> {
+        let mut out = self.0.lock().expect("writer lock");
+        let fail = |e: std::io::Error| crate::sink::SinkError::Unavailable(e.to_string());
+        for alert in alerts {
+            serde_json::to_writer(&mut *out, alert)
+                .map_err(std::io::Error::from)
+                .map_err(fail)?;
+            out.write_all(b"\n").map_err(fail)?;
+        }
+        out.flush().map_err(fail)
     }
 }

@@ -1,8 +1,15 @@
 //! Alerts to a Kinesis stream: PutRecords in batches of at most 500 records
 //! (and 5 MB), retrying only the entries that failed, with backoff. Each
 //! record is one alert as JSON, id included; its partition key is
-//! tenant/rule/bucket, so one bucket's alerts stay in order.
+//! tenant/rule/bucket, so one bucket's alerts go to one shard.
+//!
+//! One bucket's alerts stay in order: a request carries at most one record
+//! per partition key, and a key's next record waits until the one before it
+//! is written. (Several records of one key in a request could be written
+//! around a failed one, and retrying it would put it after them.) A bucket
+//! rarely raises more than one alert per batch, so requests stay full.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 
 use aws_sdk_kinesis::primitives::Blob;
@@ -17,6 +24,23 @@ const MAX_REQUEST_BYTES: usize = 5 << 20;
 /// Attempts per batch before the sink reports failure (the alerts stay in
 /// the outbox and are published again later).
 const MAX_ATTEMPTS: u32 = 10;
+/// Kinesis takes partition keys of up to 256 characters.
+pub const MAX_PARTITION_KEY_CHARS: usize = 256;
+
+/// The partition key of a bucket's alerts: tenant/rule/bucket, or its
+/// SHA-256 when that is longer than Kinesis allows (the same bucket always
+/// maps to the same key either way).
+pub fn partition_key(alert: &AlertRecord) -> String {
+    let key = format!("{}/{}/{}", alert.tenant, alert.rule, alert.bucket);
+    if key.chars().count() <= MAX_PARTITION_KEY_CHARS {
+        return key;
+    }
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    )
+}
 
 /// One record to put.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,20 +105,91 @@ impl<W: RecordWriter> KinesisSink<W> {
         }
     }
 
-    /// Put every alert, retrying failed entries only.
+    /// Put every alert, each bucket's in order (see the module docs).
     pub async fn put(&self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
         let entries: Vec<Entry> = alerts
             .iter()
             .map(|alert| Entry {
-                partition_key: format!("{}/{}/{}", alert.tenant, alert.rule, alert.bucket),
+                partition_key: partition_key(alert),
                 data: serde_json::to_vec(alert).expect("alerts serialize"),
             })
             .collect();
-        self.put_entries(entries).await
+        self.put_in_key_order(entries).await
     }
 
-    /// Put records in order, in requests within PutRecords' limits,
-    /// retrying failed entries only.
+    /// Put records keeping each partition key's in order: one record per
+    /// key per request, a key's next only after the one before it is in.
+    pub async fn put_in_key_order(&self, entries: Vec<Entry>) -> Result<(), SinkError> {
+        // Keys in order of their first record; each key's records in order.
+        let mut order: Vec<String> = Vec::new();
+        let mut queues: HashMap<String, VecDeque<Entry>> = HashMap::new();
+        for entry in entries {
+            let queue = queues
+                .entry(entry.partition_key.clone())
+                .or_insert_with(|| {
+                    order.push(entry.partition_key.clone());
+                    VecDeque::new()
+                });
+            queue.push_back(entry);
+        }
+        let mut attempt = 0;
+        while !order.is_empty() {
+            // The head of each key's queue, as many as one request takes.
+            let mut request: Vec<Entry> = Vec::new();
+            let mut bytes = 0;
+            for key in &order {
+                let head = &queues[key][0];
+                let size = head.data.len() + head.partition_key.len();
+                if request.len() == MAX_ENTRIES
+                    || (!request.is_empty() && bytes + size > MAX_REQUEST_BYTES)
+                {
+                    break;
+                }
+                bytes += size;
+                request.push(head.clone());
+            }
+            let failed = match self.writer.put(&self.stream, &request).await {
+                Ok(results) => {
+                    let mut first_error = None;
+                    for (entry, error) in request.iter().zip(results) {
+                        match error {
+                            None => {
+                                queues
+                                    .get_mut(&entry.partition_key)
+                                    .expect("queued")
+                                    .pop_front();
+                            }
+                            Some(error) => {
+                                first_error.get_or_insert(error);
+                            }
+                        }
+                    }
+                    order.retain(|key| !queues[key].is_empty());
+                    first_error
+                }
+                Err(error) => Some(error),
+            };
+            let Some(failed) = failed else {
+                attempt = 0;
+                continue;
+            };
+            attempt += 1;
+            if attempt >= MAX_ATTEMPTS {
+                let pending: usize = queues.values().map(VecDeque::len).sum();
+                return Err(SinkError::Unavailable(format!(
+                    "PutRecords to `{}`: {pending} record(s) still not written after {attempt} attempts: {failed}",
+                    self.stream
+                )));
+            }
+            tracing::debug!(stream = %self.stream, attempt, "retrying failed PutRecords entries: {failed}");
+            crate::backoff::sleep(attempt).await;
+        }
+        Ok(())
+    }
+
+    /// Put records in requests within PutRecords' limits, retrying failed
+    /// entries only: fastest, but a retried record may land after later
+    /// records of its key. For loading events where order is not promised.
     pub async fn put_entries(&self, entries: Vec<Entry>) -> Result<(), SinkError> {
         let mut start = 0;
         while start < entries.len() {
@@ -135,7 +230,7 @@ impl<W: RecordWriter> KinesisSink<W> {
                 Err(error) => error,
             };
             if attempt >= MAX_ATTEMPTS {
-                return Err(SinkError(format!(
+                return Err(SinkError::Unavailable(format!(
                     "PutRecords to `{}`: {} record(s) still failing after {attempt} attempts: {failed}",
                     self.stream,
                     pending.len()
@@ -147,12 +242,92 @@ impl<W: RecordWriter> KinesisSink<W> {
     }
 }
 
+#[async_trait::async_trait]
 impl<W: RecordWriter> AlertSink for KinesisSink<W> {
-    /// Called from blocking threads (the processor's): runs the puts on the
-    /// ambient Tokio runtime.
-    fn publish(&self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| SinkError("the Kinesis sink needs a Tokio runtime".to_owned()))?;
-        handle.block_on(self.put(alerts))
+    async fn publish(&self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
+        self.put(alerts).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// PutRecords that fails the first entry of each key once and records
+    /// what it wrote, in order.
+    #[derive(Default)]
+    struct Recording {
+        failed: Mutex<std::collections::HashSet<String>>,
+        written: Mutex<Vec<Entry>>,
+    }
+
+    impl RecordWriter for std::sync::Arc<Recording> {
+        async fn put(
+            &self,
+            _stream: &str,
+            entries: &[Entry],
+        ) -> Result<Vec<Option<String>>, String> {
+            let mut failed = self.failed.lock().unwrap();
+            let mut written = self.written.lock().unwrap();
+            Ok(entries
+                .iter()
+                .map(|entry| {
+                    if failed.insert(entry.partition_key.clone()) {
+                        Some("ProvisionedThroughputExceededException".to_owned())
+                    } else {
+                        written.push(entry.clone());
+                        None
+                    }
+                })
+                .collect())
+        }
+    }
+
+    fn entry(key: &str, n: u8) -> Entry {
+        Entry {
+            partition_key: key.to_owned(),
+            data: vec![n],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_record_is_retried_before_any_later_record_of_its_key() {
+        let writer = std::sync::Arc::new(Recording::default());
+        let sink = KinesisSink::new(writer.clone(), "alerts");
+        let entries = vec![
+            entry("a", 1),
+            entry("a", 2),
+            entry("b", 1),
+            entry("a", 3),
+            entry("b", 2),
+        ];
+        sink.put_in_key_order(entries).await.unwrap();
+        let written = writer.written.lock().unwrap();
+        let of = |key: &str| -> Vec<u8> {
+            written
+                .iter()
+                .filter(|e| e.partition_key == key)
+                .map(|e| e.data[0])
+                .collect()
+        };
+        assert_eq!(of("a"), [1, 2, 3]);
+        assert_eq!(of("b"), [1, 2]);
+    }
+
+    #[test]
+    fn partition_keys_stay_within_kinesis_limit_and_are_stable() {
+        let json = serde_json::json!({
+            "id": "x", "tenant": "t", "rule": "r", "rule_version": "1.0.0",
+            "bucket": "b".repeat(1000), "key": "k", "status": "firing", "severity": "info",
+            "title": "", "detail": null, "at": 0
+        });
+        let alert: AlertRecord = serde_json::from_value(json).unwrap();
+        let key = partition_key(&alert);
+        assert!(key.chars().count() <= MAX_PARTITION_KEY_CHARS, "{key}");
+        assert_eq!(key, partition_key(&alert));
+        let mut short = alert.clone();
+        short.bucket = "m1".into();
+        assert_eq!(partition_key(&short), "t/r/m1");
     }
 }

@@ -31,7 +31,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("alert index: {e}"))
+    StoreError::Unavailable(format!("alert index: {e}"))
 }
 
 pub(super) struct AlertIndex {
@@ -73,8 +73,8 @@ impl Waiting {
 
 impl AlertIndex {
     pub(super) fn open(path: &Path, batch: usize) -> Result<Self> {
-        let db =
-            Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(ENTRIES).map_err(err)?;
         tx.open_table(META).map_err(err)?;

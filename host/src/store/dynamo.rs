@@ -15,6 +15,12 @@
 //! splits and merges.
 //!
 //! A lease owner serves reads from its cache: steady state reads nothing.
+//!
+//! The outbox is this store's too: a commit's alerts are written as outbox
+//! items of its shard; once published they are deleted along with the
+//! shard's next commits (as many as fit beside its writes; the rest wait
+//! for the commit after). A new lease owner, or a host whose publish or
+//! commit failed, reads what is left through [`StateStore::unpublished`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,12 +32,27 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, ConditionCheck, Delete, KeysAndAttributes, Put, TransactWriteItem, Update,
 };
 
-use super::BucketId;
+use super::cache::BucketCache;
+use super::{
+    BucketId, BucketWrite, Checkpoint, Commit, Fence, Outbox, OutboxMark, Prior, Progress, Result,
+    StateStore, StoreError,
+};
 use crate::alert::AlertRecord;
-use crate::aws::{EXPIRES, PK, SK, Table, Usage, error_text as store_err, n, s};
+use crate::aws::{EXPIRES, PK, SK, Table, Usage, n, s};
 use crate::event::SeqNo;
-use crate::pipeline::Prior;
 use crate::runtime::{StateChange, TimerChange};
+
+fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(format!("DynamoDB: {}", crate::aws::error_text(e)))
+}
+
+fn build_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Invalid(format!("DynamoDB request: {e}"))
+}
+
+fn unreadable(message: String) -> StoreError {
+    StoreError::Invalid(message)
+}
 
 /// DynamoDB's item limit is 400 KB; the rest of a bucket item is small.
 pub const MAX_STATE_BYTES: usize = 390 * 1024;
@@ -61,83 +82,18 @@ pub struct Cached {
     pub timer: Option<i64>,
 }
 
-/// The holder of a shard's lease, as its commits must prove.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    pub stream: String,
-    pub shard: String,
-    pub owner: String,
-    pub epoch: u64,
-}
-
-/// Where a shard has been read to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Checkpoint {
-    At(SeqNo),
-    /// Read to its end (closed by a reshard): its children may start.
-    End,
-}
-
-impl Checkpoint {
-    fn text(&self) -> &str {
-        match self {
-            Checkpoint::At(seq) => seq.as_str(),
-            Checkpoint::End => SHARD_END,
-        }
+fn checkpoint_text(checkpoint: &Checkpoint) -> &str {
+    match checkpoint {
+        Checkpoint::At(seq) => seq.as_str(),
+        Checkpoint::End => SHARD_END,
     }
 }
 
-/// One bucket's change from one batch.
-#[derive(Debug)]
-pub struct BucketWrite {
-    pub id: BucketId,
-    pub state: StateChange,
-    pub timer: TimerChange,
-    pub alerts: Vec<AlertRecord>,
-    /// The rule's state time-to-live.
-    pub ttl_ms: Option<u64>,
-}
-
-/// Everything one batch of one shard commits.
-#[derive(Debug)]
-pub struct ShardCommit {
-    pub writes: Vec<BucketWrite>,
-    /// The last sequence number of the batch: applied to every bucket written.
-    pub last: SeqNo,
-    pub checkpoint: Checkpoint,
-    /// Outbox items already published, to delete along.
-    pub published: Vec<OutboxKey>,
-    pub now_ms: i64,
-}
-
 /// The key of one outbox item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OutboxKey {
     pub pk: String,
     pub sk: String,
-}
-
-/// What a successful commit wrote.
-#[derive(Debug, Default)]
-pub struct Committed {
-    /// The alerts, in commit order: publish these.
-    pub alerts: Vec<AlertRecord>,
-    /// The outbox items holding them: delete once published.
-    pub outbox: Vec<OutboxKey>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CommitError {
-    /// The lease is no longer this host's: nothing of the batch (or of its
-    /// remaining part) was written.
-    #[error("lease of shard `{0}` lost: the write was fenced off")]
-    Fenced(String),
-    /// Another writer changed these buckets since they were read: reload
-    /// and run the batch again.
-    #[error("{} bucket(s) changed by another writer", .0.len())]
-    Conflict(Vec<BucketId>),
-    #[error("DynamoDB: {0}")]
-    Store(String),
 }
 
 /// One bucket's item as a commit will write it.
@@ -154,8 +110,20 @@ struct Planned {
 /// tenant, rule or bucket text can collide with another.
 pub fn bucket_pk(id: &BucketId) -> String {
     let parts = serde_json::to_string(&[&id.tenant, &id.rule, &id.bucket]).expect("strings");
-    format!("bucket#{parts}")
+    if parts.len() <= MAX_PLAIN_KEY_BYTES {
+        return format!("bucket#{parts}");
+    }
+    // DynamoDB partition keys take at most 2 KiB: a long identity is
+    // hashed (the item keeps tenant, rule and bucket as attributes).
+    use sha2::Digest;
+    format!(
+        "bucket#sha256:{}",
+        hex::encode(sha2::Sha256::digest(parts.as_bytes()))
+    )
 }
+
+/// Longest bucket identity written into a partition key as it is.
+const MAX_PLAIN_KEY_BYTES: usize = 1024;
 
 const BUCKET_SK: &str = "state";
 
@@ -166,30 +134,34 @@ pub fn outbox_pk(stream: &str, shard: &str) -> String {
 /// Bucket state in DynamoDB, with this host's cache in front.
 pub struct DynamoStore {
     table: Table,
-    cache: Mutex<HashMap<BucketId, Cached>>,
+    /// The events stream whose shards' outboxes this store keeps.
+    stream: String,
+    cache: Mutex<BucketCache<Cached>>,
     /// Outbox items per shard written by this host: a counter for their keys.
     outbox_serial: std::sync::atomic::AtomicU64,
-    /// Most buckets kept in the cache.
-    max_cached: usize,
+    /// Per shard: outbox items published and not yet deleted.
+    retired: Mutex<HashMap<String, Vec<OutboxKey>>>,
 }
 
 /// Buckets a host keeps in memory by default: about 200 MB of small states.
 pub const DEFAULT_MAX_CACHED: usize = 1_000_000;
 
 impl DynamoStore {
-    pub fn new(table: Table) -> Self {
-        Self::with_cache(table, DEFAULT_MAX_CACHED)
+    /// The store of the host reading `stream`.
+    pub fn new(table: Table, stream: &str) -> Self {
+        Self::with_cache(table, stream, DEFAULT_MAX_CACHED)
     }
 
     /// A store whose cache holds at most `max_cached` buckets. Past that,
     /// buckets not being loaded are dropped; one dropped while a batch uses
     /// it only costs that batch a version conflict and a reread.
-    pub fn with_cache(table: Table, max_cached: usize) -> Self {
+    pub fn with_cache(table: Table, stream: &str, max_cached: usize) -> Self {
         DynamoStore {
             table,
-            max_cached: max_cached.max(1),
-            cache: Mutex::default(),
+            stream: stream.to_owned(),
+            cache: Mutex::new(BucketCache::new(max_cached)),
             outbox_serial: std::sync::atomic::AtomicU64::new(0),
+            retired: Mutex::default(),
         }
     }
 
@@ -208,7 +180,7 @@ impl DynamoStore {
 
     /// What a batch of `shard` runs `id` on: its cached state and the last
     /// sequence number of `shard` it applied (nothing if not cached).
-    pub fn prior(&self, id: &BucketId, shard: &str) -> Prior<Arc<[u8]>> {
+    fn prior(&self, id: &BucketId, shard: &str) -> Prior {
         let cache = self.cache.lock().expect("cache lock");
         match cache.get(id) {
             Some(item) => Prior {
@@ -224,23 +196,13 @@ impl DynamoStore {
         self.cache.lock().expect("cache lock").get(id).cloned()
     }
 
-    /// Drop cached items, to be read again.
-    pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a BucketId>) {
-        let mut cache = self.cache.lock().expect("cache lock");
-        for id in ids {
-            cache.remove(id);
-        }
-    }
-
     /// Read into the cache every bucket of `ids` it does not hold, in
     /// batches, with strongly consistent reads.
-    pub async fn load(&self, ids: impl IntoIterator<Item = BucketId>) -> Result<(), String> {
+    pub async fn fetch(&self, ids: impl IntoIterator<Item = BucketId>) -> Result<()> {
         let missing: Vec<BucketId> = {
             let cache = self.cache.lock().expect("cache lock");
-            let mut missing: Vec<BucketId> = ids
-                .into_iter()
-                .filter(|id| !cache.contains_key(id))
-                .collect();
+            let mut missing: Vec<BucketId> =
+                ids.into_iter().filter(|id| !cache.contains(id)).collect();
             missing.sort();
             missing.dedup();
             missing
@@ -260,7 +222,7 @@ impl DynamoStore {
                     .set_keys(Some(std::mem::take(&mut keys)))
                     .consistent_read(true)
                     .build()
-                    .map_err(|e| e.to_string())?;
+                    .map_err(build_err)?;
                 let output = self
                     .table
                     .client
@@ -290,22 +252,13 @@ impl DynamoStore {
                 }
             }
             let mut cache = self.cache.lock().expect("cache lock");
-            if cache.len() + chunk.len() > self.max_cached {
-                let keep: std::collections::HashSet<&BucketId> = missing.iter().collect();
-                let excess = cache.len() + chunk.len() - self.max_cached * 9 / 10;
-                let evict: Vec<BucketId> = cache
-                    .keys()
-                    .filter(|id| !keep.contains(id))
-                    .take(excess)
-                    .cloned()
-                    .collect();
-                for id in evict {
-                    cache.remove(&id);
-                }
-            }
+            let keep: std::collections::HashSet<&BucketId> = missing.iter().collect();
+            cache.make_room(chunk.len(), |id| keep.contains(id));
             for id in chunk {
                 let item = found.remove(id).unwrap_or_default();
-                cache.entry(id.clone()).or_insert(item);
+                if !cache.contains(id) {
+                    cache.insert(id.clone(), item);
+                }
             }
         }
         Ok(())
@@ -313,7 +266,7 @@ impl DynamoStore {
 
     /// Every stored bucket of `tenant`'s rule (reads the table: for tools
     /// and tests, not the data path).
-    pub async fn scan_buckets(&self) -> Result<Vec<(BucketId, Cached)>, String> {
+    pub async fn scan_buckets(&self) -> Result<Vec<(BucketId, Cached)>> {
         let mut pages = self
             .table
             .client
@@ -333,7 +286,7 @@ impl DynamoStore {
                 item.get(name)
                     .and_then(|v| v.as_s().ok())
                     .cloned()
-                    .ok_or_else(|| format!("bucket item without `{name}`"))
+                    .ok_or_else(|| unreadable(format!("bucket item without `{name}`")))
             };
             let id = BucketId {
                 tenant: field("tenant")?,
@@ -347,11 +300,14 @@ impl DynamoStore {
     }
 
     /// Commit one batch of `fence`'s shard; see the module docs.
-    pub async fn commit(
+    async fn commit_shard(
         &self,
         fence: &Fence,
-        commit: ShardCommit,
-    ) -> Result<Committed, CommitError> {
+        writes: Vec<BucketWrite>,
+        last: SeqNo,
+        checkpoint: Checkpoint,
+        now_ms: i64,
+    ) -> Result<Outbox> {
         let lease_key = HashMap::from([
             (
                 PK.to_owned(),
@@ -368,15 +324,15 @@ impl DynamoStore {
             ("#owner".to_owned(), "owner".to_owned()),
             ("#epoch".to_owned(), "epoch".to_owned()),
         ]);
-        let expires_at = |secs: i64| n(commit.now_ms / 1000 + secs);
+        let expires_at = |secs: i64| n(now_ms / 1000 + secs);
 
         // Each bucket's new item, and the alerts it raised.
         let mut planned: Vec<Planned> = Vec::new();
-        for write in commit.writes {
+        for write in writes {
             let old = self.cached(&write.id).unwrap_or_default();
             let mut new = old.clone();
             new.version = old.version + 1;
-            new.applied.insert(fence.shard.clone(), commit.last.clone());
+            new.applied.insert(fence.shard.clone(), last.clone());
             match write.state {
                 StateChange::Unchanged => {}
                 StateChange::Set(bytes) => new.state = Some(Arc::from(bytes)),
@@ -423,10 +379,7 @@ impl DynamoStore {
                     item.insert(EXPIRES.to_owned(), expires_at(DELETED_TTL_SECS));
                 }
                 (Some(_), Some(ttl)) => {
-                    item.insert(
-                        EXPIRES.to_owned(),
-                        n((commit.now_ms + ttl as i64) / 1000 + 1),
-                    );
+                    item.insert(EXPIRES.to_owned(), n((now_ms + ttl as i64) / 1000 + 1));
                 }
                 (Some(_), None) => {}
             }
@@ -441,11 +394,11 @@ impl DynamoStore {
                     .expression_attribute_names("#version", "version")
                     .expression_attribute_values(":version", n(old.version))
             };
-            let put = put.build().map_err(|e| CommitError::Store(e.to_string()))?;
+            let put = put.build().map_err(build_err)?;
             let alert_bytes: usize = write
                 .alerts
                 .iter()
-                .map(|a| a.title.len() + a.key.len() + 400)
+                .map(|a| a.title.len() + a.key.len() + a.bucket.len() + a.detail.get().len() + 400)
                 .sum();
             planned.push(Planned {
                 id: write.id,
@@ -480,8 +433,16 @@ impl DynamoStore {
             bytes += size;
         }
 
-        let mut committed = Committed::default();
-        let mut deletes = commit.published;
+        let mut committed = Outbox::default();
+        let mut outbox_keys: Vec<OutboxKey> = Vec::new();
+        let mut deletes = std::mem::take(
+            self.retired
+                .lock()
+                .expect("retired lock")
+                .entry(fence.shard.clone())
+                .or_default(),
+        );
+        let mut deleted: Vec<OutboxKey> = Vec::new();
         let last_chunk = chunks.len() - 1;
         let mut planned: Vec<Option<Planned>> = planned.into_iter().map(Some).collect();
         for (n_chunk, chunk) in chunks.into_iter().enumerate() {
@@ -510,7 +471,7 @@ impl DynamoStore {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = OutboxKey {
                     pk: outbox_pk(&fence.stream, &fence.shard),
-                    sk: format!("{:012}#{:014}#{serial:012}", fence.epoch, commit.now_ms),
+                    sk: format!("{:012}#{:014}#{serial:012}", fence.epoch, now_ms),
                 };
                 let put = Put::builder()
                     .table_name(&self.table.name)
@@ -519,11 +480,12 @@ impl DynamoStore {
                     .item("alerts", s(part))
                     .item(EXPIRES, expires_at(OUTBOX_TTL_SECS))
                     .build()
-                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                    .map_err(build_err)?;
                 items.push(TransactWriteItem::builder().put(put).build());
                 roles.push(None);
                 outbox.push(key);
             }
+            let first_delete = deleted.len();
             while items.len() < MAX_ACTIONS - 1
                 && let Some(key) = deletes.pop()
             {
@@ -532,9 +494,10 @@ impl DynamoStore {
                     .key(PK, s(&key.pk))
                     .key(SK, s(&key.sk))
                     .build()
-                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                    .map_err(build_err)?;
                 items.push(TransactWriteItem::builder().delete(delete).build());
                 roles.push(None);
+                deleted.push(key);
             }
             let lease = if n_chunk == last_chunk {
                 let update = Update::builder()
@@ -545,9 +508,9 @@ impl DynamoStore {
                     .set_expression_attribute_names(Some(fence_names.clone()))
                     .expression_attribute_names("#checkpoint", "checkpoint")
                     .set_expression_attribute_values(Some(fence_values.clone()))
-                    .expression_attribute_values(":checkpoint", s(commit.checkpoint.text()))
+                    .expression_attribute_values(":checkpoint", s(checkpoint_text(&checkpoint)))
                     .build()
-                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                    .map_err(build_err)?;
                 TransactWriteItem::builder().update(update).build()
             } else {
                 let check = ConditionCheck::builder()
@@ -557,7 +520,7 @@ impl DynamoStore {
                     .set_expression_attribute_names(Some(fence_names.clone()))
                     .set_expression_attribute_values(Some(fence_values.clone()))
                     .build()
-                    .map_err(|e| CommitError::Store(e.to_string()))?;
+                    .map_err(build_err)?;
                 TransactWriteItem::builder().condition_check(check).build()
             };
             items.push(lease);
@@ -573,20 +536,31 @@ impl DynamoStore {
                     .set_transact_items(Some(items.clone()))
                     .send()
                     .await;
-                match sent {
+                let failure = match sent {
                     Ok(_) => break,
-                    Err(error) => {
-                        match cancelled(&error, lease_index, &roles, &fence.shard) {
-                            Some(Err(e)) => return Err(e),
-                            // Contention on an item: try again shortly.
-                            Some(Ok(())) | None if attempt < 5 && retryable(&error) => {
-                                attempt += 1;
-                                crate::backoff::sleep(attempt).await;
-                            }
-                            _ => return Err(CommitError::Store(store_err(error))),
+                    Err(error) => match cancelled(&error, lease_index, &roles, &fence.shard) {
+                        Some(Err(e)) => e,
+                        // Contention on an item: try again shortly.
+                        Some(Ok(())) | None if attempt < 5 && retryable(&error) => {
+                            attempt += 1;
+                            crate::backoff::sleep(attempt).await;
+                            continue;
                         }
-                    }
-                }
+                        _ if retryable(&error) => store_err(error),
+                        _ => StoreError::Invalid(format!(
+                            "DynamoDB refused the commit: {}",
+                            crate::aws::error_text(error)
+                        )),
+                    },
+                };
+                // Earlier chunks are durable: their outbox items stay in
+                // the table for `unpublished`. The deletes not done wait
+                // for the next commit.
+                let mut retired = self.retired.lock().expect("retired lock");
+                let waiting = retired.entry(fence.shard.clone()).or_default();
+                waiting.extend(deleted.drain(first_delete..));
+                waiting.extend(deletes);
+                return Err(failure);
             }
             let mut cache = self.cache.lock().expect("cache lock");
             for (id, new) in updated {
@@ -599,36 +573,63 @@ impl DynamoStore {
                 }
             }
             committed.alerts.extend(chunk_alerts);
-            committed.outbox.extend(outbox);
+            outbox_keys.extend(outbox);
         }
+        // Deletes that did not fit wait for the next commit.
+        if !deletes.is_empty() {
+            self.retired
+                .lock()
+                .expect("retired lock")
+                .entry(fence.shard.clone())
+                .or_default()
+                .extend(deletes);
+        }
+        committed.mark = if outbox_keys.is_empty() {
+            OutboxMark::Nothing
+        } else {
+            OutboxMark::Items {
+                shard: fence.shard.clone(),
+                keys: outbox_keys,
+            }
+        };
         Ok(committed)
     }
 
     /// The alerts of every outbox item of `shard`, oldest first, with their
     /// keys: a new lease owner publishes them before reading the shard.
-    pub async fn outbox(
+    async fn outbox(
         &self,
-        stream: &str,
         shard: &str,
-    ) -> Result<(Vec<AlertRecord>, Vec<OutboxKey>), String> {
+        skip: &std::collections::HashSet<OutboxKey>,
+    ) -> Result<(Vec<AlertRecord>, Vec<OutboxKey>)> {
         Usage::count(&self.table.usage.outbox_reads);
-        let pk = outbox_pk(stream, shard);
+        let pk = outbox_pk(&self.stream, shard);
         let mut alerts = Vec::new();
         let mut keys = Vec::new();
-        for item in self.table.query_partition(&pk).await? {
+        for item in self
+            .table
+            .query_partition(&pk)
+            .await
+            .map_err(StoreError::Unavailable)?
+        {
             let sk = item
                 .get(SK)
                 .and_then(|v| v.as_s().ok())
                 .cloned()
                 .unwrap_or_default();
+            let key = OutboxKey { pk: pk.clone(), sk };
+            if skip.contains(&key) {
+                continue;
+            }
+            let OutboxKey { sk, .. } = &key;
             let json = item
                 .get("alerts")
                 .and_then(|v| v.as_s().ok())
-                .ok_or_else(|| format!("outbox item {pk}/{sk} has no alerts"))?;
+                .ok_or_else(|| unreadable(format!("outbox item {pk}/{sk} has no alerts")))?;
             let part: Vec<AlertRecord> = serde_json::from_str(json)
-                .map_err(|e| format!("outbox item {pk}/{sk} is unreadable: {e}"))?;
+                .map_err(|e| unreadable(format!("outbox item {pk}/{sk} is unreadable: {e}")))?;
             alerts.extend(part);
-            keys.push(OutboxKey { pk: pk.clone(), sk });
+            keys.push(key);
         }
         Ok((alerts, keys))
     }
@@ -662,7 +663,7 @@ fn cancelled<R>(
     lease_index: usize,
     roles: &[Option<BucketId>],
     shard: &str,
-) -> Option<Result<(), CommitError>> {
+) -> Option<Result<()>> {
     let Some(TransactWriteItemsError::TransactionCanceledException(cancel)) =
         error.as_service_error()
     else {
@@ -670,7 +671,7 @@ fn cancelled<R>(
     };
     let reasons = cancel.cancellation_reasons();
     if reasons.get(lease_index).and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
-        return Some(Err(CommitError::Fenced(shard.to_owned())));
+        return Some(Err(StoreError::Fenced(shard.to_owned())));
     }
     let conflicts: Vec<BucketId> = reasons
         .iter()
@@ -679,12 +680,12 @@ fn cancelled<R>(
         .filter_map(|(_, role)| role.clone())
         .collect();
     if !conflicts.is_empty() {
-        return Some(Err(CommitError::Conflict(conflicts)));
+        return Some(Err(StoreError::Conflict(conflicts)));
     }
     if reasons.is_empty() {
         // An emulator that gives no reasons: a failed condition we cannot
         // place. Let the caller reload everything and retry.
-        return Some(Err(CommitError::Conflict(
+        return Some(Err(StoreError::Conflict(
             roles.iter().flatten().cloned().collect(),
         )));
     }
@@ -704,22 +705,26 @@ fn retryable<R>(error: &SdkError<TransactWriteItemsError, R>) -> bool {
     }
 }
 
-fn decode(item: &HashMap<String, AttributeValue>) -> Result<Cached, String> {
-    let number = |name: &str| -> Result<Option<i64>, String> {
+fn decode(item: &HashMap<String, AttributeValue>) -> Result<Cached> {
+    let number = |name: &str| -> Result<Option<i64>> {
         match item.get(name) {
             None => Ok(None),
             Some(AttributeValue::N(text)) => text
                 .parse()
                 .map(Some)
-                .map_err(|_| format!("bucket item attribute `{name}` is not a number")),
-            Some(_) => Err(format!("bucket item attribute `{name}` is not a number")),
+                .map_err(|_| unreadable(format!("bucket item attribute `{name}` is not a number"))),
+            Some(_) => Err(unreadable(format!(
+                "bucket item attribute `{name}` is not a number"
+            ))),
         }
     };
     let mut applied = HashMap::new();
     if let Some(AttributeValue::M(map)) = item.get("applied") {
         for (shard, seq) in map {
             let seq = seq.as_s().ok().and_then(|s| SeqNo::new(s)).ok_or_else(|| {
-                format!("bucket item applied position of `{shard}` is not a sequence number")
+                unreadable(format!(
+                    "bucket item applied position of `{shard}` is not a sequence number"
+                ))
             })?;
             applied.insert(shard.clone(), seq);
         }
@@ -733,4 +738,82 @@ fn decode(item: &HashMap<String, AttributeValue>) -> Result<Cached, String> {
         applied,
         timer: number("timer")?,
     })
+}
+
+#[async_trait::async_trait]
+impl StateStore for DynamoStore {
+    fn max_state_bytes(&self) -> usize {
+        MAX_STATE_BYTES
+    }
+
+    async fn load(&self, ids: &[BucketId], partition: &str) -> Result<Vec<Prior>> {
+        self.fetch(ids.iter().cloned()).await?;
+        Ok(ids.iter().map(|id| self.prior(id, partition)).collect())
+    }
+
+    fn forget(&self, ids: &[BucketId]) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        for id in ids {
+            cache.remove(id);
+        }
+    }
+
+    async fn receipt(&self, _key: &str) -> Result<Option<Vec<u8>>> {
+        // Requests are not idempotent here: the Kinesis source has none.
+        Ok(None)
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<Outbox> {
+        let Progress::Shard {
+            fence,
+            last,
+            checkpoint,
+        } = commit.progress
+        else {
+            return Err(StoreError::Invalid(
+                "the DynamoDB store commits shard batches only: its source must be `kinesis:<stream>`"
+                    .to_owned(),
+            ));
+        };
+        self.commit_shard(&fence, commit.writes, last, checkpoint, commit.now_ms)
+            .await
+    }
+
+    async fn unpublished(&self, partition: &str) -> Result<Outbox> {
+        // Published items not yet deleted are not published again.
+        let retired: std::collections::HashSet<OutboxKey> = self
+            .retired
+            .lock()
+            .expect("retired lock")
+            .get(partition)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default();
+        let (alerts, keys) = self.outbox(partition, &retired).await?;
+        Ok(Outbox {
+            alerts,
+            mark: OutboxMark::Items {
+                shard: partition.to_owned(),
+                keys,
+            },
+        })
+    }
+
+    async fn published(&self, mark: OutboxMark) -> Result<()> {
+        match mark {
+            OutboxMark::Nothing => Ok(()),
+            OutboxMark::Items { shard, keys } => {
+                let mut retired = self.retired.lock().expect("retired lock");
+                let waiting = retired.entry(shard).or_default();
+                for key in keys {
+                    if !waiting.contains(&key) {
+                        waiting.push(key);
+                    }
+                }
+                Ok(())
+            }
+            OutboxMark::UpTo(_) => Err(StoreError::Invalid(
+                "the DynamoDB store's outbox is kept per shard, not by sequence".to_owned(),
+            )),
+        }
+    }
 }

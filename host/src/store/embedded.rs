@@ -17,10 +17,15 @@ use std::thread::JoinHandle;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::State;
 use super::alert_index::AlertIndex;
+use super::cache::BucketCache;
 use super::state_log::{self, Logged, STATE_LOG};
-use super::{AlertLog, BucketId, Commit, Result, StateStore, StoreError};
+use super::{
+    AlertLog, BucketId, Commit, Outbox, OutboxMark, Prior, Progress, Result, StateStore, StoreError,
+};
 use crate::alert::AlertRecord;
+use crate::runtime::{StateChange, TimerChange};
 
 /// (tenant, rule, bucket) → encoded state.
 const STATES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("states");
@@ -33,6 +38,8 @@ const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
 const LEGACY_INDEX: TableDefinition<(&str, u64), ()> = TableDefinition::new("tenant_alerts");
 /// idempotency key → the answer given.
 const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
+/// (stored at, idempotency key): which receipts are due to expire.
+const RECEIPT_TIMES: TableDefinition<(i64, &str), ()> = TableDefinition::new("receipt_times");
 /// Counters: `next_seq`; `published` (every alert up to it reached the
 /// sink).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -42,10 +49,39 @@ const INDEX_BATCH: usize = 16 * 1024;
 /// State changes the log holds before a commit writes them into `states`:
 /// bounds their memory and the replay at open.
 const STATE_BATCH: usize = 64 * 1024;
+/// How long a request's receipt answers its retries: a day covers any
+/// client's retry policy, and receipts cost disk for as long as they live.
+pub const RECEIPT_RETENTION_MS: i64 = 24 * 3600 * 1000;
+/// Expired receipts one commit removes, so pruning never makes one slow.
+const RECEIPTS_PRUNED_PER_COMMIT: usize = 1024;
+/// Bucket states kept in memory: about 200 MB of small states.
+pub const DEFAULT_MAX_CACHED: usize = 1_000_000;
+
+/// Everything one commit writes, in the store's own terms.
+#[derive(Debug, Default)]
+pub(super) struct Changes {
+    /// New state per bucket; `None` deletes it.
+    pub states: Vec<(BucketId, Option<Vec<u8>>)>,
+    /// Pending timer per bucket; `None` cancels it.
+    pub timers: Vec<(BucketId, Option<i64>)>,
+    /// Alerts in the order raised; the store assigns their `seq`.
+    pub alerts: Vec<AlertRecord>,
+    /// Answers to requests by idempotency key.
+    pub receipts: Vec<(String, Vec<u8>)>,
+    pub now_ms: i64,
+}
 
 /// The state store in `<data-dir>/state.redb`, its alert index beside it in
-/// `state.index.redb`.
+/// `state.index.redb`. Its blocking work runs on Tokio's blocking threads.
+#[derive(Clone)]
 pub struct EmbeddedStore {
+    inner: Arc<Embedded>,
+    /// Committed states (`None`: known to have none), bounded.
+    cache: Arc<Mutex<BucketCache<Option<State>>>>,
+}
+
+/// The store itself, synchronous.
+pub(super) struct Embedded {
     db: Database,
     /// State changes logged but not yet in `states`. Locked across each
     /// commit (before the index's waiting entries), so that reads see the
@@ -67,12 +103,19 @@ struct TenantOf {
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Invalid(format!("an alert in the log is unreadable: {e}"))
 }
 
 impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with(path, INDEX_BATCH, true)
+        Ok(EmbeddedStore {
+            inner: Arc::new(Embedded::open_with(path, INDEX_BATCH, true)?),
+            cache: Arc::new(Mutex::new(BucketCache::new(DEFAULT_MAX_CACHED))),
+        })
     }
 
     /// The index file of the store at `path`.
@@ -80,11 +123,24 @@ impl EmbeddedStore {
         path.with_extension("index.redb")
     }
 
+    /// Run `work` on the store on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Embedded) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("the store's thread failed: {e}")))?
+    }
+}
+
+impl Embedded {
     /// `background`: whether a thread writes the index (tests flush it
     /// themselves).
     fn open_with(path: &Path, index_batch: usize, background: bool) -> Result<Self> {
-        let db =
-            Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(err)?;
         let last_seq;
         let published;
@@ -93,6 +149,7 @@ impl EmbeddedStore {
             tx.open_table(TIMERS).map_err(err)?;
             tx.open_table(ALERTS).map_err(err)?;
             tx.open_table(RECEIPTS).map_err(err)?;
+            tx.open_table(RECEIPT_TIMES).map_err(err)?;
             tx.open_table(STATE_LOG).map_err(err)?;
             let mut meta = tx.open_table(META).map_err(err)?;
             meta.remove("indexed").map_err(err)?;
@@ -102,13 +159,13 @@ impl EmbeddedStore {
         tx.delete_table(LEGACY_INDEX).map_err(err)?;
         tx.commit().map_err(err)?;
 
-        let index_path = Self::index_path(path);
+        let index_path = EmbeddedStore::index_path(path);
         let mut index = AlertIndex::open(&index_path, index_batch)?;
         if index.indexed()? > last_seq {
             // Not this log's index (the store was replaced): start anew.
             drop(index);
             std::fs::remove_file(&index_path)
-                .map_err(|e| StoreError(format!("{}: {e}", index_path.display())))?;
+                .map_err(|e| StoreError::Unavailable(format!("{}: {e}", index_path.display())))?;
             index = AlertIndex::open(&index_path, index_batch)?;
         }
         index.waiting().add(unindexed(&db, index.indexed()?)?);
@@ -121,9 +178,11 @@ impl EmbeddedStore {
                     .spawn(move || index.run_writer())
             })
             .transpose()
-            .map_err(|e| StoreError(format!("cannot start the alert index writer: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the alert index writer: {e}"))
+            })?;
         let logged = Mutex::new(Logged::replay(&db.begin_read().map_err(err)?)?);
-        Ok(EmbeddedStore {
+        Ok(Embedded {
             db,
             logged,
             state_batch: STATE_BATCH,
@@ -134,7 +193,7 @@ impl EmbeddedStore {
     }
 }
 
-impl EmbeddedStore {
+impl Embedded {
     /// Write the published cursor, if it moved, in `tx`.
     fn write_published(&self, tx: &redb::WriteTransaction) -> Result<()> {
         let mut meta = tx.open_table(META).map_err(err)?;
@@ -147,7 +206,7 @@ impl EmbeddedStore {
     }
 }
 
-impl Drop for EmbeddedStore {
+impl Drop for Embedded {
     fn drop(&mut self) {
         // Spare the next start republishing what already reached the sink.
         let closing = self.db.begin_write().map_err(err).and_then(|tx| {
@@ -171,14 +230,14 @@ fn unindexed(db: &Database, indexed: u64) -> Result<Vec<(String, u64)>> {
     let mut entries = Vec::new();
     for entry in log.range(indexed + 1..).map_err(err)? {
         let (seq, json) = entry.map_err(err)?;
-        let TenantOf { tenant } = serde_json::from_slice(json.value()).map_err(err)?;
+        let TenantOf { tenant } = serde_json::from_slice(json.value()).map_err(corrupt)?;
         entries.push((tenant, seq.value()));
     }
     Ok(entries)
 }
 
-impl StateStore for EmbeddedStore {
-    fn load(&self, ids: &[BucketId]) -> Result<Vec<Option<Vec<u8>>>> {
+impl Embedded {
+    pub(super) fn load(&self, ids: &[BucketId]) -> Result<Vec<Option<Vec<u8>>>> {
         let logged = self.logged.lock().expect("state log lock");
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(STATES).map_err(err)?;
@@ -193,13 +252,13 @@ impl StateStore for EmbeddedStore {
             .collect()
     }
 
-    fn receipt(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    pub(super) fn receipt(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(RECEIPTS).map_err(err)?;
         Ok(table.get(key).map_err(err)?.map(|v| v.value().to_vec()))
     }
 
-    fn commit(&self, commit: Commit) -> Result<Vec<AlertRecord>> {
+    pub(super) fn commit(&self, commit: Changes) -> Result<Vec<AlertRecord>> {
         // Held across the write: readers see these alerts in the log and in
         // the index's waiting entries at once.
         let mut logged = self.logged.lock().expect("state log lock");
@@ -247,10 +306,26 @@ impl StateStore for EmbeddedStore {
             drop(meta);
             self.write_published(&tx)?;
             let mut receipts = tx.open_table(RECEIPTS).map_err(err)?;
+            let mut times = tx.open_table(RECEIPT_TIMES).map_err(err)?;
             for (key, answer) in &commit.receipts {
                 receipts
                     .insert(key.as_str(), answer.as_slice())
                     .map_err(err)?;
+                times
+                    .insert((commit.now_ms, key.as_str()), ())
+                    .map_err(err)?;
+            }
+            // Expired receipts, oldest first, a bounded number per commit.
+            let expired: Vec<(i64, String)> = times
+                .range(..(commit.now_ms - RECEIPT_RETENTION_MS, ""))
+                .map_err(err)?
+                .take(RECEIPTS_PRUNED_PER_COMMIT)
+                .map(|entry| entry.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(err)?;
+            for (at, key) in expired {
+                times.remove((at, key.as_str())).map_err(err)?;
+                receipts.remove(key.as_str()).map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;
@@ -268,7 +343,7 @@ impl StateStore for EmbeddedStore {
         Ok(alerts)
     }
 
-    fn unpublished(&self) -> Result<Vec<AlertRecord>> {
+    pub(super) fn unpublished(&self) -> Result<Vec<AlertRecord>> {
         let tx = self.db.begin_read().map_err(err)?;
         let meta = tx.open_table(META).map_err(err)?;
         let stored = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
@@ -277,12 +352,12 @@ impl StateStore for EmbeddedStore {
         let mut alerts = Vec::new();
         for entry in log.range(published + 1..).map_err(err)? {
             let (_, json) = entry.map_err(err)?;
-            alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
+            alerts.push(serde_json::from_slice(json.value()).map_err(corrupt)?);
         }
         Ok(alerts)
     }
 
-    fn mark_published(&self, up_to: u64) -> Result<()> {
+    pub(super) fn mark_published(&self, up_to: u64) -> Result<()> {
         // Not worth a transaction of its own: after a crash the outbox
         // merely republishes, and sinks skip what they already have.
         self.published.fetch_max(up_to, Ordering::Relaxed);
@@ -291,6 +366,28 @@ impl StateStore for EmbeddedStore {
 }
 
 impl AlertLog for EmbeddedStore {
+    fn alerts(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<AlertRecord>> {
+        self.inner.alerts(tenant, after, limit)
+    }
+
+    fn buckets(&self, tenant: &str) -> Result<Vec<(BucketId, Vec<u8>)>> {
+        self.inner.buckets(tenant)
+    }
+
+    fn last_seq(&self) -> Result<u64> {
+        self.inner.last_seq()
+    }
+}
+
+impl AlertLog for Embedded {
+    fn last_seq(&self) -> Result<u64> {
+        // Under the state log's lock: no commit is half visible.
+        let _logged = self.logged.lock().expect("state log lock");
+        let tx = self.db.begin_read().map_err(err)?;
+        let meta = tx.open_table(META).map_err(err)?;
+        Ok(meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value()) - 1)
+    }
+
     fn alerts(&self, tenant: &str, after: u64, limit: usize) -> Result<Vec<AlertRecord>> {
         let mut alerts = Vec::new();
         if after == u64::MAX {
@@ -310,7 +407,7 @@ impl AlertLog for EmbeddedStore {
         seqs.truncate(limit);
         for seq in seqs {
             if let Some(json) = log.get(seq).map_err(err)? {
-                alerts.push(serde_json::from_slice(json.value()).map_err(err)?);
+                alerts.push(serde_json::from_slice(json.value()).map_err(corrupt)?);
             }
         }
         Ok(alerts)
@@ -347,6 +444,136 @@ impl AlertLog for EmbeddedStore {
     }
 }
 
+#[async_trait::async_trait]
+impl StateStore for EmbeddedStore {
+    fn max_state_bytes(&self) -> usize {
+        // redb holds values up to 3 GiB; the rules' own limit is what binds.
+        usize::MAX
+    }
+
+    async fn load(&self, ids: &[BucketId], _partition: &str) -> Result<Vec<Prior>> {
+        let mut priors = vec![Prior::default(); ids.len()];
+        let mut missing = Vec::new();
+        {
+            let cache = self.cache.lock().expect("state cache lock");
+            for (i, id) in ids.iter().enumerate() {
+                match cache.get(id) {
+                    Some(state) => priors[i].state = state.clone(),
+                    None => missing.push(i),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(priors);
+        }
+        let wanted: Vec<BucketId> = missing.iter().map(|&i| ids[i].clone()).collect();
+        let loaded = self.blocking(move |store| store.load(&wanted)).await?;
+        let mut cache = self.cache.lock().expect("state cache lock");
+        for (i, state) in missing.into_iter().zip(loaded) {
+            let state: Option<Arc<[u8]>> = state.map(Arc::from);
+            cache.insert(ids[i].clone(), state.clone());
+            priors[i].state = state;
+        }
+        Ok(priors)
+    }
+
+    fn forget(&self, ids: &[BucketId]) {
+        let mut cache = self.cache.lock().expect("state cache lock");
+        for id in ids {
+            cache.remove(id);
+        }
+    }
+
+    async fn receipt(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let key = key.to_owned();
+        self.blocking(move |store| store.receipt(&key)).await
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<Outbox> {
+        let mut changes = Changes {
+            now_ms: commit.now_ms,
+            ..Changes::default()
+        };
+        match commit.progress {
+            Progress::Receipts(receipts) => changes.receipts = receipts,
+            Progress::Nothing => {}
+            Progress::Shard { fence, .. } => {
+                return Err(StoreError::Invalid(format!(
+                    "the embedded store keeps no shard leases (shard `{}`): use state `dynamodb:<table>` with a Kinesis source",
+                    fence.shard
+                )));
+            }
+        }
+        for write in commit.writes {
+            match write.state {
+                StateChange::Unchanged => {}
+                StateChange::Set(bytes) => changes.states.push((write.id.clone(), Some(bytes))),
+                StateChange::Delete => changes.states.push((write.id.clone(), None)),
+            }
+            match write.timer {
+                TimerChange::Keep => {}
+                TimerChange::Set(at) => changes.timers.push((write.id.clone(), Some(at))),
+                TimerChange::Cancel => changes.timers.push((write.id.clone(), None)),
+            }
+            changes.alerts.extend(write.alerts);
+        }
+        let states: Vec<(BucketId, Option<Arc<[u8]>>)> = changes
+            .states
+            .iter()
+            .map(|(id, state)| (id.clone(), state.as_deref().map(Arc::from)))
+            .collect();
+        let result = self.blocking(move |store| store.commit(changes)).await;
+        let mut cache = self.cache.lock().expect("state cache lock");
+        match &result {
+            Ok(_) => {
+                for (id, state) in states {
+                    match state {
+                        Some(state) => cache.insert(id, Some(state)),
+                        // Deleted buckets leave the cache: a deleted bucket
+                        // costs no memory, and a read of it finds nothing.
+                        None => {
+                            cache.remove(&id);
+                        }
+                    }
+                }
+            }
+            // Whether the write happened is unknown: read these again.
+            Err(_) => {
+                for (id, _) in &states {
+                    cache.remove(id);
+                }
+            }
+        }
+        let alerts = result?;
+        let mark = alerts
+            .iter()
+            .filter_map(|a| a.seq)
+            .max()
+            .map_or(OutboxMark::Nothing, OutboxMark::UpTo);
+        Ok(Outbox { alerts, mark })
+    }
+
+    async fn unpublished(&self, _partition: &str) -> Result<Outbox> {
+        let alerts = self.blocking(|store| store.unpublished()).await?;
+        let mark = alerts
+            .iter()
+            .filter_map(|a| a.seq)
+            .max()
+            .map_or(OutboxMark::Nothing, OutboxMark::UpTo);
+        Ok(Outbox { alerts, mark })
+    }
+
+    async fn published(&self, mark: OutboxMark) -> Result<()> {
+        match mark {
+            OutboxMark::UpTo(seq) => self.inner.mark_published(seq),
+            OutboxMark::Nothing => Ok(()),
+            OutboxMark::Items { shard, .. } => Err(StoreError::Invalid(format!(
+                "the embedded store has no outbox items of shard `{shard}`"
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,21 +588,21 @@ mod tests {
         serde_json::from_str(&json.to_string()).unwrap()
     }
 
-    fn commit(store: &EmbeddedStore, alerts: &[(&str, &str)]) {
-        let commit = Commit {
+    fn commit(store: &Embedded, alerts: &[(&str, &str)]) {
+        let commit = Changes {
             alerts: alerts.iter().map(|(t, k)| alert(t, k)).collect(),
-            ..Commit::default()
+            ..Changes::default()
         };
         store.commit(commit).unwrap();
     }
 
-    fn keys(store: &EmbeddedStore, tenant: &str, after: u64, limit: usize) -> Vec<String> {
+    fn keys(store: &Embedded, tenant: &str, after: u64, limit: usize) -> Vec<String> {
         let alerts = store.alerts(tenant, after, limit).unwrap();
         alerts.into_iter().map(|a| a.key).collect()
     }
 
     /// Pages of two through a tenant's alerts, by cursor.
-    fn paged(store: &EmbeddedStore, tenant: &str) -> Vec<String> {
+    fn paged(store: &Embedded, tenant: &str) -> Vec<String> {
         let (mut all, mut after) = (Vec::new(), 0);
         loop {
             let page = store.alerts(tenant, after, 2).unwrap();
@@ -394,8 +621,8 @@ mod tests {
     }
 
     /// A store whose index the test writes itself, with `batch` 4.
-    fn open(path: &Path) -> EmbeddedStore {
-        EmbeddedStore::open_with(path, 4, false).unwrap()
+    fn open(path: &Path) -> Embedded {
+        Embedded::open_with(path, 4, false).unwrap()
     }
 
     #[test]
@@ -435,7 +662,7 @@ mod tests {
     #[test]
     fn the_writer_thread_writes_a_waiting_batch_and_the_rest_when_the_store_closes() {
         let (_dir, path) = store_path();
-        let store = EmbeddedStore::open_with(&path, 2, true).unwrap();
+        let store = Embedded::open_with(&path, 2, true).unwrap();
         commit(&store, &[("a", "a1"), ("a", "a2"), ("b", "b1")]);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while store.index.indexed().unwrap() < 3 {
@@ -488,22 +715,22 @@ mod tests {
         }
     }
 
-    fn set_states(store: &EmbeddedStore, states: &[(&str, &str, Option<&[u8]>)]) {
-        let commit = Commit {
+    fn set_states(store: &Embedded, states: &[(&str, &str, Option<&[u8]>)]) {
+        let commit = Changes {
             states: states
                 .iter()
                 .map(|(t, b, s)| (id(t, b), s.map(<[u8]>::to_vec)))
                 .collect(),
-            ..Commit::default()
+            ..Changes::default()
         };
         store.commit(commit).unwrap();
     }
 
-    fn state(store: &EmbeddedStore, tenant: &str, bucket: &str) -> Option<Vec<u8>> {
+    fn state(store: &Embedded, tenant: &str, bucket: &str) -> Option<Vec<u8>> {
         store.load(&[id(tenant, bucket)]).unwrap().pop().unwrap()
     }
 
-    fn in_table(store: &EmbeddedStore) -> usize {
+    fn in_table(store: &Embedded) -> usize {
         let tx = store.db.begin_read().unwrap();
         let table = tx.open_table(STATES).unwrap();
         ReadableTableMetadata::len(&table).unwrap() as usize
@@ -519,7 +746,7 @@ mod tests {
         assert_eq!(in_table(&store), 0, "logged only");
         assert_eq!(state(&store, "a", "x").as_deref(), Some(&b"3"[..]));
         assert_eq!(state(&store, "a", "z"), None);
-        let listed = |store: &EmbeddedStore, tenant| -> Vec<(String, Vec<u8>)> {
+        let listed = |store: &Embedded, tenant| -> Vec<(String, Vec<u8>)> {
             let buckets = store.buckets(tenant).unwrap();
             buckets.into_iter().map(|(id, s)| (id.bucket, s)).collect()
         };
@@ -548,7 +775,7 @@ mod tests {
     #[test]
     fn the_published_cursor_rides_on_the_next_commit_and_is_kept_at_close() {
         let (_dir, path) = store_path();
-        let unpublished = |store: &EmbeddedStore| -> Vec<u64> {
+        let unpublished = |store: &Embedded| -> Vec<u64> {
             let alerts = store.unpublished().unwrap();
             alerts.into_iter().map(|a| a.seq.unwrap()).collect()
         };
@@ -558,7 +785,7 @@ mod tests {
         store.mark_published(1).unwrap();
         assert_eq!(unpublished(&store), [2], "at once, in this process");
         commit(&store, &[("a", "a3")]);
-        let stored = |store: &EmbeddedStore| {
+        let stored = |store: &Embedded| {
             let tx = store.db.begin_read().unwrap();
             let meta = tx.open_table(META).unwrap();
             meta.get("published").unwrap().map(|v| v.value())

@@ -42,8 +42,9 @@ impl Logged {
         };
         for entry in log.iter().map_err(err)? {
             let (n, bytes) = entry.map_err(err)?;
-            let changes = decode(bytes.value())
-                .ok_or_else(|| StoreError(format!("state log entry {} is corrupt", n.value())))?;
+            let changes = decode(bytes.value()).ok_or_else(|| {
+                StoreError::Invalid(format!("state log entry {} is corrupt", n.value()))
+            })?;
             logged.changes += changes.len();
             logged.latest.extend(changes);
             logged.next = n.value() + 1;
@@ -106,7 +107,7 @@ impl Logged {
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("state log: {e}"))
+    StoreError::Unavailable(format!("state log: {e}"))
 }
 
 /// State changes as one log entry: for each, tenant, rule and bucket, then

@@ -32,13 +32,18 @@ impl Bucket {
     }
 }
 
-/// An event the manifest's event-time field cannot be read from.
+/// Longest bucket key: the key is part of every stored item's key and of
+/// every alert, and DynamoDB keys take at most 2 KiB. Events whose bucket
+/// fields make a longer key are refused by the rule.
+pub const MAX_BUCKET_KEY_BYTES: usize = 1024;
+
+/// An event a rule wants but cannot take: its event time cannot be read,
+/// or its bucket key is too long.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("event #{index}: event-time field `{field}` {reason}")]
-pub struct BadEventTime {
+#[error("event #{index}: {reason}")]
+pub struct Unroutable {
     pub index: usize,
-    pub field: String,
-    pub reason: &'static str,
+    pub reason: String,
 }
 
 /// Whether the event passes every condition of the manifest's filter.
@@ -110,19 +115,14 @@ fn write_bucket_key(fields: &[String], event: &Incoming, key: &mut String) {
 }
 
 /// The event's time per the manifest, in epoch milliseconds.
-pub fn event_time(
-    manifest: &Manifest,
-    index: usize,
-    event: &Incoming,
-) -> Result<i64, BadEventTime> {
+pub fn event_time(manifest: &Manifest, index: usize, event: &Incoming) -> Result<i64, Unroutable> {
     let field = match &manifest.event_time {
         EventTime::Arrival => return Ok(event.arrival),
         EventTime::Field(field) => field,
     };
-    let bad = |reason| BadEventTime {
+    let bad = |reason: &str| Unroutable {
         index,
-        field: field.clone(),
-        reason,
+        reason: format!("event-time field `{field}` {reason}"),
     };
     match event.field(field) {
         None => Err(bad("is missing")),
@@ -140,9 +140,9 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
 /// Filter `events` through the manifest and group them into buckets, each
 /// in arrival order; buckets in order of their first event. Events whose
 /// event time cannot be read are left out and returned beside.
-pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<BadEventTime>) {
+pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Unroutable>) {
     let mut buckets: Vec<Bucket> = Vec::new();
-    let mut bad_times = Vec::new();
+    let mut unroutable = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut key = String::new();
     for (index, event) in events.iter().enumerate() {
@@ -152,12 +152,22 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Bad
         let time = match event_time(manifest, index, event) {
             Ok(time) => time,
             Err(bad) => {
-                bad_times.push(bad);
+                unroutable.push(bad);
                 continue;
             }
         };
         // One scratch key for every event: only a new bucket allocates one.
         write_bucket_key(&manifest.bucket_key, event, &mut key);
+        if key.len() > MAX_BUCKET_KEY_BYTES {
+            unroutable.push(Unroutable {
+                index,
+                reason: format!(
+                    "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
+                    key.len()
+                ),
+            });
+            continue;
+        }
         let slot = match by_key.get(key.as_str()) {
             Some(&slot) => slot,
             None => {
@@ -170,7 +180,7 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Bad
         push_event(&mut bucket.batch, manifest, event, time);
         bucket.members.push(index);
     }
-    (buckets, bad_times)
+    (buckets, unroutable)
 }
 
 /// `bucket` with only the members `keep` admits (in order).

@@ -1,45 +1,41 @@
 //! Turning a `POST /v1/events` body into events: NDJSON or a JSON array,
 //! each event checked on its own so bad lines are rejected with their reason
-//! while the good ones go through.
+//! while the good ones go through. Whether a tenant has rules is the
+//! engine's to say, like everything about routing.
 
-use crate::catalogue::Catalogue;
+use super::http::Rejected;
 use crate::event::Incoming;
-use crate::processor::Rejected;
 
-/// The accepted events and rejected lines of one body.
+/// The events and rejected lines of one body.
 #[derive(Debug, Default)]
 pub struct Parsed {
     pub events: Vec<Incoming>,
+    /// The line of each event.
+    pub lines: Vec<usize>,
     pub rejected: Vec<Rejected>,
 }
 
 /// Parse `body`. A body whose first non-blank byte is `[` is a JSON array
 /// (line = element number); anything else is NDJSON (line = line number,
-/// blank lines skipped). Events of tenants without rules are rejected.
-/// Each accepted event's position is `{request}:{line}`.
+/// blank lines skipped). Each event's position is `{request}:{line}`.
 pub fn parse(
     body: &str,
     tenant_field: &str,
-    catalogue: &dyn Catalogue,
     request: &str,
     arrival: i64,
 ) -> Result<Parsed, String> {
     let mut parsed = Parsed::default();
-    let mut accept = |line: usize, result: Result<Incoming, String>| {
-        let checked = result.and_then(|event| match catalogue.rules(&event.tenant) {
-            Some(_) => Ok(event),
-            None => Err(format!(
-                "unknown tenant `{}`: no rules are configured for it",
-                event.tenant
-            )),
-        });
-        match checked {
-            Ok(mut event) => {
-                event.position = format!("{request}:{line}");
-                parsed.events.push(event);
-            }
-            Err(error) => parsed.rejected.push(Rejected { line, error }),
+    let mut accept = |line: usize, result: Result<Incoming, String>| match result {
+        Ok(mut event) => {
+            event.position = format!("{request}:{line}");
+            parsed.events.push(event);
+            parsed.lines.push(line);
         }
+        Err(error) => parsed.rejected.push(Rejected {
+            line,
+            rule: None,
+            error,
+        }),
     };
     if body.trim_start().starts_with('[') {
         let items: Vec<Box<serde_json::value::RawValue>> =

@@ -1,0 +1,636 @@
+//! The one core every deployment runs. A source hands the engine a
+//! [`Batch`] of events with its position; the engine routes it once (tenant,
+//! filter, bucket key, event time), runs each tenant's rules over it
+//! (tenants in parallel), writes one atomic commit (states, timers, the
+//! alerts as an outbox, the source's progress), and only then returns, so
+//! the source acknowledges or checkpoints after the commit; then it
+//! publishes the alerts to the sink and retires them from the outbox.
+//!
+//! Batches of one source partition (the HTTP ingest, a Kinesis shard, a
+//! file) go through one [`Lane`], in order. A lane may run the rules of its
+//! next batch while the previous one commits ([`Engine::compute`] then
+//! [`Engine::commit`]): the next batch reads the states the previous one
+//! left from the lane's overlay. If a commit fails, the overlay is dropped
+//! and every batch computed on top of it fails too: nothing is acknowledged
+//! before its own commit, so their sources retry.
+//!
+//! Nothing here names a backend: the catalogue, the state store and the
+//! alert sink are traits.
+
+pub mod route;
+pub mod run;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use tokio::sync::broadcast;
+
+use crate::alert::AlertRecord;
+use crate::catalogue::Catalogue;
+use crate::clock::Clock;
+use crate::event::Incoming;
+use crate::runtime::StateChange;
+use crate::sink::{AlertSink, SinkError};
+use crate::store::{
+    BucketId, BucketWrite, Commit, Outbox, Prior, Progress, State, StateStore, StoreError,
+};
+
+/// Alerts kept for live subscribers that fall behind; past this they catch
+/// up from the alert log.
+const LIVE_ALERTS: usize = 16 * 1024;
+/// Version conflicts (another writer changed a bucket) one batch may meet
+/// before [`Engine::process`] gives up and the source retries it later.
+const MAX_CONFLICTS: u32 = 8;
+
+/// One batch from a source: its events in order, each with its position.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub events: Arc<[Incoming]>,
+    /// What the commit records of the source's position.
+    pub progress: Progress,
+}
+
+/// An event (by its index in the batch) that was not applied, and why. With
+/// `rule` set, only that rule did not apply it; the tenant's other rules did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub index: usize,
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+/// Why a batch was not committed; nothing of it was applied.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Alerts of an earlier batch could not be published: the lane waits
+    /// for them before taking more (they are committed and stay in the
+    /// outbox).
+    #[error("alerts of an earlier batch are not yet published: {0}")]
+    Publish(#[from] SinkError),
+    /// An earlier batch of the lane could not be committed, and this one
+    /// was computed on its states.
+    #[error("an earlier batch could not be committed; nothing of this one was applied, retry it")]
+    Stale,
+    /// Running the rules panicked (a host bug, not a rule's failure).
+    #[error("processing the batch failed: {0}")]
+    Panicked(String),
+}
+
+impl EngineError {
+    /// Whether the same batch may succeed later.
+    pub fn retryable(&self) -> bool {
+        match self {
+            EngineError::Store(e) => e.retryable(),
+            EngineError::Publish(e) => e.retryable(),
+            EngineError::Stale | EngineError::Panicked(_) => true,
+        }
+    }
+}
+
+/// Counters since start.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Events committed (in batches that committed).
+    pub events: AtomicU64,
+    /// Events not applied by some rule, or by none (unknown tenant).
+    pub rejected: AtomicU64,
+    /// Events of tenants without rules.
+    pub unknown_tenant: AtomicU64,
+    pub alerts: AtomicU64,
+    /// Bucket calls that failed (the bucket kept its state).
+    pub rule_failures: AtomicU64,
+    pub commits: AtomicU64,
+    /// Commits that met a bucket changed by another writer and ran again.
+    pub conflicts: AtomicU64,
+    /// Time spent reading bucket state, nanoseconds.
+    pub load_ns: AtomicU64,
+    /// Time spent running rules (routing, Wasm), nanoseconds.
+    pub rules_ns: AtomicU64,
+    /// Time spent in durable commits, nanoseconds.
+    pub commit_ns: AtomicU64,
+    /// Time spent publishing to the alert sink, nanoseconds.
+    pub publish_ns: AtomicU64,
+}
+
+fn add_elapsed(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// One source partition's batches, in order.
+pub struct Lane {
+    partition: String,
+    overlay: Mutex<Overlay>,
+    /// A publish failed: the outbox holds alerts older than the next batch's.
+    behind: AtomicBool,
+}
+
+/// States computed by batches of the lane not yet committed.
+#[derive(Default)]
+struct Overlay {
+    /// Per bucket: the batch that wrote it last, and what it wrote.
+    states: HashMap<BucketId, (u64, Option<State>)>,
+    /// Raised when a commit fails and the overlay is dropped: batches
+    /// computed on an older generation rest on states never made durable.
+    generation: u64,
+    next_batch: u64,
+}
+
+impl Lane {
+    /// The lane of `partition` (a shard id; `http` for the HTTP ingest).
+    pub fn new(partition: &str) -> Self {
+        Lane {
+            partition: partition.to_owned(),
+            overlay: Mutex::default(),
+            behind: AtomicBool::new(true),
+        }
+    }
+
+    pub fn partition(&self) -> &str {
+        &self.partition
+    }
+
+    /// Forget what batches computed but did not commit, and catch up on
+    /// the outbox before the next publish: after a failure whose effect on
+    /// the store is unknown (a panic mid-commit).
+    pub fn reset(&self) {
+        let mut overlay = self.overlay.lock().expect("overlay lock");
+        overlay.generation += 1;
+        overlay.states.clear();
+        self.behind.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A batch whose rules ran, waiting for its commit.
+#[derive(Debug)]
+pub struct Computed {
+    commit: Commit,
+    rejected: Vec<Rejection>,
+    events: usize,
+    failures: u64,
+    batch: u64,
+    generation: u64,
+}
+
+impl Computed {
+    /// The events not applied, and why.
+    pub fn rejected(&self) -> &[Rejection] {
+        &self.rejected
+    }
+
+    /// Replace what the commit records of the source's position (the HTTP
+    /// source stores its answers, which depend on the rejections).
+    pub fn set_progress(&mut self, progress: Progress) {
+        self.commit.progress = progress;
+    }
+}
+
+/// What a committed batch gave.
+#[derive(Debug, Default)]
+pub struct Committed {
+    pub rejected: Vec<Rejection>,
+    pub alerts: usize,
+}
+
+pub struct Engine {
+    catalogue: Arc<dyn Catalogue>,
+    store: Arc<dyn StateStore>,
+    sink: Arc<dyn AlertSink>,
+    clock: Arc<dyn Clock>,
+    live: broadcast::Sender<Arc<AlertRecord>>,
+    stats: Stats,
+}
+
+impl Engine {
+    pub fn new(
+        catalogue: Arc<dyn Catalogue>,
+        store: Arc<dyn StateStore>,
+        sink: Arc<dyn AlertSink>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Engine {
+            catalogue,
+            store,
+            sink,
+            clock,
+            live: broadcast::channel(LIVE_ALERTS).0,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn catalogue(&self) -> &dyn Catalogue {
+        self.catalogue.as_ref()
+    }
+
+    pub fn store(&self) -> &dyn StateStore {
+        self.store.as_ref()
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Alerts as they are published.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AlertRecord>> {
+        self.live.subscribe()
+    }
+
+    /// A batch through both stages, running it again when another writer
+    /// changed a bucket it read (the distributed store's version check).
+    pub async fn process(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        batch: &Batch,
+    ) -> Result<Committed, EngineError> {
+        // Publishing lags behind: keep the outbox from growing unbounded.
+        self.flush(lane).await?;
+        let mut conflicts = 0;
+        loop {
+            let computed = self.compute(lane, batch.clone()).await?;
+            match self.commit(lane, computed).await {
+                Err(EngineError::Store(StoreError::Conflict(ids))) if conflicts < MAX_CONFLICTS => {
+                    conflicts += 1;
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(partition = %lane.partition, buckets = ids.len(), "buckets changed by another writer; running the batch again");
+                    self.store.forget(&ids);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// The first stage: route the batch, read the states it needs, and run
+    /// every tenant's rules; their new states wait in the lane's overlay
+    /// for the lane's next batch.
+    pub async fn compute(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        batch: Batch,
+    ) -> Result<Computed, EngineError> {
+        let engine = self.clone();
+        let lane = lane.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            // A panic here is a host bug: it fails this batch, not the lane.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.compute_blocking(&lane, batch, &handle)
+            }))
+            .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_text(&panic))))
+        })
+        .await
+        .map_err(|e| EngineError::Panicked(e.to_string()))?
+    }
+
+    fn compute_blocking(
+        &self,
+        lane: &Lane,
+        batch: Batch,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Computed, EngineError> {
+        let now = self.clock.now_ms();
+        let (batch_no, generation) = {
+            let mut overlay = lane.overlay.lock().expect("overlay lock");
+            overlay.next_batch += 1;
+            (overlay.next_batch, overlay.generation)
+        };
+        let events = &batch.events;
+        let mut rejected = Vec::new();
+
+        // Route once: each tenant's rules, each rule's buckets.
+        struct Routed<'a> {
+            rule: &'a crate::runtime::LoadedRule,
+            events: Vec<&'a Incoming>,
+            /// Index in the batch of each of `events`.
+            indices: &'a [usize],
+            buckets: Vec<route::Bucket>,
+            unroutable: Vec<route::Unroutable>,
+        }
+        let tenants = run::by_tenant(events);
+        let rule_sets: Vec<_> = tenants
+            .iter()
+            .map(|(tenant, _)| self.catalogue.rules(tenant))
+            .collect();
+        let mut routed: Vec<Vec<Routed<'_>>> = Vec::with_capacity(tenants.len());
+        let started = Instant::now();
+        for ((tenant, indices), rules) in tenants.iter().zip(&rule_sets) {
+            let Some(rules) = rules else {
+                self.stats
+                    .unknown_tenant
+                    .fetch_add(indices.len() as u64, Ordering::Relaxed);
+                for &index in indices {
+                    rejected.push(Rejection {
+                        index,
+                        rule: None,
+                        reason: format!(
+                            "unknown tenant `{tenant}`: no rules are configured for it"
+                        ),
+                    });
+                }
+                routed.push(Vec::new());
+                continue;
+            };
+            let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
+            routed.push(
+                rules
+                    .iter()
+                    .map(|rule| {
+                        let (buckets, unroutable) = route::route(rule.manifest(), &tenant_events);
+                        Routed {
+                            rule,
+                            events: tenant_events.clone(),
+                            indices,
+                            buckets,
+                            unroutable,
+                        }
+                    })
+                    .collect(),
+            );
+        }
+
+        // Read every bucket the batch touches, once.
+        let ids: Vec<BucketId> = routed
+            .iter()
+            .flatten()
+            .flat_map(|r| {
+                r.buckets.iter().map(|b| BucketId {
+                    tenant: r.rule.tenant().to_owned(),
+                    rule: r.rule.manifest().name.clone(),
+                    bucket: b.key.clone(),
+                })
+            })
+            .collect();
+        let load_started = Instant::now();
+        let mut priors: HashMap<BucketId, Prior> = {
+            let overlay = lane.overlay.lock().expect("overlay lock");
+            let missing: Vec<BucketId> = ids
+                .iter()
+                .filter(|id| !overlay.states.contains_key(*id))
+                .cloned()
+                .collect();
+            drop(overlay);
+            let loaded = handle.block_on(self.store.load(&missing, &lane.partition))?;
+            let mut priors: HashMap<BucketId, Prior> = missing.into_iter().zip(loaded).collect();
+            let overlay = lane.overlay.lock().expect("overlay lock");
+            for id in &ids {
+                if let Some((_, state)) = overlay.states.get(id) {
+                    priors.insert(id.clone(), Prior::state(state.clone()));
+                }
+            }
+            priors
+        };
+        add_elapsed(&self.stats.load_ns, load_started);
+        let mut prior_sets: Vec<Vec<HashMap<String, Prior>>> = routed
+            .iter()
+            .map(|rules| {
+                rules
+                    .iter()
+                    .map(|r| {
+                        r.buckets
+                            .iter()
+                            .map(|b| {
+                                let id = BucketId {
+                                    tenant: r.rule.tenant().to_owned(),
+                                    rule: r.rule.manifest().name.clone(),
+                                    bucket: b.key.clone(),
+                                };
+                                (b.key.clone(), priors.remove(&id).unwrap_or_default())
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+
+        // Run: tenants in parallel, each tenant's rules in turn.
+        let max_state = self.store.max_state_bytes();
+        let outcomes: Vec<(Vec<BucketWrite>, Vec<Rejection>, u64)> = routed
+            .into_par_iter()
+            .zip(prior_sets.par_iter_mut())
+            .map(|(rules, priors)| {
+                let mut writes = Vec::new();
+                let mut rejected = Vec::new();
+                let mut failures = 0;
+                for (r, priors) in rules.into_iter().zip(priors.iter_mut()) {
+                    let name = &r.rule.manifest().name;
+                    let tenant = r.rule.tenant();
+                    for bad in &r.unroutable {
+                        rejected.push(Rejection {
+                            index: r.indices[bad.index],
+                            rule: Some(name.clone()),
+                            reason: bad.reason.clone(),
+                        });
+                    }
+                    let run = run::run_buckets(
+                        r.rule,
+                        &r.events,
+                        r.buckets,
+                        r.unroutable,
+                        now,
+                        |key| priors.remove(key).unwrap_or_default(),
+                    );
+                    for bucket in run.buckets {
+                        let failure = match bucket.result {
+                            Ok(outcome) => {
+                                for line in &outcome.log {
+                                    tracing::info!(tenant, rule = %name, bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
+                                }
+                                match &outcome.state {
+                                    StateChange::Set(bytes) if bytes.len() > max_state => {
+                                        Some(format!(
+                                            "rule error: the state of bucket `{}` is {} bytes, over the state store's limit of {max_state}; the bucket keeps its previous state",
+                                            bucket.key,
+                                            bytes.len()
+                                        ))
+                                    }
+                                    _ => {
+                                        writes.push(BucketWrite {
+                                            id: BucketId {
+                                                tenant: tenant.to_owned(),
+                                                rule: name.clone(),
+                                                bucket: bucket.key.clone(),
+                                            },
+                                            state: outcome.state,
+                                            timer: outcome.timer,
+                                            alerts: outcome.alerts,
+                                            ttl_ms: outcome.state_ttl_ms,
+                                        });
+                                        None
+                                    }
+                                }
+                            }
+                            Err(error) => Some(error.to_string()),
+                        };
+                        if let Some(reason) = failure {
+                            // The bucket keeps its state; other buckets go on.
+                            failures += 1;
+                            tracing::warn!(tenant, rule = %name, bucket = %bucket.key, events = bucket.members.len(), "{reason}");
+                            for &member in &bucket.members {
+                                rejected.push(Rejection {
+                                    index: r.indices[member],
+                                    rule: Some(name.clone()),
+                                    reason: reason.clone(),
+                                });
+                            }
+                        }
+                    }
+                }
+                (writes, rejected, failures)
+            })
+            .collect();
+        add_elapsed(&self.stats.rules_ns, started);
+
+        let mut writes = Vec::new();
+        let mut failures = 0;
+        for (tenant_writes, tenant_rejected, tenant_failures) in outcomes {
+            writes.extend(tenant_writes);
+            rejected.extend(tenant_rejected);
+            failures += tenant_failures;
+        }
+        rejected.sort_by_key(|r| r.index);
+
+        // The lane's next batch runs on these states before they commit.
+        let mut overlay = lane.overlay.lock().expect("overlay lock");
+        if overlay.generation != generation {
+            return Err(EngineError::Stale);
+        }
+        for write in &writes {
+            let state = match &write.state {
+                StateChange::Unchanged => continue,
+                StateChange::Set(bytes) => Some(Arc::from(bytes.as_slice())),
+                StateChange::Delete => None,
+            };
+            overlay.states.insert(write.id.clone(), (batch_no, state));
+        }
+        drop(overlay);
+        Ok(Computed {
+            commit: Commit {
+                writes,
+                progress: batch.progress,
+                now_ms: now,
+            },
+            rejected,
+            events: events.len(),
+            failures,
+            batch: batch_no,
+            generation,
+        })
+    }
+
+    /// The second stage: commit a computed batch, then publish its alerts.
+    /// Batches of a lane must be committed in the order they were computed.
+    /// Once this returns `Ok`, the batch is durable: the source may
+    /// acknowledge it.
+    pub async fn commit(&self, lane: &Lane, computed: Computed) -> Result<Committed, EngineError> {
+        let Computed {
+            commit,
+            rejected,
+            events,
+            failures,
+            batch,
+            generation,
+        } = computed;
+        if lane.overlay.lock().expect("overlay lock").generation != generation {
+            return Err(EngineError::Stale);
+        }
+        let started = Instant::now();
+        let outbox = match self.store.commit(commit).await {
+            Ok(outbox) => outbox,
+            Err(error) => {
+                // The overlay holds states of this batch and of any
+                // computed on top of it: none of them is durable now. Part
+                // of a commit may have been (a split one): catch up first.
+                let mut overlay = lane.overlay.lock().expect("overlay lock");
+                overlay.generation += 1;
+                overlay.states.clear();
+                drop(overlay);
+                lane.behind.store(true, Ordering::Relaxed);
+                return Err(error.into());
+            }
+        };
+        add_elapsed(&self.stats.commit_ns, started);
+        lane.overlay
+            .lock()
+            .expect("overlay lock")
+            .states
+            .retain(|_, (written_by, _)| *written_by != batch);
+        let rejected_events = {
+            let mut indices: Vec<usize> = rejected.iter().map(|r| r.index).collect();
+            indices.dedup();
+            indices.len()
+        };
+        self.stats
+            .events
+            .fetch_add(events as u64, Ordering::Relaxed);
+        self.stats
+            .rejected
+            .fetch_add(rejected_events as u64, Ordering::Relaxed);
+        self.stats
+            .alerts
+            .fetch_add(outbox.alerts.len() as u64, Ordering::Relaxed);
+        self.stats
+            .rule_failures
+            .fetch_add(failures, Ordering::Relaxed);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+
+        // Committed: from here on a failure only delays publishing, and the
+        // outbox holds the alerts until it succeeds.
+        let alerts = outbox.alerts.len();
+        if lane.behind.load(Ordering::Relaxed) {
+            if let Err(error) = self.flush(lane).await {
+                tracing::error!(partition = %lane.partition, %error, "cannot publish alerts; they stay in the outbox");
+            }
+        } else if let Err(error) = self.publish(outbox).await {
+            lane.behind.store(true, Ordering::Relaxed);
+            tracing::error!(partition = %lane.partition, %error, "cannot publish alerts; they stay in the outbox");
+        }
+        Ok(Committed { rejected, alerts })
+    }
+
+    /// Publish what the lane's partition committed but may not have
+    /// published (at start, or after a failure): a new lease owner's
+    /// duty before it reads the shard. Same ids, so consumers dedupe.
+    pub async fn flush(&self, lane: &Lane) -> Result<(), EngineError> {
+        if !lane.behind.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let outbox = self.store.unpublished(&lane.partition).await?;
+        if !outbox.alerts.is_empty() {
+            tracing::info!(partition = %lane.partition, alerts = outbox.alerts.len(), "publishing the outbox");
+        }
+        self.publish(outbox).await?;
+        lane.behind.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn publish(&self, outbox: Outbox) -> Result<(), EngineError> {
+        if outbox.alerts.is_empty() {
+            self.store.published(outbox.mark).await?;
+            return Ok(());
+        }
+        let started = Instant::now();
+        let sent = self.sink.publish(&outbox.alerts).await;
+        add_elapsed(&self.stats.publish_ns, started);
+        sent?;
+        self.store.published(outbox.mark).await?;
+        for alert in outbox.alerts {
+            let _ = self.live.send(Arc::new(alert));
+        }
+        Ok(())
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}

@@ -1,0 +1,413 @@
+//! The HTTP ingest source: each `POST /v1/events` body becomes a
+//! [`Submission`]; one lane forms batches of whatever queued meanwhile and
+//! runs them through the [`Engine`] (the next batch's rules while the
+//! previous one commits, so one fsync serves many requests under load). A
+//! request's answer is stored as its idempotency receipt in the same commit
+//! as its effects, and sent only once that commit is durable.
+//!
+//! A receipt is bound to the request body by its SHA-256: a key reused with
+//! another body is refused (422), never answered with the first body's
+//! answer. Receipts live for [`RECEIPT_RETENTION_MS`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::ingest;
+use crate::engine::{Batch, Computed, Engine, EngineError, Lane};
+use crate::event::Incoming;
+use crate::store::Progress;
+pub use crate::store::embedded::RECEIPT_RETENTION_MS;
+
+/// The partition of the HTTP ingest's lane.
+pub const PARTITION: &str = "http";
+/// Requests waiting for the lane before senders wait too.
+const QUEUE_DEPTH: usize = 1024;
+
+/// An event (by its line) that was not applied, and why. With `rule` set,
+/// only that rule did not apply it; the tenant's other rules did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub line: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub error: String,
+}
+
+/// The answer to one submission, as `POST /v1/events` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    /// Events every rule of their tenant applied.
+    pub accepted: usize,
+    /// Lines not applied (or not by every rule), in line order.
+    pub rejected: Vec<Rejected>,
+}
+
+/// Why a request got no answer of its own.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    /// The body is not NDJSON or a JSON array of events.
+    #[error("{0}")]
+    BadBody(String),
+    /// The idempotency key was used before for a different body.
+    #[error(
+        "Idempotency-Key `{0}` was already used for a different request body; use a new key for new events"
+    )]
+    KeyReused(String),
+    /// Nothing of the request was applied; retrying it is safe.
+    #[error("not applied, retry: {0}")]
+    NotApplied(String),
+}
+
+impl From<EngineError> for Refusal {
+    fn from(error: EngineError) -> Self {
+        Refusal::NotApplied(error.to_string())
+    }
+}
+
+/// What a receipt holds: the answer, and the body it answered.
+#[derive(Debug, Serialize, Deserialize)]
+struct Receipt {
+    /// SHA-256 of the request body, hex.
+    digest: String,
+    answer: Answer,
+}
+
+type Reply = oneshot::Sender<Result<Answer, Refusal>>;
+
+/// One request's events, waiting for the lane.
+struct Submission {
+    events: Vec<Incoming>,
+    /// The body line of each event.
+    lines: Vec<usize>,
+    /// Lines refused at parsing: part of the answer.
+    rejected: Vec<Rejected>,
+    key: Option<String>,
+    digest: String,
+    reply: Reply,
+}
+
+/// A key's request being processed, and retries waiting for its answer.
+struct Inflight {
+    digest: String,
+    waiting: Vec<Reply>,
+}
+
+/// The HTTP ingest: submit bodies, get answers once durable.
+pub struct HttpIngest {
+    engine: Arc<Engine>,
+    lane: Arc<Lane>,
+    queue: mpsc::Sender<Submission>,
+    inflight: Mutex<HashMap<String, Inflight>>,
+    tenant_field: String,
+    /// Distinguishes requests without an idempotency key.
+    instance: String,
+    requests: AtomicU64,
+}
+
+impl HttpIngest {
+    /// Publish what the lane left in the outbox, then start the lane; it
+    /// runs until every handle is dropped and the queue drains.
+    pub async fn start(
+        engine: Arc<Engine>,
+        tenant_field: &str,
+        max_batch_events: usize,
+    ) -> Result<(Arc<HttpIngest>, JoinHandle<()>), EngineError> {
+        let lane = Arc::new(Lane::new(PARTITION));
+        engine.flush(&lane).await?;
+        let (queue, submissions) = mpsc::channel(QUEUE_DEPTH);
+        let ingest = Arc::new(HttpIngest {
+            engine,
+            lane,
+            queue,
+            inflight: Mutex::default(),
+            tenant_field: tenant_field.to_owned(),
+            instance: format!("r{:x}", rand::random::<u64>()),
+            requests: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(run(Arc::downgrade(&ingest), submissions, max_batch_events));
+        Ok((ingest, task))
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Whether the lane still takes requests.
+    pub fn running(&self) -> bool {
+        !self.queue.is_closed()
+    }
+
+    /// Apply one request body; answers once its effects are durable.
+    pub async fn submit(&self, body: &str, key: Option<String>) -> Result<Answer, Refusal> {
+        let digest = hex::encode(Sha256::digest(body.as_bytes()));
+        if let Some(key) = &key
+            && let Some(answer) = self.answered(key, &digest).await?
+        {
+            return Ok(answer);
+        }
+        let request = match &key {
+            Some(key) => format!("key:{key}"),
+            None => format!(
+                "{}-{}",
+                self.instance,
+                self.requests.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let arrival = self.engine.clock().now_ms();
+        let parsed =
+            ingest::parse(body, &self.tenant_field, &request, arrival).map_err(Refusal::BadBody)?;
+        if parsed.events.is_empty() && key.is_none() {
+            return Ok(Answer {
+                accepted: 0,
+                rejected: parsed.rejected,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        let submission = Submission {
+            events: parsed.events,
+            lines: parsed.lines,
+            rejected: parsed.rejected,
+            key,
+            digest,
+            reply,
+        };
+        if self.queue.send(submission).await.is_err() {
+            return Err(Refusal::NotApplied("shutting down".to_owned()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Refusal::NotApplied("processing failed".to_owned())))
+    }
+
+    /// The stored answer of `key`'s request, if it was applied.
+    async fn answered(&self, key: &str, digest: &str) -> Result<Option<Answer>, Refusal> {
+        let Some(bytes) = self
+            .engine
+            .store()
+            .receipt(key)
+            .await
+            .map_err(|e| Refusal::NotApplied(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let receipt: Receipt = serde_json::from_slice(&bytes).map_err(|e| {
+            Refusal::NotApplied(format!("the receipt of `{key}` is unreadable: {e}"))
+        })?;
+        if receipt.digest != digest {
+            return Err(Refusal::KeyReused(key.to_owned()));
+        }
+        Ok(Some(receipt.answer))
+    }
+
+    /// Answer retries of requests already applied or in flight; the rest
+    /// are marked in flight and returned.
+    async fn admit(&self, group: Vec<Submission>) -> Vec<Submission> {
+        let mut fresh = Vec::with_capacity(group.len());
+        for submission in group {
+            let Some(key) = submission.key.clone() else {
+                fresh.push(submission);
+                continue;
+            };
+            // A key is in flight until its receipt is stored: check the
+            // map first, the store second, then claim the key.
+            {
+                let mut inflight = self.inflight.lock().expect("inflight lock");
+                if let Some(waiting) = inflight.get_mut(&key) {
+                    if waiting.digest == submission.digest {
+                        waiting.waiting.push(submission.reply);
+                    } else {
+                        let _ = submission.reply.send(Err(Refusal::KeyReused(key)));
+                    }
+                    continue;
+                }
+            }
+            match self.answered(&key, &submission.digest).await {
+                Ok(Some(answer)) => {
+                    let _ = submission.reply.send(Ok(answer));
+                }
+                Err(refusal) => {
+                    let _ = submission.reply.send(Err(refusal));
+                }
+                Ok(None) => {
+                    self.inflight.lock().expect("inflight lock").insert(
+                        key,
+                        Inflight {
+                            digest: submission.digest.clone(),
+                            waiting: Vec::new(),
+                        },
+                    );
+                    fresh.push(submission);
+                }
+            }
+        }
+        fresh
+    }
+
+    /// Answer each submission (and the retries waiting on its key) and let
+    /// its key be processed again.
+    fn answer(&self, submissions: Vec<(Submission, Answer)>, result: Result<(), Refusal>) {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        for (submission, answer) in submissions {
+            let answer = result.clone().map(|()| answer);
+            if let Some(key) = &submission.key
+                && let Some(waiting) = inflight.remove(key)
+            {
+                for reply in waiting.waiting {
+                    let _ = reply.send(answer.clone());
+                }
+            }
+            let _ = submission.reply.send(answer);
+        }
+    }
+
+    /// Run a group's rules; `None` when nothing of it is left to commit.
+    async fn compute(
+        &self,
+        group: Vec<Submission>,
+    ) -> Option<(Vec<(Submission, Answer)>, Computed)> {
+        let fresh = self.admit(group).await;
+        if fresh.is_empty() {
+            return None;
+        }
+        let mut events = Vec::with_capacity(fresh.iter().map(|s| s.events.len()).sum());
+        let mut starts = Vec::with_capacity(fresh.len());
+        let mut fresh = fresh;
+        for submission in &mut fresh {
+            starts.push(events.len());
+            events.append(&mut submission.events);
+        }
+        let batch = Batch {
+            events: Arc::from(events),
+            progress: Progress::Nothing,
+        };
+        let mut computed = match self.engine.compute(&self.lane, batch).await {
+            Ok(computed) => computed,
+            Err(error) => {
+                let answers = fresh.into_iter().map(|s| (s, empty_answer())).collect();
+                self.answer(answers, Err(error.into()));
+                return None;
+            }
+        };
+        // Each submission's answer: its parse rejections and the engine's.
+        let mut answered: Vec<(Submission, Answer)> = Vec::with_capacity(fresh.len());
+        let mut rejections = computed.rejected().iter().peekable();
+        for (n, submission) in fresh.into_iter().enumerate() {
+            let start = starts[n];
+            let end = start + submission.lines.len();
+            let mut rejected = submission.rejected.clone();
+            let mut not_applied = Vec::new();
+            while let Some(r) = rejections.next_if(|r| r.index < end) {
+                let line = submission.lines[r.index - start];
+                not_applied.push(line);
+                rejected.push(Rejected {
+                    line,
+                    rule: r.rule.clone(),
+                    error: r.reason.clone(),
+                });
+            }
+            not_applied.dedup();
+            rejected.sort_by_key(|r| r.line);
+            let answer = Answer {
+                accepted: submission.lines.len() - not_applied.len(),
+                rejected,
+            };
+            answered.push((submission, answer));
+        }
+        let receipts = answered
+            .iter()
+            .filter_map(|(submission, answer)| {
+                let key = submission.key.clone()?;
+                let receipt = Receipt {
+                    digest: submission.digest.clone(),
+                    answer: answer.clone(),
+                };
+                Some((
+                    key,
+                    serde_json::to_vec(&receipt).expect("receipts serialize"),
+                ))
+            })
+            .collect();
+        computed.set_progress(Progress::Receipts(receipts));
+        Some((answered, computed))
+    }
+}
+
+fn empty_answer() -> Answer {
+    Answer {
+        accepted: 0,
+        rejected: Vec::new(),
+    }
+}
+
+/// The lane: group what queued, compute it, commit it while the next group
+/// computes. Returns when the queue closes and the last group is answered.
+async fn run(
+    ingest: std::sync::Weak<HttpIngest>,
+    mut queue: mpsc::Receiver<Submission>,
+    max_events: usize,
+) {
+    // At most two groups in flight: one committing, one computing. What
+    // queues meanwhile forms a larger next group.
+    let mut committing: Option<(JoinHandle<()>, Vec<String>)> = None;
+    while let Some(first) = queue.recv().await {
+        let Some(ingest) = ingest.upgrade() else {
+            break;
+        };
+        let mut events = first.events.len();
+        let mut group = vec![first];
+        while events < max_events {
+            match queue.try_recv() {
+                Ok(next) => {
+                    events += next.events.len();
+                    group.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let computed = ingest.compute(group).await;
+        if let Some((task, keys)) = committing.take() {
+            settle(&ingest, task, keys).await;
+        }
+        let Some((answered, computed)) = computed else {
+            continue;
+        };
+        let keys = answered.iter().filter_map(|(s, _)| s.key.clone()).collect();
+        let task = {
+            let ingest = ingest.clone();
+            tokio::spawn(async move {
+                let result = ingest.engine.commit(&ingest.lane, computed).await;
+                ingest.answer(answered, result.map(drop).map_err(Refusal::from));
+            })
+        };
+        committing = Some((task, keys));
+    }
+    if let Some((task, keys)) = committing.take()
+        && let Some(ingest) = ingest.upgrade()
+    {
+        settle(&ingest, task, keys).await;
+    }
+}
+
+/// Wait for a group's commit. If it panicked, its requests got no answer
+/// (their replies were dropped: they answer "not applied, retry"); free
+/// their keys and answer the retries waiting on them, and let the lane
+/// start over from the store.
+async fn settle(ingest: &HttpIngest, task: JoinHandle<()>, keys: Vec<String>) {
+    let Err(error) = task.await else {
+        return;
+    };
+    tracing::error!(%error, "committing a batch failed; its requests were not applied");
+    ingest.lane.reset();
+    let mut inflight = ingest.inflight.lock().expect("inflight lock");
+    for key in keys {
+        for reply in inflight.remove(&key).map(|i| i.waiting).unwrap_or_default() {
+            let _ = reply.send(Err(Refusal::NotApplied("processing failed".to_owned())));
+        }
+    }
+}
