@@ -327,6 +327,77 @@ async fn bad_lines_are_rejected_with_reasons_and_good_ones_processed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn events_a_rule_cannot_apply_are_answered_with_the_rule_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    // client-03 reads event time from `time` (flapping); client-04's rule
+    // fails its bucket on request (hostile, `"attack": "fail"`).
+    for (tenant, path) in [
+        ("client-03", support::components::FLAPPING),
+        ("client-04", support::components::HOSTILE),
+    ] {
+        config.rules.push(RuleEntry {
+            tenant: tenant.into(),
+            path: path.into(),
+        });
+    }
+    let server = Server::start(config, Arc::new(ManualClock::new(1_000)))
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr());
+    let body = [
+        r#"{"eventType":"machineStatusChange","clientId":"client-03","machineId":"m1","state":"running","time":"2026-12-01T10:00:00Z"}"#,
+        r#"{"eventType":"machineStatusChange","clientId":"client-03","machineId":"m1","state":"stopped","time":"yesterday"}"#,
+        r#"{"clientId":"client-04","attack":"fail"}"#,
+        r#"{"eventType":"test-event","clientId":"client-01"}"#,
+    ]
+    .join("\n");
+    let (status, answer) = post(&base, &body, None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({
+            "accepted": 2,
+            "rejected": [
+                {"line": 2, "rule": "flapping",
+                 "error": "event-time field `time` is not an RFC 3339 time"},
+                {"line": 3, "rule": "hostile",
+                 "error": "rule `hostile@0.1.0` of tenant `client-04`: failed: refusing on purpose"},
+            ]
+        }),
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_reused_for_another_body_is_refused_with_422() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, base) = start(dir.path()).await;
+    let first = r#"{"eventType":"test-event","clientId":"client-01"}"#;
+    let (status, _) = post(&base, first, Some("k-1")).await;
+    assert_eq!(status, 200);
+    let other = r#"{"eventType":"test-event","clientId":"client-02"}"#;
+    let (status, answer) = post(&base, other, Some("k-1")).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key `k-1` was already used for a different request body"),
+        "{answer}"
+    );
+    assert!(
+        alerts(&base, "client-02").await.is_empty(),
+        "nothing of it applied"
+    );
+    // The same body again is still answered from the receipt.
+    let (status, answer) = post(&base, first, Some("k-1")).await;
+    assert_eq!((status, answer["accepted"].clone()), (200, json!(1)));
+    assert_eq!(alerts(&base, "client-01").await.len(), 1);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn alerts_stream_live_and_resume_after_a_cursor() {
     use futures::StreamExt;
     let dir = tempfile::tempdir().unwrap();

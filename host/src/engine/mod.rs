@@ -627,6 +627,9 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod tests;
+
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()

@@ -354,7 +354,7 @@ async fn run(
 ) {
     // At most two groups in flight: one committing, one computing. What
     // queues meanwhile forms a larger next group.
-    let mut committing: Option<(JoinHandle<()>, Vec<String>)> = None;
+    let mut committing: Option<JoinHandle<()>> = None;
     while let Some(first) = queue.recv().await {
         let Some(ingest) = ingest.upgrade() else {
             break;
@@ -371,43 +371,69 @@ async fn run(
             }
         }
         let computed = ingest.compute(group).await;
-        if let Some((task, keys)) = committing.take() {
-            settle(&ingest, task, keys).await;
+        if let Some(task) = committing.take() {
+            settle(task).await;
         }
         let Some((answered, computed)) = computed else {
             continue;
         };
-        let keys = answered.iter().filter_map(|(s, _)| s.key.clone()).collect();
         let task = {
             let ingest = ingest.clone();
             tokio::spawn(async move {
+                let answered = answered;
+                // Declared after `answered`: if the commit panics, this runs
+                // before the requests' replies are dropped.
+                let unwinding = Unanswered {
+                    keys: answered.iter().filter_map(|(s, _)| s.key.clone()).collect(),
+                    ingest: ingest.clone(),
+                    armed: true,
+                };
                 let result = ingest.engine.commit(&ingest.lane, computed).await;
+                unwinding.disarm();
                 ingest.answer(answered, result.map(drop).map_err(Refusal::from));
             })
         };
-        committing = Some((task, keys));
+        committing = Some(task);
     }
-    if let Some((task, keys)) = committing.take()
-        && let Some(ingest) = ingest.upgrade()
-    {
-        settle(&ingest, task, keys).await;
+    if let Some(task) = committing.take() {
+        settle(task).await;
     }
 }
 
-/// Wait for a group's commit. If it panicked, its requests got no answer
-/// (their replies were dropped: they answer "not applied, retry"); free
-/// their keys and answer the retries waiting on them, and let the lane
-/// start over from the store.
-async fn settle(ingest: &HttpIngest, task: JoinHandle<()>, keys: Vec<String>) {
-    let Err(error) = task.await else {
-        return;
-    };
-    tracing::error!(%error, "committing a batch failed; its requests were not applied");
-    ingest.lane.reset();
-    let mut inflight = ingest.inflight.lock().expect("inflight lock");
-    for key in keys {
-        for reply in inflight.remove(&key).map(|i| i.waiting).unwrap_or_default() {
-            let _ = reply.send(Err(Refusal::NotApplied("processing failed".to_owned())));
+async fn settle(task: JoinHandle<()>) {
+    if let Err(error) = task.await {
+        tracing::error!(%error, "committing a batch failed; its requests were not applied");
+    }
+}
+
+/// A group whose commit panicked: its requests get no answer (their
+/// replies are dropped, which answers "not applied, retry"). Free their
+/// keys, answer the retries waiting on them, and let the lane start over
+/// from the store, which the commit may or may not have changed.
+struct Unanswered {
+    ingest: Arc<HttpIngest>,
+    keys: Vec<String>,
+    armed: bool,
+}
+
+impl Unanswered {
+    /// The commit returned: its requests are answered as usual.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.ingest.lane.reset();
+        let mut inflight = self.ingest.inflight.lock().expect("inflight lock");
+        for key in &self.keys {
+            for reply in inflight.remove(key).map(|i| i.waiting).unwrap_or_default() {
+                let _ = reply.send(Err(Refusal::NotApplied("processing failed".to_owned())));
+            }
         }
     }
 }

@@ -815,4 +815,33 @@ mod tests {
         assert!(keys(&store, "a", 0, 10).is_empty());
         assert_eq!(keys(&store, "b", 0, 10), ["b1"]);
     }
+
+    #[test]
+    fn receipts_answer_retries_for_their_retention_and_are_pruned_after() {
+        let (_dir, path) = store_path();
+        let store = open(&path);
+        let at = |now_ms: i64, receipts: &[(&str, &[u8])]| Changes {
+            receipts: receipts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+            now_ms,
+            ..Changes::default()
+        };
+        let start = 1_700_000_000_000;
+        store.commit(at(start, &[("old", b"1")])).unwrap();
+        store
+            .commit(at(start + RECEIPT_RETENTION_MS - 1, &[("new", b"2")]))
+            .unwrap();
+        assert_eq!(store.receipt("old").unwrap().as_deref(), Some(&b"1"[..]));
+        // Past its retention, the next commit removes it; younger ones stay.
+        store
+            .commit(at(start + RECEIPT_RETENTION_MS + 1, &[]))
+            .unwrap();
+        assert_eq!(store.receipt("old").unwrap(), None);
+        assert_eq!(store.receipt("new").unwrap().as_deref(), Some(&b"2"[..]));
+        let tx = store.db.begin_read().unwrap();
+        let times = tx.open_table(RECEIPT_TIMES).unwrap();
+        assert_eq!(ReadableTableMetadata::len(&times).unwrap(), 1);
+    }
 }
