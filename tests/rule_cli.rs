@@ -1,5 +1,5 @@
-//! `tocsin rule test` and `tocsin rule inspect` as a user runs them: exit
-//! codes, alerts on stdout, errors on stderr.
+//! `tocsin rule test`, `tocsin rule inspect` and `tocsin replay` as a user
+//! runs them: exit codes, alerts on stdout, errors on stderr.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -285,6 +285,128 @@ fn a_rule_failure_names_tenant_rule_and_cause() {
         "{err}"
     );
     assert!(err.contains("`state` must be a string"), "{err}");
+
+    // A rule may blame an event the batch does not have: reported, no panic.
+    let input = "{\"clientId\":\"evil\",\"attack\":\"bad-index\"}\n";
+    let out = tocsin(
+        &["rule", "test", components::HOSTILE, "--events", "-"],
+        Some(input),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("bucket `` (batch from line 1): rule `hostile@0.1.0` of tenant `evil`: rejected event #999 of the batch: made up"),
+        "{err}"
+    );
+}
+
+fn seed_rule_flags() -> Vec<String> {
+    support::SEED_RULES
+        .iter()
+        .flat_map(|(tenant, rule)| {
+            [
+                "--rule".to_owned(),
+                format!("{tenant}={}", support::seed_component(rule)),
+            ]
+        })
+        .collect()
+}
+
+/// Per (tenant, rule, bucket), the alerts' shapes in order.
+fn by_bucket(
+    alerts: &[serde_json::Value],
+) -> std::collections::BTreeMap<(String, String, String), Vec<support::AlertShape>> {
+    let mut buckets = std::collections::BTreeMap::new();
+    for alert in alerts {
+        let s = |k: &str| alert[k].as_str().unwrap().to_owned();
+        buckets
+            .entry((s("tenant"), s("rule"), s("bucket")))
+            .or_insert_with(Vec::new)
+            .push((s("tenant"), s("rule"), s("bucket"), s("key"), s("status")));
+    }
+    buckets
+}
+
+fn seed_by_bucket() -> std::collections::BTreeMap<(String, String, String), Vec<support::AlertShape>>
+{
+    let mut buckets = std::collections::BTreeMap::new();
+    for (tenant, rule) in support::SEED_RULES {
+        for shape in support::seed_expected(rule, tenant) {
+            buckets
+                .entry((shape.0.clone(), shape.1.clone(), shape.2.clone()))
+                .or_insert_with(Vec::new)
+                .push(shape);
+        }
+    }
+    buckets
+}
+
+#[test]
+fn replay_runs_every_configured_rule_over_a_file_and_reports_bad_lines_by_number() {
+    let mut lines = support::seed_events();
+    lines.insert(3, "not json".to_owned());
+    lines.insert(
+        5,
+        r#"{"eventType":"test-event","clientId":"client-99"}"#.to_owned(),
+    );
+    let file = events_file(&lines);
+    let path = file.path().to_str().unwrap();
+    let mut args = vec!["replay".to_owned(), "--events".to_owned(), path.to_owned()];
+    args.extend(seed_rule_flags());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tocsin(&args, None);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(by_bucket(&alerts(&out)), seed_by_bucket());
+    assert!(err.contains(&format!("{path}:4: not valid JSON")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{path}:6: unknown tenant `client-99`: no rules are configured for it"
+        )),
+        "{err}"
+    );
+    let events = support::seed_events().len() + 1;
+    let alerts = alerts(&out).len();
+    assert!(
+        err.contains(&format!(
+            "events: {events}, bad lines: 1, not applied: 1, alerts: {alerts}, "
+        )),
+        "{err}"
+    );
+    assert!(err.trim_end().ends_with("events/s"), "{err}");
+}
+
+#[test]
+fn replay_keeps_state_in_its_data_directory_across_runs() {
+    let seed = support::seed_events();
+    let (first, second) = seed.split_at(seed.len() / 2);
+    let data = tempfile::tempdir().unwrap();
+    let mut all = Vec::new();
+    for (n, part) in [first, second].into_iter().enumerate() {
+        // Each run names its file apart, as positions (and alert ids) do.
+        let file = events_file(part);
+        let named = data.path().join(format!("part-{n}.ndjson"));
+        std::fs::copy(file.path(), &named).unwrap();
+        let mut args = vec![
+            "replay".to_owned(),
+            "--events".to_owned(),
+            named.display().to_string(),
+            "--data-dir".to_owned(),
+            data.path().join("state").display().to_string(),
+            "--batch-size".to_owned(),
+            "7".to_owned(),
+        ];
+        args.extend(seed_rule_flags());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = tocsin(&args, None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        all.extend(alerts(&out));
+    }
+    assert_eq!(
+        by_bucket(&all),
+        seed_by_bucket(),
+        "two runs on one data directory alert as one run over the whole file"
+    );
 }
 
 #[test]

@@ -60,6 +60,13 @@ impl Rule for Hostile {
                 },
                 "state" => state.resize(512 << 10, 7),
                 "fail" => return Err(Error::failed("refusing on purpose")),
+                // Blames an event the batch does not have.
+                "bad-index" => {
+                    return Err(Error::BadEvent {
+                        index: 999,
+                        reason: "made up".to_owned(),
+                    });
+                }
                 "peek" => {
                     // What the sandbox lets a rule see of its host.
                     let env = std::env::vars().count();
