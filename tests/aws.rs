@@ -3,7 +3,8 @@
 //! events stream to the alerts stream; three `tocsin serve` processes over a
 //! 4-shard stream with one killed by SIGKILL; a shard split mid-run; a stale
 //! host's write; a partially failed PutRecords; a throttled shard; state
-//! over DynamoDB's item limit; a bounded cache; missing resources.
+//! over DynamoDB's item limit; a bounded cache; missing resources; HTTP
+//! ingest publishing to a Kinesis alerts stream.
 //!
 //! Every test works in streams and a table of its own, so they run in
 //! parallel against the same emulators.
@@ -503,9 +504,16 @@ async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
             let survivors: Vec<&Host> =
                 (0..3).filter(|&i| i != victim).map(|i| &hosts[i]).collect();
             wait_held(&survivors, 4, false, Duration::from_secs(30)).await;
+            let failover = killed.elapsed();
             eprintln!(
                 "figures: failover after kill -9: {:.1} s",
-                killed.elapsed().as_secs_f64()
+                failover.as_secs_f64()
+            );
+            // The README's bound: the lease duration plus three seconds.
+            let bound = Duration::from_millis(tocsin::config::DEFAULT_LEASE_MS + 3_000);
+            assert!(
+                failover <= bound,
+                "failover took {failover:?}, over {bound:?}"
             );
         }
     }
@@ -538,9 +546,15 @@ async fn three_hosts_share_a_stream_and_a_killed_one_loses_nothing() {
     let status_code = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status_code.success());
     wait_held(&[&hosts[staying]], 4, false, Duration::from_secs(30)).await;
+    let handover = stopped.elapsed();
     eprintln!(
         "figures: failover after a graceful stop: {:.2} s",
-        stopped.elapsed().as_secs_f64()
+        handover.as_secs_f64()
+    );
+    // The README's bound: released leases are taken within two seconds.
+    assert!(
+        handover <= Duration::from_secs(2),
+        "handover took {handover:?}, over 2 s"
     );
     let exit = hosts[leaving].child.wait().unwrap();
     assert!(exit.success(), "SIGTERM exits 0, got {exit}");
@@ -1060,4 +1074,37 @@ async fn a_bounded_cache_drops_buckets_and_rereads_them_when_needed() {
     let states = stored_states(&aws, &names.table).await;
     assert_eq!(states.len(), 5);
     assert_eq!(states[&ids[0]], b"v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_ingest_publishes_its_alerts_to_a_kinesis_stream() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = Config {
+        source: Source::Http,
+        state: StateBackend::Embedded,
+        ..config(&names, data.path(), &seed_rules())
+    };
+    assert_eq!(config.alerts, AlertsBackend::Kinesis(names.alerts.clone()));
+    let host = Server::start(config, Arc::new(SystemClock)).await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/events", host.addr()))
+        .body(support::seed_events().join("\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut want: Vec<AlertShape> = Vec::new();
+    for (tenant, rule) in support::SEED_RULES {
+        want.extend(support::seed_expected(rule, tenant));
+    }
+    // Published while the host runs, not only after a restart.
+    let alerts = alerts_when(&aws, &names.alerts, want.len(), Duration::from_secs(30)).await;
+    assert_eq!(
+        by_bucket(alerts.iter().map(shape)),
+        by_bucket(want),
+        "the seed's alerts on the alerts stream"
+    );
+    host.stop().await.unwrap();
 }

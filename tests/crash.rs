@@ -179,13 +179,57 @@ async fn kill_9_at_random_moments_loses_nothing_and_duplicates_nothing() {
     assert_eq!(total, want_alerts.len(), "every alert in alerts.ndjson");
 }
 
+/// The keys of client-01's alerts, in order.
+async fn alert_keys(base: &str) -> Vec<String> {
+    let (alerts, _) = observe(base).await;
+    alerts
+        .iter()
+        .filter(|a| a["tenant"] == "client-01")
+        .map(|a| a["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_in_flight_batches_and_exits_zero() {
+    // One test event per batch: test-event's alert keys count them, so
+    // each applied once shows as keys 1..=n in whatever order they came.
+    let batches: Vec<(String, String)> = (0..120)
+        .map(|i| {
+            let body = r#"{"eventType":"test-event","clientId":"client-01"}"#.to_owned();
+            (format!("term-{i}"), body)
+        })
+        .collect();
+    let client = reqwest::Client::new();
+
+    // Six clients send; SIGTERM lands while requests are in flight. Each
+    // must be answered (and durable) or not applied at all.
     let dir = tempfile::tempdir().unwrap();
     let mut server = spawn(dir.path());
-    let client = reqwest::Client::new();
-    let (key, body) = batches().swap_remove(0);
-    send(&client, &server.base, &key, &body).await.unwrap();
+    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let mut senders = Vec::new();
+    for lane in 0..6 {
+        let (client, base, answered) = (client.clone(), server.base.clone(), answered.clone());
+        let mine: Vec<(usize, String, String)> = batches
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 6 == lane)
+            .map(|(i, (key, body))| (i, key.clone(), body.clone()))
+            .collect();
+        senders.push(tokio::spawn(async move {
+            for (i, key, body) in mine {
+                let ok = send(&client, &base, &key, &body).await.is_ok();
+                let _ = answered.send((i, ok, Instant::now()));
+                if !ok {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(answered);
+    // Once the host is busy answering, signal it.
+    let (first, ok, _) = answers.recv().await.expect("a first answer");
+    assert!(ok, "batch {first} was answered");
+    let signalled = Instant::now();
     let pid = server.child.id().to_string();
     assert!(
         Command::new("kill")
@@ -194,6 +238,17 @@ async fn sigterm_finishes_in_flight_batches_and_exits_zero() {
             .unwrap()
             .success()
     );
+    let mut applied = vec![first];
+    let mut after_signal = 0;
+    while let Some((i, ok, at)) = answers.recv().await {
+        if ok {
+            applied.push(i);
+            after_signal += usize::from(at > signalled);
+        }
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = server.child.try_wait().unwrap() {
@@ -206,4 +261,30 @@ async fn sigterm_finishes_in_flight_batches_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "exit status {status}");
+    assert!(
+        after_signal > 0,
+        "requests in flight at the signal were answered"
+    );
+    assert!(applied.len() < batches.len(), "the signal came mid-run");
+
+    // Everything answered is durable.
+    let server = spawn(dir.path());
+    let keys = alert_keys(&server.base).await;
+    assert!(
+        keys.len() >= applied.len(),
+        "{} answered, {} applied",
+        applied.len(),
+        keys.len()
+    );
+    // Resend what was not answered: each event applied exactly once.
+    for (i, (key, body)) in batches.iter().enumerate() {
+        if !applied.contains(&i) {
+            send(&client, &server.base, key, body).await.unwrap();
+        }
+    }
+    let keys = alert_keys(&server.base).await;
+    let want: Vec<String> = (1..=batches.len())
+        .map(|n| format!("test-event-{n}"))
+        .collect();
+    assert_eq!(keys, want, "nothing lost, nothing applied twice");
 }
