@@ -9,26 +9,20 @@
 //! Every test works in streams and a table of its own, so they run in
 //! parallel against the same emulators.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::collections::HashMap;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tocsin::alert::AlertRecord;
-use tocsin::api::Status;
-use tocsin::catalogue::{Assignment, Catalogue, StaticCatalogue};
 use tocsin::clock::SystemClock;
-use tocsin::config::{AlertsBackend, Config, RuleEntry, Source, StateBackend};
-use tocsin::engine::run;
-use tocsin::event::{Incoming, SeqNo};
-use tocsin::runtime::{Runtime, RuntimeConfig, StateChange};
+use tocsin::config::{AlertsBackend, Config, Source, StateBackend};
+use tocsin::event::SeqNo;
+use tocsin::runtime::StateChange;
 use tocsin::serve::Server;
 use tocsin::sink::kinesis::{Entry, KinesisSink, RecordWriter, SdkWriter};
 use tocsin::source::leases::Leases;
@@ -38,302 +32,11 @@ use tocsin::store::{
 };
 use tocsin_test_support::{self as support, AlertShape};
 
-/// Clients, as the emulators see them.
-struct Aws {
-    config: aws_config::SdkConfig,
-    kinesis: aws_sdk_kinesis::Client,
-    dynamodb: aws_sdk_dynamodb::Client,
-}
-
-async fn aws() -> Aws {
-    for var in ["AWS_ENDPOINT_URL_KINESIS", "AWS_ENDPOINT_URL_DYNAMODB"] {
-        assert!(
-            std::env::var_os(var).is_some(),
-            "{var} is not set: run the suite with ./scripts/test, which starts the Kinesis and DynamoDB emulators"
-        );
-    }
-    let config = tocsin::aws::sdk_config().await;
-    Aws {
-        kinesis: aws_sdk_kinesis::Client::new(&config),
-        dynamodb: aws_sdk_dynamodb::Client::new(&config),
-        config,
-    }
-}
-
-/// The names of one test's resources.
-struct Names {
-    events: String,
-    alerts: String,
-    table: String,
-}
-
-async fn setup(aws: &Aws, shards: i32) -> Names {
-    let id = format!("{:08x}", rand::random::<u32>());
-    let names = Names {
-        events: format!("events-{id}"),
-        alerts: format!("alerts-{id}"),
-        table: format!("tocsin-{id}"),
-    };
-    tocsin::aws::init(
-        &aws.config,
-        &names.events,
-        &names.table,
-        Some(&names.alerts),
-        shards,
-    )
-    .await
-    .unwrap();
-    names
-}
-
-fn config(names: &Names, data_dir: &Path, rules: &[(String, String)]) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.to_owned(),
-        max_instances: 64,
-        source: Source::Kinesis(names.events.clone()),
-        state: StateBackend::Dynamodb(names.table.clone()),
-        alerts: AlertsBackend::Kinesis(names.alerts.clone()),
-        rules: rules
-            .iter()
-            .map(|(tenant, path)| RuleEntry {
-                tenant: tenant.clone(),
-                path: path.into(),
-            })
-            .collect(),
-        ..Config::default()
-    }
-}
-
-fn seed_rules() -> Vec<(String, String)> {
-    support::SEED_RULES
-        .iter()
-        .map(|(tenant, rule)| (tenant.to_string(), support::seed_component(rule).to_owned()))
-        .collect()
-}
-
-/// Every tenant runs both machine rules.
-fn fleet_rules(tenants: &[String]) -> Vec<(String, String)> {
-    tenants
-        .iter()
-        .flat_map(|t| {
-            [
-                (
-                    t.clone(),
-                    support::components::ALL_MACHINES_STOPPED.to_owned(),
-                ),
-                (
-                    t.clone(),
-                    support::components::ANY_MACHINE_STOPPED.to_owned(),
-                ),
-            ]
-        })
-        .collect()
-}
-
-/// Machine status changes of `tenants` (5 machines each), random but fixed
-/// by `seed`.
-fn fleet_events(tenants: &[String], n: usize, seed: u64) -> Vec<String> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let states = ["starting", "running", "stopped"];
-    (0..n)
-        .map(|_| {
-            let tenant = &tenants[rng.random_range(0..tenants.len())];
-            serde_json::json!({
-                "eventType": "machineStatusChange",
-                "clientId": tenant,
-                "machineId": format!("machine-{:02}", rng.random_range(1..=5)),
-                "state": states[rng.random_range(0..3)],
-            })
-            .to_string()
-        })
-        .collect()
-}
-
-/// Put events in order, partitioned by tenant.
-async fn put(aws: &Aws, stream: &str, lines: &[String]) {
-    for chunk in lines.chunks(100) {
-        let entries: Vec<PutRecordsRequestEntry> = chunk
-            .iter()
-            .map(|line| {
-                let tenant = serde_json::from_str::<Value>(line).unwrap()["clientId"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned();
-                PutRecordsRequestEntry::builder()
-                    .partition_key(tenant)
-                    .data(Blob::new(line.as_bytes()))
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        let output = aws
-            .kinesis
-            .put_records()
-            .stream_name(stream)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            output.failed_record_count(),
-            Some(0),
-            "the emulator took every record"
-        );
-    }
-}
-
-/// Every record of every shard of `stream`, shard by shard in order.
-async fn read_stream(aws: &Aws, stream: &str) -> Vec<Value> {
-    let shards = tocsin::source::kinesis::list_shards(&aws.kinesis, stream)
-        .await
-        .unwrap();
-    let mut records = Vec::new();
-    for shard in shards {
-        let mut iterator = aws
-            .kinesis
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(&shard.id)
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator()
-            .map(str::to_owned);
-        while let Some(it) = iterator {
-            let output = aws
-                .kinesis
-                .get_records()
-                .shard_iterator(it)
-                .send()
-                .await
-                .unwrap();
-            if output.records().is_empty() {
-                break;
-            }
-            for record in output.records() {
-                records.push(serde_json::from_slice(record.data().as_ref()).unwrap());
-            }
-            iterator = output.next_shard_iterator().map(str::to_owned);
-        }
-    }
-    records
-}
-
-/// The alerts on the stream, each id once, once there are `count` of them.
-async fn alerts_when(aws: &Aws, stream: &str, count: usize, within: Duration) -> Vec<AlertRecord> {
-    let started = Instant::now();
-    loop {
-        let mut seen = HashSet::new();
-        let alerts: Vec<AlertRecord> = read_stream(aws, stream)
-            .await
-            .into_iter()
-            .map(|v| serde_json::from_str::<AlertRecord>(&v.to_string()).unwrap())
-            .filter(|a| seen.insert(a.id.clone()))
-            .collect();
-        if alerts.len() >= count || started.elapsed() > within {
-            return alerts;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Alerts as per-bucket sequences of shapes: the order that must hold.
-fn by_bucket(
-    shapes: impl IntoIterator<Item = AlertShape>,
-) -> BTreeMap<(String, String, String), Vec<AlertShape>> {
-    let mut buckets: BTreeMap<_, Vec<_>> = BTreeMap::new();
-    for shape in shapes {
-        buckets
-            .entry((shape.0.clone(), shape.1.clone(), shape.2.clone()))
-            .or_default()
-            .push(shape);
-    }
-    buckets
-}
-
-fn shape(alert: &AlertRecord) -> AlertShape {
-    let status = serde_json::to_value(alert.status).unwrap();
-    (
-        alert.tenant.clone(),
-        alert.rule.clone(),
-        alert.bucket.clone(),
-        alert.key.clone(),
-        status.as_str().unwrap().to_owned(),
-    )
-}
-
-/// What one uninterrupted pass of `lines` through the rules gives: alerts
-/// and final state per bucket.
-fn reference(
-    rules: &[(String, String)],
-    lines: &[String],
-) -> (Vec<AlertShape>, BTreeMap<BucketId, Vec<u8>>) {
-    let runtime = Runtime::new(RuntimeConfig {
-        max_instances: 64,
-        ..RuntimeConfig::default()
-    })
-    .unwrap();
-    let assignments: Vec<Assignment> = rules
-        .iter()
-        .map(|(tenant, path)| Assignment {
-            tenant: tenant.clone(),
-            path: path.into(),
-        })
-        .collect();
-    let catalogue = StaticCatalogue::load(&runtime, &assignments).unwrap();
-    let events: Vec<Incoming> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, line)| {
-            let mut event = Incoming::parse(line, "clientId", 0).unwrap();
-            event.position = format!("reference:{i}");
-            event
-        })
-        .collect();
-    let mut alerts = Vec::new();
-    let mut states = BTreeMap::new();
-    for (tenant, indices) in run::by_tenant(&events) {
-        let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
-        for rule in catalogue.rules(tenant).unwrap().iter() {
-            let run =
-                run::run_rule(rule, &tenant_events, 0, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
-            for bucket in run.buckets {
-                let outcome = bucket.result.unwrap();
-                alerts.extend(outcome.alerts.iter().map(shape));
-                if let StateChange::Set(bytes) = outcome.state {
-                    let id = BucketId {
-                        tenant: tenant.to_owned(),
-                        rule: rule.manifest().name.clone(),
-                        bucket: bucket.key,
-                    };
-                    states.insert(id, bytes);
-                }
-            }
-        }
-    }
-    (alerts, states)
-}
-
-async fn stored_states(aws: &Aws, table: &str) -> BTreeMap<BucketId, Vec<u8>> {
-    let store = DynamoStore::new(tocsin::aws::Table::new(aws.dynamodb.clone(), table), "any");
-    store
-        .scan_buckets()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|(id, item)| item.state.map(|s| (id, s.to_vec())))
-        .collect()
-}
-
-async fn status(base: &str) -> Option<Status> {
-    let response = reqwest::get(format!("{base}/v1/status")).await.ok()?;
-    response.json().await.ok()
-}
+mod common;
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_the_alerts_stream() {
+async fn a_lone_host_holds_every_shard_reads_nothing_in_steady_state_and_releases_at_stop() {
     let aws = aws().await;
     let names = setup(&aws, 2).await;
     let data = tempfile::tempdir().unwrap();
@@ -345,19 +48,21 @@ async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_th
     .unwrap();
     let base = format!("http://{}", host.addr());
 
+    // (The seed's alerts on both backends: `scenarios.rs`.)
     let seed = support::seed_events();
     put(&aws, &names.events, &seed).await;
-    let mut want: Vec<AlertShape> = Vec::new();
-    for (tenant, rule) in support::SEED_RULES {
-        want.extend(support::seed_expected(rule, tenant));
-    }
-    let alerts = alerts_when(&aws, &names.alerts, want.len(), Duration::from_secs(60)).await;
-    assert_eq!(
-        by_bucket(alerts.iter().map(shape)),
-        by_bucket(want.clone()),
-        "exactly the seed's alerts, in order per bucket"
-    );
-    let after_first = status(&base).await.unwrap();
+    let started = Instant::now();
+    let after_first = loop {
+        let now = status(&base).await.unwrap();
+        if now.events >= seed.len() as u64 {
+            break now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "seed not processed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(after_first.events, seed.len() as u64);
     assert_eq!(after_first.shards.len(), 2, "a lone host holds every shard");
 
@@ -397,73 +102,6 @@ async fn the_seed_scenario_on_the_events_stream_yields_the_expected_alerts_on_th
     let all = leases.list().await.unwrap();
     assert_eq!(all.len(), 2);
     assert!(all.iter().all(|l| l.owner.is_none()), "released: {all:?}");
-}
-
-/// A `tocsin serve` process of the distributed engine.
-struct Host {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_host(names: &Names, data_dir: &Path, rules: &[(String, String)]) -> Host {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tocsin"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .arg("--source")
-        .arg(format!("kinesis:{}", names.events))
-        .arg("--state")
-        .arg(format!("dynamodb:{}", names.table))
-        .arg("--alerts")
-        .arg(format!("kinesis:{}", names.alerts))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (tenant, path) in rules {
-        command.arg("--rule").arg(format!("{tenant}={path}"));
-    }
-    let (child, base) = support::spawn_serve(&mut command);
-    Host { base, child }
-}
-
-/// Shards held per host (by index), once every shard of `total` is held.
-async fn held(hosts: &[&Host], total: usize) -> Option<Vec<Vec<String>>> {
-    let mut held = Vec::new();
-    for host in hosts {
-        held.push(status(&host.base).await?.shards);
-    }
-    let all: HashSet<&String> = held.iter().flatten().collect();
-    (all.len() == total && held.iter().map(Vec::len).sum::<usize>() == total).then_some(held)
-}
-
-async fn wait_held(
-    hosts: &[&Host],
-    total: usize,
-    balanced: bool,
-    within: Duration,
-) -> (Vec<Vec<String>>, Duration) {
-    let started = Instant::now();
-    loop {
-        if let Some(held) = held(hosts, total).await {
-            let counts: Vec<usize> = held.iter().map(Vec::len).collect();
-            let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
-            if !balanced || spread <= 1 {
-                return (held, started.elapsed());
-            }
-        }
-        assert!(
-            started.elapsed() < within,
-            "shards not spread over the hosts within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1106,5 +744,70 @@ async fn http_ingest_publishes_its_alerts_to_a_kinesis_stream() {
         by_bucket(want),
         "the seed's alerts on the alerts stream"
     );
+    host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_says_why_alerts_wait_in_the_outbox_until_they_can_be_published() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let data = tempfile::tempdir().unwrap();
+    let later = format!("{}-later", names.alerts);
+    let config = Config {
+        source: Source::Http,
+        state: StateBackend::Embedded,
+        alerts: AlertsBackend::Kinesis(later.clone()),
+        ..config(&names, data.path(), &seed_rules())
+    };
+    let host = Server::start(config, Arc::new(SystemClock)).await.unwrap();
+    let base = format!("http://{}", host.addr());
+    let client = reqwest::Client::new();
+    let ready = || async {
+        let response = client.get(format!("{base}/readyz")).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+    let healthz = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(healthz.status(), 200);
+
+    // The alerts stream does not exist yet: the event is applied and
+    // answered at once; its alert waits, and readiness says why.
+    let post = |body: &'static str| {
+        let request = client.post(format!("{base}/v1/events")).body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let answer: Value = response.json().await.unwrap();
+            assert_eq!(answer["accepted"], 1, "{answer}");
+        }
+    };
+    post(r#"{"eventType":"test-event","clientId":"client-01"}"#).await;
+    let started = Instant::now();
+    let (status, reason) = loop {
+        let (status, reason) = ready().await;
+        if status != 200 || started.elapsed() > Duration::from_secs(90) {
+            break (status, reason);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 503, "{reason}");
+    assert!(
+        reason.contains("alerts cannot be published (they wait in the outbox)"),
+        "{reason}"
+    );
+
+    // Once the stream exists, the next batch publishes both, in order.
+    tocsin::aws::init(&aws.config, &names.events, &names.table, Some(&later), 1)
+        .await
+        .unwrap();
+    post(r#"{"eventType":"test-event","clientId":"client-01"}"#).await;
+    let alerts = alerts_when(&aws, &later, 2, Duration::from_secs(90)).await;
+    let keys: Vec<&str> = alerts.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(keys, ["test-event-1", "test-event-2"]);
+    let started = Instant::now();
+    while ready().await.0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(30), "ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     host.stop().await.unwrap();
 }

@@ -1,8 +1,8 @@
-//! `tocsin serve` in-process on port 0, over HTTP as a client sees it: the
-//! seed scenario's alerts, restarts, idempotent retries, bad input, the live
-//! alert stream, and the example config.
+//! `tocsin serve` in-process on port 0, over HTTP as a client sees it:
+//! idempotent retries, the answer's reasons for bad input, the live alert
+//! stream, and the example config. The scenarios every deployment shares
+//! (seed, restart, crash, bad input) are in `scenarios.rs`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tocsin::clock::ManualClock;
 use tocsin::config::{Config, RuleEntry};
 use tocsin::serve::Server;
-use tocsin_test_support::{self as support, AlertShape};
+use tocsin_test_support::{self as support};
 
 fn config(data_dir: &Path) -> Config {
     Config {
@@ -80,144 +80,6 @@ async fn alerts(base: &str, tenant: &str) -> Vec<Value> {
         all.extend(page);
     }
     all
-}
-
-/// Per tenant and rule, per bucket, the alerts' shapes in order.
-async fn shapes(base: &str) -> BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> {
-    let mut by_rule: BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> =
-        BTreeMap::new();
-    for tenant in support::CLIENTS {
-        for alert in alerts(base, tenant).await {
-            let s = |k: &str| alert[k].as_str().unwrap().to_owned();
-            by_rule
-                .entry((s("tenant"), s("rule")))
-                .or_default()
-                .entry(s("bucket"))
-                .or_default()
-                .push((s("tenant"), s("rule"), s("bucket"), s("key"), s("status")));
-        }
-    }
-    by_rule
-}
-
-fn expected() -> BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> {
-    let mut by_rule: BTreeMap<(String, String), BTreeMap<String, Vec<AlertShape>>> =
-        BTreeMap::new();
-    for (tenant, rule) in support::SEED_RULES {
-        for shape in support::seed_expected(rule, tenant) {
-            by_rule
-                .entry((tenant.to_owned(), rule.to_owned()))
-                .or_default()
-                .entry(shape.2.clone())
-                .or_default()
-                .push(shape);
-        }
-    }
-    by_rule
-}
-
-async fn buckets(base: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    for tenant in support::CLIENTS {
-        all.extend(
-            get(base, &format!("/v1/tenants/{tenant}/buckets"))
-                .await
-                .as_array()
-                .unwrap()
-                .clone(),
-        );
-    }
-    all
-}
-
-/// The seed events in batches of `size`, each with its idempotency key.
-fn batches(size: usize) -> Vec<(String, String)> {
-    support::seed_events()
-        .chunks(size)
-        .enumerate()
-        .map(|(i, lines)| (format!("seed-{i}"), lines.join("\n")))
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn the_seed_scenario_over_http_raises_exactly_the_seed_alerts() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start(dir.path()).await;
-    let mut accepted = 0;
-    for (key, body) in batches(5) {
-        let (status, answer) = post(&base, &body, Some(&key)).await;
-        assert_eq!(status, 200, "{answer}");
-        assert_eq!(answer["rejected"], json!([]));
-        accepted += answer["accepted"].as_u64().unwrap();
-    }
-    // client-02's test event has no rule of client-02 to reach, but is accepted.
-    assert_eq!(accepted as usize, support::seed_events().len());
-    assert_eq!(shapes(&base).await, expected());
-
-    let client_01 = alerts(&base, "client-01").await;
-    let first = &client_01[0];
-    assert_eq!(first["rule"], "test-event");
-    assert_eq!(first["at"], 1_000);
-    assert_eq!(first["id"].as_str().unwrap().len(), 32);
-    server.stop().await.unwrap();
-
-    // alerts.ndjson holds the same alerts, once each.
-    let file = std::fs::read_to_string(dir.path().join("alerts.ndjson")).unwrap();
-    let ids: Vec<Value> = file
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].clone())
-        .collect();
-    let expected_total: usize = expected()
-        .values()
-        .flat_map(|b| b.values())
-        .map(Vec::len)
-        .sum();
-    assert_eq!(ids.len(), expected_total);
-    let mut unique = ids.clone();
-    unique.sort_by_key(|v| v.to_string());
-    unique.dedup();
-    assert_eq!(unique.len(), ids.len(), "no alert twice in alerts.ndjson");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_restart_midway_gives_the_same_alerts_and_state_as_one_run() {
-    let batches = batches(4);
-    let half = batches.len() / 2;
-
-    let whole = tempfile::tempdir().unwrap();
-    let (server, base) = start(whole.path()).await;
-    for (key, body) in &batches {
-        assert_eq!(post(&base, body, Some(key)).await.0, 200);
-    }
-    let (want_alerts, want_state) = (
-        [
-            alerts(&base, "client-01").await,
-            alerts(&base, "client-02").await,
-        ],
-        buckets(&base).await,
-    );
-    server.stop().await.unwrap();
-
-    let split = tempfile::tempdir().unwrap();
-    let (server, base) = start(split.path()).await;
-    for (key, body) in &batches[..half] {
-        assert_eq!(post(&base, body, Some(key)).await.0, 200);
-    }
-    server.stop().await.unwrap();
-    let (server, base) = start(split.path()).await;
-    for (key, body) in &batches[half..] {
-        assert_eq!(post(&base, body, Some(key)).await.0, 200);
-    }
-    assert_eq!(
-        [
-            alerts(&base, "client-01").await,
-            alerts(&base, "client-02").await
-        ],
-        want_alerts
-    );
-    assert_eq!(buckets(&base).await, want_state);
-    assert!(!want_state.is_empty());
-    server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -440,27 +302,6 @@ async fn alerts_stream_live_and_resume_after_a_cursor() {
         "{text}"
     );
     drop(stream);
-    server.stop().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn health_and_readiness() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, base) = start(dir.path()).await;
-    assert_eq!(
-        reqwest::get(format!("{base}/healthz"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
     server.stop().await.unwrap();
 }
 

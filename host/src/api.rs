@@ -65,8 +65,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-/// Ready while not stopping and the source runs: the HTTP lane takes
-/// requests, or the Kinesis source has joined the lease table.
+/// Ready while not stopping, the source runs (the HTTP lane takes
+/// requests, or the Kinesis source has joined the lease table), and the
+/// last commit and the last publish succeeded.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if *state.shutdown.borrow() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "stopping");
@@ -83,6 +84,19 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         && !shards.joined.load(Ordering::Relaxed)
     {
         return error(StatusCode::SERVICE_UNAVAILABLE, "joining the lease table");
+    }
+    let health = state.engine.health();
+    if let Some(reason) = health.commit_error {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("batches cannot be committed: {reason}"),
+        );
+    }
+    if let Some(reason) = health.publish_error {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("alerts cannot be published (they wait in the outbox): {reason}"),
+        );
     }
     "ready".into_response()
 }

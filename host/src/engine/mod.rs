@@ -194,6 +194,16 @@ impl Computed {
 pub struct Committed {
     pub rejected: Vec<Rejection>,
     pub alerts: usize,
+    /// Its alerts, to publish once the source has acknowledged.
+    outbox: Option<Outbox>,
+}
+
+/// What is failing now, for `/readyz`: the last commit or publish failed
+/// and none has succeeded since.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    pub commit_error: Option<String>,
+    pub publish_error: Option<String>,
 }
 
 pub struct Engine {
@@ -203,6 +213,7 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     live: broadcast::Sender<Arc<AlertRecord>>,
     stats: Stats,
+    health: Mutex<Health>,
 }
 
 impl Engine {
@@ -219,6 +230,7 @@ impl Engine {
             clock,
             live: broadcast::channel(LIVE_ALERTS).0,
             stats: Stats::default(),
+            health: Mutex::default(),
         }
     }
 
@@ -238,13 +250,22 @@ impl Engine {
         &self.stats
     }
 
+    pub fn health(&self) -> Health {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    fn set_health(&self, change: impl FnOnce(&mut Health)) {
+        change(&mut self.health.lock().expect("health lock"));
+    }
+
     /// Alerts as they are published.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<AlertRecord>> {
         self.live.subscribe()
     }
 
-    /// A batch through both stages, running it again when another writer
-    /// changed a bucket it read (the distributed store's version check).
+    /// A batch through both stages and out to the sink, running it again
+    /// when another writer changed a bucket it read (the distributed
+    /// store's version check). Its checkpoint is in the commit.
     pub async fn process(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
@@ -256,6 +277,10 @@ impl Engine {
         loop {
             let computed = self.compute(lane, batch.clone()).await?;
             match self.commit(lane, computed).await {
+                Ok(mut committed) => {
+                    self.publish(lane, &mut committed).await;
+                    return Ok(committed);
+                }
                 Err(EngineError::Store(StoreError::Conflict(ids))) if conflicts < MAX_CONFLICTS => {
                     conflicts += 1;
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -524,10 +549,10 @@ impl Engine {
         })
     }
 
-    /// The second stage: commit a computed batch, then publish its alerts.
-    /// Batches of a lane must be committed in the order they were computed.
-    /// Once this returns `Ok`, the batch is durable: the source may
-    /// acknowledge it.
+    /// The second stage: commit a computed batch. Batches of a lane must be
+    /// committed in the order they were computed. Once this returns `Ok`,
+    /// the batch is durable: the source may acknowledge it, then
+    /// [`publish`](Self::publish) it.
     pub async fn commit(&self, lane: &Lane, computed: Computed) -> Result<Committed, EngineError> {
         let Computed {
             commit,
@@ -552,9 +577,13 @@ impl Engine {
                 overlay.states.clear();
                 drop(overlay);
                 lane.behind.store(true, Ordering::Relaxed);
+                if !matches!(error, StoreError::Conflict(_) | StoreError::Fenced(_)) {
+                    self.set_health(|h| h.commit_error = Some(error.to_string()));
+                }
                 return Err(error.into());
             }
         };
+        self.set_health(|h| h.commit_error = None);
         add_elapsed(&self.stats.commit_ns, started);
         lane.overlay
             .lock()
@@ -580,18 +609,36 @@ impl Engine {
             .fetch_add(failures, Ordering::Relaxed);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
 
-        // Committed: from here on a failure only delays publishing, and the
-        // outbox holds the alerts until it succeeds.
-        let alerts = outbox.alerts.len();
-        if lane.behind.load(Ordering::Relaxed) {
-            if let Err(error) = self.flush(lane).await {
-                tracing::error!(partition = %lane.partition, %error, "cannot publish alerts; they stay in the outbox");
+        Ok(Committed {
+            rejected,
+            alerts: outbox.alerts.len(),
+            outbox: Some(outbox),
+        })
+    }
+
+    /// Publish a committed batch's alerts (after any the lane's outbox
+    /// still holds). A failure only delays them: they stay in the outbox,
+    /// and the lane's next batch publishes them first.
+    pub async fn publish(&self, lane: &Lane, committed: &mut Committed) {
+        let Some(outbox) = committed.outbox.take() else {
+            return;
+        };
+        let published = if lane.behind.load(Ordering::Relaxed) {
+            self.flush(lane).await
+        } else {
+            let sent = self.send(outbox).await;
+            if sent.is_err() {
+                lane.behind.store(true, Ordering::Relaxed);
             }
-        } else if let Err(error) = self.publish(outbox).await {
-            lane.behind.store(true, Ordering::Relaxed);
-            tracing::error!(partition = %lane.partition, %error, "cannot publish alerts; they stay in the outbox");
+            sent
+        };
+        match published {
+            Ok(()) => self.set_health(|h| h.publish_error = None),
+            Err(error) => {
+                tracing::error!(partition = %lane.partition, %error, "cannot publish alerts; they stay in the outbox");
+                self.set_health(|h| h.publish_error = Some(error.to_string()));
+            }
         }
-        Ok(Committed { rejected, alerts })
     }
 
     /// Publish what the lane's partition committed but may not have
@@ -605,12 +652,12 @@ impl Engine {
         if !outbox.alerts.is_empty() {
             tracing::info!(partition = %lane.partition, alerts = outbox.alerts.len(), "publishing the outbox");
         }
-        self.publish(outbox).await?;
+        self.send(outbox).await?;
         lane.behind.store(false, Ordering::Relaxed);
         Ok(())
     }
 
-    async fn publish(&self, outbox: Outbox) -> Result<(), EngineError> {
+    async fn send(&self, outbox: Outbox) -> Result<(), EngineError> {
         if outbox.alerts.is_empty() {
             self.store.published(outbox.mark).await?;
             return Ok(());

@@ -390,7 +390,14 @@ async fn run(
                 };
                 let result = ingest.engine.commit(&ingest.lane, computed).await;
                 unwinding.disarm();
-                ingest.answer(answered, result.map(drop).map_err(Refusal::from));
+                match result {
+                    // Durable: answer, then publish.
+                    Ok(mut committed) => {
+                        ingest.answer(answered, Ok(()));
+                        ingest.engine.publish(&ingest.lane, &mut committed).await;
+                    }
+                    Err(error) => ingest.answer(answered, Err(error.into())),
+                }
             })
         };
         committing = Some(task);
