@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use serde_json::Value;
 use tocsin::alert::AlertRecord;
 use tocsin::clock::SystemClock;
@@ -71,7 +69,7 @@ async fn a_lone_host_holds_every_shard_reads_nothing_in_steady_state_and_release
     let usage = host.usage().unwrap();
     let reads_before = usage.bucket_reads.load(Ordering::Relaxed);
     let requests_before = usage.data_requests();
-    let more = tocsin::seed::Simulator::seed(StdRng::seed_from_u64(3)).events(1000);
+    let more = fleet_events(&["client-01".into(), "client-02".into()], 1000, 3);
     put(&aws, &names.events, &more).await;
     let started = Instant::now();
     while status(&base).await.unwrap().events < (seed.len() + more.len()) as u64 {

@@ -5,10 +5,8 @@
 use std::collections::BTreeMap;
 
 use tocsin::alert::AlertRecord;
-use tocsin::clock::ManualClock;
 use tocsin::engine::run as pipeline;
 use tocsin::event::Incoming;
-use tocsin::rule_test::{self, Options};
 use tocsin::runtime::{Cause, Limits, LoadedRule, Output, RuleError, Runtime, RuntimeConfig};
 use tocsin_test_support::{self as support, components};
 
@@ -31,36 +29,55 @@ fn load(runtime: &Runtime, tenant: &str, path: &str) -> Result<LoadedRule, RuleE
     runtime.load(tenant, path, &wasm)
 }
 
-/// Run every seed event through `rule` as `tocsin rule test` does, and
-/// return each tenant's alerts.
+/// Run every seed event through `rule` in batches of `batch_size`, state
+/// carried from batch to batch, and return each tenant's alerts.
 fn run_seed(
     runtime: &Runtime,
     rule: &str,
     batch_size: usize,
 ) -> BTreeMap<String, Vec<AlertRecord>> {
     let path = support::seed_component(rule);
-    let wasm = std::fs::read(path).unwrap();
-    let input = support::seed_events().join("\n");
+    let events: Vec<Incoming> = support::seed_events()
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut event = Incoming::parse(line, "clientId", 1_000).unwrap();
+            event.position = format!("seed:{}", i + 1);
+            event
+        })
+        .collect();
+    let mut rules = BTreeMap::new();
+    let mut states: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
     let mut alerts: BTreeMap<String, Vec<AlertRecord>> = BTreeMap::new();
-    let options = Options {
-        tenant_field: "clientId".into(),
-        batch_size,
-    };
-    rule_test::run(
-        runtime,
-        path,
-        &wasm,
-        input.as_bytes(),
-        &options,
-        &ManualClock::new(1_000),
-        |alert| {
-            alerts
-                .entry(alert.tenant.clone())
-                .or_default()
-                .push(alert.clone())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{rule}: {e}"));
+    for chunk in events.chunks(batch_size) {
+        for (tenant, indices) in pipeline::by_tenant(chunk) {
+            let rule = rules
+                .entry(tenant.to_owned())
+                .or_insert_with(|| load(runtime, tenant, path).unwrap());
+            let refs: Vec<&Incoming> = indices.iter().map(|&i| &chunk[i]).collect();
+            let run = pipeline::run_rule(rule, &refs, 1_000, |bucket| {
+                Ok::<_, ()>(states.get(&(tenant.to_owned(), bucket.to_owned())).cloned())
+            })
+            .unwrap();
+            for bucket in run.buckets {
+                let outcome = bucket.result.unwrap_or_else(|e| panic!("{rule:?}: {e}"));
+                let key = (tenant.to_owned(), bucket.key);
+                match outcome.state {
+                    tocsin::runtime::StateChange::Unchanged => {}
+                    tocsin::runtime::StateChange::Set(bytes) => {
+                        states.insert(key, bytes);
+                    }
+                    tocsin::runtime::StateChange::Delete => {
+                        states.remove(&key);
+                    }
+                }
+                alerts
+                    .entry(tenant.to_owned())
+                    .or_default()
+                    .extend(outcome.alerts);
+            }
+        }
+    }
     alerts
 }
 

@@ -4,21 +4,21 @@
 //! routes them into per-rule buckets, runs the rules, commits to a
 //! [`store`] and publishes [`alert`]s to a [`sink`]. [`serve`] wires the
 //! backends a [`config`] names, with the HTTP [`api`] in front.
+//!
+//! This is what a host embeds and what the tests drive. The `tocsin`
+//! command's own work (demo, bench, simulate, rule test) lives in the
+//! binary, not here.
 
 pub mod alert;
 pub mod api;
 pub mod aws;
 pub(crate) mod backoff;
-pub mod bench;
 pub mod catalogue;
 pub mod clock;
 pub mod config;
-pub mod demo;
 pub mod engine;
 pub mod event;
-pub mod rule_test;
 pub mod runtime;
-pub mod seed;
 pub mod serve;
 pub mod sink;
 pub mod source;

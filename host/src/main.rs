@@ -11,9 +11,11 @@ use std::sync::Arc;
 use tocsin::clock::{Clock, ManualClock, SystemClock};
 use tocsin::config::{AlertsBackend, Config, RuleEntry, Source, StateBackend};
 use tocsin::event::DEFAULT_TENANT_FIELD;
-use tocsin::rule_test;
+mod cli;
+
+use cli::rule_test;
+use cli::seed::{Simulator, post_batch};
 use tocsin::runtime::{Runtime, RuntimeConfig};
-use tocsin::seed::{Simulator, post_batch};
 use tocsin::serve::Server;
 
 /// The host allocates per event and per alert on several threads at once,
@@ -273,7 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rule(RuleCommand::Inspect { rule, runtime }) => rule_inspect(&rule, &runtime),
         Command::Serve(args) => async_main(serve(args)),
         Command::Aws(command) => async_main(aws(command)),
-        Command::Demo(args) => async_main(tocsin::demo::run(tocsin::demo::Options {
+        Command::Demo(args) => async_main(cli::demo::run(cli::demo::Options {
             events: args.events,
             rate: args.rate,
             data_dir: args.data_dir,
@@ -282,7 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(args) => async_main(simulate(args)),
         Command::Replay(args) => async_main(replay(args)),
         Command::Bench(args) => async_main(async move {
-            let options = tocsin::bench::Options {
+            let options = cli::bench::Options {
                 tenants: args.tenants,
                 events: args.events,
                 batch_size: args.batch_size,
@@ -291,10 +293,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if args.distributed {
                 println!(
                     "{}",
-                    tocsin::bench::run_distributed(options, args.shards).await?
+                    cli::bench::run_distributed(options, args.shards).await?
                 );
             } else {
-                println!("{}", tocsin::bench::run(options).await?);
+                println!("{}", cli::bench::run(options).await?);
             }
             Ok(())
         }),

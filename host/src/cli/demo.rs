@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::alert::{AlertRecord, Status};
-use crate::clock::SystemClock;
-use crate::config::{Config, RuleEntry};
-use crate::seed::{self, Simulator};
-use crate::serve::Server;
+use super::seed::{self, Simulator};
+use tocsin::alert::{AlertRecord, Status};
+use tocsin::clock::SystemClock;
+use tocsin::config::{Config, RuleEntry};
+use tocsin::serve::Server;
 
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-use crate::alert::AlertRecord;
-use crate::clock::Clock;
-use crate::engine::run;
-use crate::event::Incoming;
-use crate::runtime::{Cause, LoadedRule, RuleError, Runtime, StateChange};
+use tocsin::alert::AlertRecord;
+use tocsin::clock::Clock;
+use tocsin::engine::run;
+use tocsin::event::Incoming;
+use tocsin::runtime::{Cause, LoadedRule, RuleError, Runtime, StateChange};
 
 /// How `rule test` runs.
 #[derive(Debug, Clone)]

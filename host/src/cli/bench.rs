@@ -14,10 +14,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::clock::SystemClock;
-use crate::config::{Config, RuleEntry};
-use crate::seed;
-use crate::serve::Server;
+use super::seed;
+use tocsin::clock::SystemClock;
+use tocsin::config::{Config, RuleEntry};
+use tocsin::serve::Server;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -295,19 +295,19 @@ impl std::fmt::Display for DistributedReport {
 /// time it until it has processed them all. Needs AWS (or the emulators:
 /// `scripts/emulators`).
 pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<DistributedReport> {
-    use crate::config::{AlertsBackend, Source, StateBackend};
+    use tocsin::config::{AlertsBackend, Source, StateBackend};
     let rules: BTreeMap<String, PathBuf> = tokio::task::spawn_blocking(seed::build_rules)
         .await??
         .into_iter()
         .collect();
-    let aws = crate::aws::sdk_config().await;
+    let aws = tocsin::aws::sdk_config().await;
     let id = format!("{:08x}", rand::random::<u32>());
     let (events_stream, alerts_stream, table) = (
         format!("bench-events-{id}"),
         format!("bench-alerts-{id}"),
         format!("bench-{id}"),
     );
-    crate::aws::init(&aws, &events_stream, &table, Some(&alerts_stream), shards).await?;
+    tocsin::aws::init(&aws, &events_stream, &table, Some(&alerts_stream), shards).await?;
     let kinesis = aws_sdk_kinesis::Client::new(&aws);
     let lines: Vec<String> = bodies(&Options {
         batch_size: 1,
@@ -317,21 +317,21 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         "loading {} events onto `{events_stream}` ({shards} shards)…",
         lines.len()
     );
-    let sink = crate::sink::kinesis::KinesisSink::new(
-        crate::sink::kinesis::SdkWriter(kinesis.clone()),
+    let sink = tocsin::sink::kinesis::KinesisSink::new(
+        tocsin::sink::kinesis::SdkWriter(kinesis.clone()),
         &events_stream,
     );
     // The alert sink's batching and retries serve as a producer here; the
     // partition key is what matters: the tenant.
     for chunk in lines.chunks(500) {
-        let records: Vec<crate::sink::kinesis::Entry> = chunk
+        let records: Vec<tocsin::sink::kinesis::Entry> = chunk
             .iter()
             .map(|line| {
                 let tenant = serde_json::from_str::<serde_json::Value>(line)
                     .ok()
                     .and_then(|v| v["clientId"].as_str().map(str::to_owned))
                     .unwrap_or_default();
-                crate::sink::kinesis::Entry {
+                tocsin::sink::kinesis::Entry {
                     partition_key: tenant,
                     data: line.as_bytes().to_vec(),
                 }
@@ -347,7 +347,7 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         alerts: AlertsBackend::Kinesis(alerts_stream),
         ..tenants_config(options.tenants, &rules, data.path())
     };
-    let catalogue_ready = crate::serve::load_catalogue(&config).await?;
+    let catalogue_ready = tocsin::serve::load_catalogue(&config).await?;
     drop(catalogue_ready); // compiled once, cached on disk for the host below
     let started = Instant::now();
     let host = Server::start(config, Arc::new(SystemClock)).await?;
