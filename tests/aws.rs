@@ -809,3 +809,134 @@ async fn readiness_says_why_alerts_wait_in_the_outbox_until_they_can_be_publishe
     }
     host.stop().await.unwrap();
 }
+
+/// A shard-x lease held by host-a, and its fence.
+async fn held_shard(aws: &Aws, names: &Names) -> (tocsin::aws::Table, Fence) {
+    let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
+    let leases = Leases::new(table.clone(), &names.events);
+    leases.create("shard-x", &[]).await.unwrap();
+    let lease = leases.list().await.unwrap().remove(0);
+    let epoch = leases.take(&lease, "host-a").await.unwrap().unwrap();
+    let fence = Fence {
+        stream: names.events.clone(),
+        shard: "shard-x".into(),
+        owner: "host-a".into(),
+        epoch,
+    };
+    (table, fence)
+}
+
+fn alert(id: &BucketId, n: usize) -> AlertRecord {
+    serde_json::from_value(serde_json::json!({
+        "id": format!("alert-{n}"), "tenant": id.tenant, "rule": id.rule,
+        "rule_version": "1.0.0", "bucket": id.bucket, "key": format!("k-{n}"),
+        "status": "firing", "severity": "info", "title": "t", "detail": null, "at": 0
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_outbox_items_beyond_one_transaction_are_all_deleted() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let (table, fence) = held_shard(&aws, &names).await;
+    let id = bucket("machine-01");
+    let store = DynamoStore::new(table.clone(), &names.events);
+    store.fetch([id.clone()]).await.unwrap();
+    // 150 batches' alerts committed, none published yet: more outbox items
+    // than one transaction can delete beside a write.
+    let mut marks = Vec::new();
+    for n in 1..=150 {
+        let mut change = write(&id, b"s");
+        change.alerts.push(alert(&id, n));
+        let outbox = store
+            .commit(shard_commit(&fence, vec![change], &n.to_string()))
+            .await
+            .unwrap();
+        marks.push(outbox.mark);
+    }
+    assert_eq!(
+        store.unpublished("shard-x").await.unwrap().alerts.len(),
+        150
+    );
+    for mark in marks {
+        store.published(mark).await.unwrap();
+    }
+    assert!(
+        store
+            .unpublished("shard-x")
+            .await
+            .unwrap()
+            .alerts
+            .is_empty(),
+        "published items are not published again"
+    );
+    // The next two batches delete every one of them.
+    for n in 151..=152 {
+        store
+            .commit(shard_commit(&fence, vec![write(&id, b"s")], &n.to_string()))
+            .await
+            .unwrap();
+    }
+    let other = DynamoStore::new(table, &names.events);
+    let left = other.unpublished("shard-x").await.unwrap().alerts;
+    assert!(
+        left.is_empty(),
+        "{} published alerts still in the outbox, to be published again by the next owner",
+        left.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_forgets_what_it_applied_from_shards_read_to_their_end() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let (table, parent) = held_shard(&aws, &names).await;
+    let child = Fence {
+        shard: "shard-y".into(),
+        ..parent.clone()
+    };
+    let id = bucket("machine-01");
+    let store = DynamoStore::new(table.clone(), &names.events);
+    store.fetch([id.clone()]).await.unwrap();
+    store
+        .commit(shard_commit(&parent, vec![write(&id, b"1")], "10"))
+        .await
+        .unwrap();
+    assert!(store.cached(&id).unwrap().applied.contains_key("shard-x"));
+    // The parent is read to its end; the child writes the bucket next.
+    store.shards_finished(["shard-x".to_owned()]);
+    let leases = Leases::new(table.clone(), &names.events);
+    leases
+        .create("shard-y", &["shard-x".to_owned()])
+        .await
+        .unwrap();
+    let lease = leases
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.shard == "shard-y")
+        .unwrap();
+    let epoch = leases.take(&lease, "host-a").await.unwrap().unwrap();
+    let child = Fence { epoch, ..child };
+    store
+        .commit(shard_commit(&child, vec![write(&id, b"2")], "20"))
+        .await
+        .unwrap();
+    let stored = stored_applied(&aws, &names.table, &id).await;
+    assert_eq!(
+        stored,
+        ["shard-y"],
+        "only the open shard's position is kept"
+    );
+}
+
+async fn stored_applied(aws: &Aws, table: &str, id: &BucketId) -> Vec<String> {
+    let store = DynamoStore::new(tocsin::aws::Table::new(aws.dynamodb.clone(), table), "any");
+    let buckets = store.scan_buckets().await.unwrap();
+    let (_, item) = buckets.into_iter().find(|(b, _)| b == id).unwrap();
+    let mut shards: Vec<String> = item.applied.into_keys().collect();
+    shards.sort();
+    shards
+}

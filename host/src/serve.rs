@@ -124,7 +124,7 @@ impl Server {
                 let usage = table.usage.clone();
                 let store = Arc::new(DynamoStore::new(table.clone(), stream));
                 let sink = open_sink(&config).await?;
-                let engine = Arc::new(Engine::new(catalogue, store, sink, clock));
+                let engine = Arc::new(Engine::new(catalogue, store.clone(), sink, clock));
                 let settings = ShardSettings {
                     stream: stream.clone(),
                     host: format!(
@@ -138,6 +138,7 @@ impl Server {
                 };
                 let shards = Shards::start(
                     engine.clone(),
+                    store,
                     aws_sdk_kinesis::Client::new(&aws),
                     Leases::new(table, stream),
                     settings.clone(),

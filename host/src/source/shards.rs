@@ -25,6 +25,7 @@ use super::kinesis::{self, ShardReader};
 use super::leases::{self, Lease, Leases};
 use crate::engine::{Batch, Engine, EngineError, Lane};
 use crate::event::SeqNo;
+use crate::store::dynamo::DynamoStore;
 use crate::store::{Checkpoint, Fence, Progress, StoreError};
 
 /// How often leases are renewed and the lease table is read.
@@ -69,6 +70,7 @@ impl Shards {
     /// Start coordinating leases for `engine` until `stop` is set.
     pub fn start(
         engine: Arc<Engine>,
+        store: Arc<DynamoStore>,
         kinesis: aws_sdk_kinesis::Client,
         leases: Leases,
         settings: ShardSettings,
@@ -77,6 +79,7 @@ impl Shards {
         let state = Arc::new(ShardsState::default());
         let task = tokio::spawn(coordinate(
             engine,
+            store,
             state.clone(),
             settings.clone(),
             kinesis,
@@ -113,6 +116,7 @@ struct Seen {
 
 async fn coordinate(
     engine: Arc<Engine>,
+    store: Arc<DynamoStore>,
     state: Arc<ShardsState>,
     settings: ShardSettings,
     kinesis: aws_sdk_kinesis::Client,
@@ -188,6 +192,11 @@ async fn coordinate(
 
         match leases.list().await {
             Ok(all) => {
+                store.shards_finished(
+                    all.iter()
+                        .filter(|lease| lease.finished())
+                        .map(|lease| lease.shard.clone()),
+                );
                 for lease in &all {
                     let entry = seen.entry(lease.shard.clone()).or_insert(Seen {
                         owner: lease.owner.clone(),

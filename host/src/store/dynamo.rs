@@ -141,6 +141,9 @@ pub struct DynamoStore {
     outbox_serial: std::sync::atomic::AtomicU64,
     /// Per shard: outbox items published and not yet deleted.
     retired: Mutex<HashMap<String, Vec<OutboxKey>>>,
+    /// Shards read to their end: no batch of theirs runs again, so buckets
+    /// need not remember what they applied from them.
+    finished: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Buckets a host keeps in memory by default: about 200 MB of small states.
@@ -162,6 +165,7 @@ impl DynamoStore {
             cache: Mutex::new(BucketCache::new(max_cached)),
             outbox_serial: std::sync::atomic::AtomicU64::new(0),
             retired: Mutex::default(),
+            finished: Mutex::default(),
         }
     }
 
@@ -171,6 +175,13 @@ impl DynamoStore {
 
     pub fn usage(&self) -> &Usage {
         &self.table.usage
+    }
+
+    /// `shards` were read to their end (their leases say so): buckets
+    /// written from now on forget what they applied from them, so the
+    /// per-shard positions of a bucket do not grow with every reshard.
+    pub fn shards_finished(&self, shards: impl IntoIterator<Item = String>) {
+        self.finished.lock().expect("finished lock").extend(shards);
     }
 
     /// Buckets in the cache.
@@ -333,6 +344,10 @@ impl DynamoStore {
             let mut new = old.clone();
             new.version = old.version + 1;
             new.applied.insert(fence.shard.clone(), last.clone());
+            {
+                let finished = self.finished.lock().expect("finished lock");
+                new.applied.retain(|shard, _| !finished.contains(shard));
+            }
             match write.state {
                 StateChange::Unchanged => {}
                 StateChange::Set(bytes) => new.state = Some(Arc::from(bytes)),
@@ -435,13 +450,13 @@ impl DynamoStore {
 
         let mut committed = Outbox::default();
         let mut outbox_keys: Vec<OutboxKey> = Vec::new();
-        let mut deletes = std::mem::take(
-            self.retired
-                .lock()
-                .expect("retired lock")
-                .entry(fence.shard.clone())
-                .or_default(),
-        );
+        // Taken out: a shard with nothing to delete has no entry.
+        let mut deletes = self
+            .retired
+            .lock()
+            .expect("retired lock")
+            .remove(&fence.shard)
+            .unwrap_or_default();
         let mut deleted: Vec<OutboxKey> = Vec::new();
         let last_chunk = chunks.len() - 1;
         let mut planned: Vec<Option<Planned>> = planned.into_iter().map(Some).collect();
@@ -556,10 +571,14 @@ impl DynamoStore {
                 // Earlier chunks are durable: their outbox items stay in
                 // the table for `unpublished`. The deletes not done wait
                 // for the next commit.
-                let mut retired = self.retired.lock().expect("retired lock");
-                let waiting = retired.entry(fence.shard.clone()).or_default();
-                waiting.extend(deleted.drain(first_delete..));
-                waiting.extend(deletes);
+                deletes.extend(deleted.drain(first_delete..));
+                if !deletes.is_empty() {
+                    let mut retired = self.retired.lock().expect("retired lock");
+                    retired
+                        .entry(fence.shard.clone())
+                        .or_default()
+                        .extend(deletes);
+                }
                 return Err(failure);
             }
             let mut cache = self.cache.lock().expect("cache lock");
