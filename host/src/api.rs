@@ -394,3 +394,90 @@ async fn list_buckets(State(state): State<Arc<AppState>>, Path(tenant): Path<Str
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use tocsin_test_support::components;
+
+    use super::*;
+    use crate::catalogue::{Assignment, StaticCatalogue};
+    use crate::clock::ManualClock;
+    use crate::runtime::{Runtime, RuntimeConfig};
+    use crate::sink::file::FileSink;
+    use crate::store::embedded::EmbeddedStore;
+
+    const TEST_EVENT: &str = r#"{"eventType":"test-event","clientId":"client-01"}"#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_subscriber_that_falls_behind_catches_up_from_where_it_subscribed() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: None,
+            max_instances: 4,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let assignment = Assignment {
+            tenant: "client-01".to_owned(),
+            path: components::TEST_EVENT.into(),
+        };
+        let catalogue = StaticCatalogue::load(&runtime, &[assignment]).unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+        let sink = Arc::new(FileSink::open(&dir.path().join("alerts.ndjson")).unwrap());
+        // Room for two live alerts: one batch of ten overruns it.
+        let engine = Arc::new(
+            Engine::new(
+                Arc::new(catalogue),
+                store.clone(),
+                sink,
+                Arc::new(ManualClock::new(1_000)),
+            )
+            .with_live_capacity(2),
+        );
+        let (ingest, _lane) = HttpIngest::start(engine.clone(), "clientId", 1_000)
+            .await
+            .unwrap();
+        // History the subscriber did not ask for.
+        for _ in 0..3 {
+            ingest.submit(TEST_EVENT, None).await.unwrap();
+        }
+        let (_stop, shutdown) = watch::channel(false);
+        let state = Arc::new(AppState {
+            engine,
+            ingest: Some(ingest.clone()),
+            shards: None,
+            log: Some(store),
+            usage: None,
+            shutdown,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, router(state, 1 << 20)).into_future());
+
+        let response = reqwest::get(format!("http://{addr}/v1/tenants/client-01/alerts/stream"))
+            .await
+            .unwrap();
+        let mut stream = response.bytes_stream();
+        let batch = vec![TEST_EVENT; 10].join("\n");
+        ingest.submit(&batch, None).await.unwrap();
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while text.matches("event: alert").count() < 10 {
+            let chunk = tokio::time::timeout_at(deadline, stream.next())
+                .await
+                .expect("ten alerts in time");
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap()));
+        }
+        let keys: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap()["key"].to_string())
+            .collect();
+        let want: Vec<String> = (4..=13).map(|n| format!("\"test-event-{n}\"")).collect();
+        assert_eq!(
+            keys, want,
+            "every alert since it subscribed, once, and none before"
+        );
+    }
+}

@@ -234,6 +234,13 @@ impl Engine {
         }
     }
 
+    /// Keep `alerts` for live subscribers that fall behind (default 16k):
+    /// past that they catch up from the alert log.
+    pub fn with_live_capacity(mut self, alerts: usize) -> Self {
+        self.live = broadcast::channel(alerts.max(1)).0;
+        self
+    }
+
     pub fn catalogue(&self) -> &dyn Catalogue {
         self.catalogue.as_ref()
     }
