@@ -459,7 +459,7 @@ mod tests {
             .await
             .unwrap();
         let mut stream = response.bytes_stream();
-        let batch = vec![TEST_EVENT; 10].join("\n");
+        let batch = [TEST_EVENT; 10].join("\n");
         ingest.submit(&batch, None).await.unwrap();
         let mut text = String::new();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
