@@ -1,8 +1,8 @@
 //! `tocsin bench`: the embedded service end to end under load. Many tenants
 //! each run the three seed rules; clients post batches over HTTP; the report
-//! gives events/s, acknowledgement latency (an upper bound of event-to-alert
-//! latency: alerts are committed and published before the answer) and where
-//! the processor spent its time.
+//! gives events/s, acknowledgement latency (the answer comes once the batch
+//! is committed; its alerts are published right after) and where the engine
+//! spent its time.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
