@@ -20,7 +20,6 @@
 pub mod route;
 pub mod run;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -133,7 +132,7 @@ pub struct Lane {
 #[derive(Default)]
 struct Overlay {
     /// Per bucket: the batch that wrote it last, and what it wrote.
-    states: HashMap<BucketId, (u64, Option<State>)>,
+    states: crate::store::BucketMap<(u64, Option<State>)>,
     /// Raised when a commit fails and the overlay is dropped: batches
     /// computed on an older generation rest on states never made durable.
     generation: u64,
@@ -335,25 +334,27 @@ impl Engine {
         };
         let events = &batch.events;
         let mut rejected = Vec::new();
+        let started = Instant::now();
 
-        // Route once: each tenant's rules, each rule's buckets.
+        // Route once, tenants in parallel: each tenant's rules, each rule's
+        // buckets and their ids.
         struct Routed<'a> {
             rule: &'a crate::runtime::LoadedRule,
             events: Vec<&'a Incoming>,
             /// Index in the batch of each of `events`.
             indices: &'a [usize],
             buckets: Vec<route::Bucket>,
+            ids: Vec<BucketId>,
             unroutable: Vec<route::Unroutable>,
+            priors: Vec<Prior>,
         }
         let tenants = run::by_tenant(events);
         let rule_sets: Vec<_> = tenants
             .iter()
             .map(|(tenant, _)| self.catalogue.rules(tenant))
             .collect();
-        let mut routed: Vec<Vec<Routed<'_>>> = Vec::with_capacity(tenants.len());
-        let started = Instant::now();
         for ((tenant, indices), rules) in tenants.iter().zip(&rule_sets) {
-            let Some(rules) = rules else {
+            if rules.is_none() {
                 self.stats
                     .unknown_tenant
                     .fetch_add(indices.len() as u64, Ordering::Relaxed);
@@ -366,91 +367,79 @@ impl Engine {
                         ),
                     });
                 }
-                routed.push(Vec::new());
-                continue;
-            };
-            let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
-            routed.push(
+            }
+        }
+        let mut routed: Vec<Vec<Routed<'_>>> = tenants
+            .par_iter()
+            .zip(rule_sets.par_iter())
+            .map(|((tenant, indices), rules)| {
+                let Some(rules) = rules else {
+                    return Vec::new();
+                };
+                let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
                 rules
                     .iter()
                     .map(|rule| {
                         let (buckets, unroutable) = route::route(rule.manifest(), &tenant_events);
+                        let name = &rule.manifest().name;
+                        let ids = buckets
+                            .iter()
+                            .map(|b| BucketId {
+                                tenant: (*tenant).to_owned(),
+                                rule: name.clone(),
+                                bucket: b.key.clone(),
+                            })
+                            .collect();
                         Routed {
                             rule,
                             events: tenant_events.clone(),
                             indices,
                             buckets,
+                            ids,
                             unroutable,
+                            priors: Vec::new(),
                         }
-                    })
-                    .collect(),
-            );
-        }
-
-        // Read every bucket the batch touches, once.
-        let ids: Vec<BucketId> = routed
-            .iter()
-            .flatten()
-            .flat_map(|r| {
-                r.buckets.iter().map(|b| BucketId {
-                    tenant: r.rule.tenant().to_owned(),
-                    rule: r.rule.manifest().name.clone(),
-                    bucket: b.key.clone(),
-                })
-            })
-            .collect();
-        let load_started = Instant::now();
-        let mut priors: HashMap<BucketId, Prior> = {
-            let overlay = lane.overlay.lock().expect("overlay lock");
-            let missing: Vec<BucketId> = ids
-                .iter()
-                .filter(|id| !overlay.states.contains_key(*id))
-                .cloned()
-                .collect();
-            drop(overlay);
-            let loaded = handle.block_on(self.store.load(&missing, &lane.partition))?;
-            let mut priors: HashMap<BucketId, Prior> = missing.into_iter().zip(loaded).collect();
-            let overlay = lane.overlay.lock().expect("overlay lock");
-            for id in &ids {
-                if let Some((_, state)) = overlay.states.get(id) {
-                    priors.insert(id.clone(), Prior::state(state.clone()));
-                }
-            }
-            priors
-        };
-        add_elapsed(&self.stats.load_ns, load_started);
-        let mut prior_sets: Vec<Vec<HashMap<String, Prior>>> = routed
-            .iter()
-            .map(|rules| {
-                rules
-                    .iter()
-                    .map(|r| {
-                        r.buckets
-                            .iter()
-                            .map(|b| {
-                                let id = BucketId {
-                                    tenant: r.rule.tenant().to_owned(),
-                                    rule: r.rule.manifest().name.clone(),
-                                    bucket: b.key.clone(),
-                                };
-                                (b.key.clone(), priors.remove(&id).unwrap_or_default())
-                            })
-                            .collect()
                     })
                     .collect()
             })
             .collect();
 
+        // Read every bucket the batch touches, once, all in one call: what
+        // the store holds, under what the lane's uncommitted batches wrote.
+        let load_started = Instant::now();
+        let ids: Vec<BucketId> = routed
+            .iter_mut()
+            .flatten()
+            .flat_map(|r| std::mem::take(&mut r.ids))
+            .collect();
+        let mut priors = handle.block_on(self.store.load(&ids, &lane.partition))?;
+        {
+            let overlay = lane.overlay.lock().expect("overlay lock");
+            if !overlay.states.is_empty() {
+                for (id, prior) in ids.iter().zip(priors.iter_mut()) {
+                    if let Some((_, state)) = overlay.states.get(id) {
+                        prior.state = state.clone();
+                    }
+                }
+            }
+        }
+        let (mut ids, mut priors) = (ids.into_iter(), priors.drain(..));
+        for r in routed.iter_mut().flatten() {
+            let n = r.buckets.len();
+            r.ids = ids.by_ref().take(n).collect();
+            r.priors = priors.by_ref().take(n).collect();
+        }
+        add_elapsed(&self.stats.load_ns, load_started);
+
         // Run: tenants in parallel, each tenant's rules in turn.
         let max_state = self.store.max_state_bytes();
         let outcomes: Vec<(Vec<BucketWrite>, Vec<Rejection>, u64)> = routed
             .into_par_iter()
-            .zip(prior_sets.par_iter_mut())
-            .map(|(rules, priors)| {
+            .map(|rules| {
                 let mut writes = Vec::new();
                 let mut rejected = Vec::new();
                 let mut failures = 0;
-                for (r, priors) in rules.into_iter().zip(priors.iter_mut()) {
+                for r in rules {
                     let name = &r.rule.manifest().name;
                     let tenant = r.rule.tenant();
                     for bad in &r.unroutable {
@@ -460,13 +449,14 @@ impl Engine {
                             reason: bad.reason.clone(),
                         });
                     }
+                    let mut ids = r.ids;
                     let run = run::run_buckets(
                         r.rule,
                         &r.events,
                         r.buckets,
                         r.unroutable,
                         now,
-                        |key| priors.remove(key).unwrap_or_default(),
+                        r.priors,
                     );
                     for bucket in run.buckets {
                         let failure = match bucket.result {
@@ -484,11 +474,14 @@ impl Engine {
                                     }
                                     _ => {
                                         writes.push(BucketWrite {
-                                            id: BucketId {
-                                                tenant: tenant.to_owned(),
-                                                rule: name.clone(),
-                                                bucket: bucket.key.clone(),
-                                            },
+                                            id: std::mem::replace(
+                                                &mut ids[bucket.index],
+                                                BucketId {
+                                                    tenant: String::new(),
+                                                    rule: String::new(),
+                                                    bucket: String::new(),
+                                                },
+                                            ),
                                             state: outcome.state,
                                             timer: outcome.timer,
                                             alerts: outcome.alerts,

@@ -281,4 +281,37 @@ mod tests {
         assert!(matches(&[cond("s", Test::Exists)], &e));
         assert!(!matches(&[cond("nope", Test::Exists)], &e));
     }
+
+    #[test]
+    fn an_event_whose_bucket_key_is_too_long_is_left_out_with_the_reason() {
+        let manifest = Manifest {
+            name: "r".into(),
+            version: "1.0.0".into(),
+            filter: Vec::new(),
+            bucket_key: vec!["m".into()],
+            fields: Vec::new(),
+            raw_json: false,
+            event_time: EventTime::Arrival,
+            state_ttl_ms: None,
+        };
+        let long = "x".repeat(MAX_BUCKET_KEY_BYTES + 1);
+        let events = [
+            event(r#"{"clientId":"c","m":"short"}"#),
+            event(&format!(r#"{{"clientId":"c","m":"{long}"}}"#)),
+        ];
+        let refs: Vec<&Incoming> = events.iter().collect();
+        let (buckets, unroutable) = route(&manifest, &refs);
+        assert_eq!(buckets.len(), 1);
+        assert_eq!(buckets[0].key, "short");
+        assert_eq!(
+            unroutable,
+            [Unroutable {
+                index: 1,
+                reason: format!(
+                    "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
+                    long.len()
+                ),
+            }]
+        );
+    }
 }

@@ -27,6 +27,8 @@ pub struct BucketOutcome {
 #[derive(Debug, Clone)]
 pub struct BucketRun {
     pub key: String,
+    /// The bucket's place among the buckets the rule was run over.
+    pub index: usize,
     /// Indices (into the routed events) of the events in this bucket.
     pub members: Vec<usize>,
     pub result: Result<BucketOutcome, RuleError>,
@@ -65,14 +67,12 @@ pub fn run_rule<S: AsRef<[u8]>, E>(
     mut state: impl FnMut(&str) -> Result<Option<S>, E>,
 ) -> Result<RuleRun, E> {
     let (buckets, unroutable) = route::route(rule.manifest(), events);
-    let mut priors = HashMap::new();
+    let mut priors = Vec::with_capacity(buckets.len());
     for bucket in &buckets {
         let stored = state(&bucket.key)?.map(|s| std::sync::Arc::from(s.as_ref()));
-        priors.insert(bucket.key.clone(), Prior::state(stored));
+        priors.push(Prior::state(stored));
     }
-    Ok(run_buckets(rule, events, buckets, unroutable, now, |key| {
-        priors.remove(key).unwrap_or_default()
-    }))
+    Ok(run_buckets(rule, events, buckets, unroutable, now, priors))
 }
 
 /// [`run_rule`] for a source with sequence numbers: each bucket's events up
@@ -85,24 +85,22 @@ pub fn run_rule_after<E>(
     mut prior: impl FnMut(&str) -> Result<Prior, E>,
 ) -> Result<RuleRun, E> {
     let (buckets, unroutable) = route::route(rule.manifest(), events);
-    let mut priors = HashMap::new();
+    let mut priors = Vec::with_capacity(buckets.len());
     for bucket in &buckets {
-        priors.insert(bucket.key.clone(), prior(&bucket.key)?);
+        priors.push(prior(&bucket.key)?);
     }
-    Ok(run_buckets(rule, events, buckets, unroutable, now, |key| {
-        priors.remove(key).unwrap_or_default()
-    }))
+    Ok(run_buckets(rule, events, buckets, unroutable, now, priors))
 }
 
-/// Run `rule` over buckets already routed from `events`, each on the prior
-/// `prior` gives for its key.
+/// Run `rule` over buckets already routed from `events`, each on its prior
+/// (`priors` in the order of `buckets`).
 pub fn run_buckets(
     rule: &LoadedRule,
     events: &[&Incoming],
     buckets: Vec<Bucket>,
     unroutable: Vec<Unroutable>,
     now: i64,
-    mut prior: impl FnMut(&str) -> Prior,
+    priors: impl IntoIterator<Item = Prior>,
 ) -> RuleRun {
     let manifest = rule.manifest();
     let mut run = RuleRun {
@@ -110,11 +108,12 @@ pub fn run_buckets(
         buckets: Vec::with_capacity(buckets.len()),
         unroutable,
     };
-    for mut bucket in buckets {
+    let mut priors = priors.into_iter();
+    for (index, mut bucket) in buckets.into_iter().enumerate() {
         let Prior {
             state: stored,
             applied,
-        } = prior(&bucket.key);
+        } = priors.next().unwrap_or_default();
         if let Some(applied) = applied {
             let seen = |&i: &usize| events[i].seq.as_ref().is_some_and(|seq| *seq <= applied);
             if bucket.members.iter().any(seen) {
@@ -153,6 +152,7 @@ pub fn run_buckets(
             });
         run.buckets.push(BucketRun {
             key: bucket.key,
+            index,
             members: bucket.members,
             result,
         });

@@ -116,22 +116,21 @@ impl Inner {
         Ok(())
     }
 
-    fn write(&mut self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
-        let mut buffer = Vec::new();
-        let mut written = self.written;
-        for alert in alerts {
-            let seq = alert.seq.unwrap_or(0);
-            if seq <= written {
-                continue;
-            }
-            serde_json::to_writer(&mut buffer, alert)
-                .map_err(|e| SinkError::Invalid(format!("an alert does not serialize: {e}")))?;
-            buffer.push(b'\n');
-            written = seq;
-        }
-        if buffer.is_empty() {
+    fn write(&mut self, lines: Lines) -> Result<(), SinkError> {
+        // Lines the file already holds (a republished outbox) are skipped.
+        let Lines {
+            mut buffer,
+            mut starts,
+        } = lines;
+        let skip = starts.partition_point(|&(seq, _)| seq <= self.written);
+        if skip == starts.len() {
             return Ok(());
         }
+        if skip > 0 {
+            buffer.drain(..starts[skip].1);
+            starts.drain(..skip);
+        }
+        let written = starts.last().map_or(self.written, |&(seq, _)| seq);
         if self.size > 0 && self.size + buffer.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
@@ -201,12 +200,44 @@ fn last_line(file: &mut File) -> std::io::Result<(u64, Option<Vec<u8>>)> {
     }
 }
 
+/// Alerts as NDJSON, with each line's `seq` and where it starts.
+struct Lines {
+    buffer: Vec<u8>,
+    starts: Vec<(u64, usize)>,
+}
+
+impl Lines {
+    /// Serialized on the caller's thread; only the write and sync go to a
+    /// blocking thread.
+    fn of(alerts: &[AlertRecord]) -> Result<Lines, SinkError> {
+        let mut lines = Lines {
+            buffer: Vec::with_capacity(alerts.len() * 256),
+            starts: Vec::with_capacity(alerts.len()),
+        };
+        for alert in alerts {
+            let seq = alert.seq.unwrap_or(0);
+            // In commit order: a line out of order would be skipped.
+            if lines.starts.last().is_some_and(|&(last, _)| seq <= last) {
+                continue;
+            }
+            lines.starts.push((seq, lines.buffer.len()));
+            serde_json::to_writer(&mut lines.buffer, alert)
+                .map_err(|e| SinkError::Invalid(format!("an alert does not serialize: {e}")))?;
+            lines.buffer.push(b'\n');
+        }
+        Ok(lines)
+    }
+}
+
 #[async_trait::async_trait]
 impl AlertSink for FileSink {
     async fn publish(&self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
+        let lines = Lines::of(alerts)?;
+        if lines.starts.is_empty() {
+            return Ok(());
+        }
         let inner = self.inner.clone();
-        let alerts = alerts.to_vec();
-        tokio::task::spawn_blocking(move || inner.lock().expect("file sink lock").write(&alerts))
+        tokio::task::spawn_blocking(move || inner.lock().expect("file sink lock").write(lines))
             .await
             .map_err(|e| SinkError::Unavailable(format!("the file sink's thread failed: {e}")))?
     }

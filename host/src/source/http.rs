@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::ingest;
-use crate::engine::{Batch, Computed, Engine, EngineError, Lane};
+use crate::engine::{Batch, Committed, Computed, Engine, EngineError, Lane};
 use crate::event::Incoming;
 use crate::store::Progress;
 pub use crate::store::embedded::RECEIPT_RETENTION_MS;
@@ -28,6 +28,10 @@ pub use crate::store::embedded::RECEIPT_RETENTION_MS;
 pub const PARTITION: &str = "http";
 /// Requests waiting for the lane before senders wait too.
 const QUEUE_DEPTH: usize = 1024;
+/// Committed groups waiting to be published before commits wait too: a
+/// sink that slows down holds the lane back instead of piling up alerts
+/// in memory (they are safe in the outbox either way).
+const PUBLISH_DEPTH: usize = 16;
 
 /// An event (by its line) that was not applied, and why. With `rule` set,
 /// only that rule did not apply it; the tenant's other rules did.
@@ -353,8 +357,20 @@ async fn run(
     max_events: usize,
 ) {
     // At most two groups in flight: one committing, one computing. What
-    // queues meanwhile forms a larger next group.
+    // queues meanwhile forms a larger next group. Publishing runs beside
+    // them, in commit order: a group's alerts go out while the next commits.
     let mut committing: Option<JoinHandle<()>> = None;
+    let (to_publish, mut committed) = mpsc::channel::<Committed>(PUBLISH_DEPTH);
+    let Some((engine, lane)) = ingest.upgrade().map(|i| (i.engine.clone(), i.lane.clone())) else {
+        return;
+    };
+    // Holds the engine, not the ingest: everything committed is published
+    // even while the host stops.
+    let publisher = tokio::spawn(async move {
+        while let Some(mut batch) = committed.recv().await {
+            engine.publish(&lane, &mut batch).await;
+        }
+    });
     while let Some(first) = queue.recv().await {
         let Some(ingest) = ingest.upgrade() else {
             break;
@@ -379,6 +395,7 @@ async fn run(
         };
         let task = {
             let ingest = ingest.clone();
+            let to_publish = to_publish.clone();
             tokio::spawn(async move {
                 let answered = answered;
                 // Declared after `answered`: if the commit panics, this runs
@@ -392,9 +409,9 @@ async fn run(
                 unwinding.disarm();
                 match result {
                     // Durable: answer, then publish.
-                    Ok(mut committed) => {
+                    Ok(committed) => {
                         ingest.answer(answered, Ok(()));
-                        ingest.engine.publish(&ingest.lane, &mut committed).await;
+                        let _ = to_publish.send(committed).await;
                     }
                     Err(error) => ingest.answer(answered, Err(error.into())),
                 }
@@ -404,6 +421,10 @@ async fn run(
     }
     if let Some(task) = committing.take() {
         settle(task).await;
+    }
+    drop(to_publish);
+    if let Err(error) = publisher.await {
+        tracing::error!(%error, "publishing alerts failed; they stay in the outbox");
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod alert_index;
 mod cache;
+pub use cache::BucketMap;
 pub mod dynamo;
 pub mod embedded;
 mod state_log;

@@ -8,7 +8,7 @@
 //! `states` together, each page once, and empties the log. Opening the
 //! store replays the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 
@@ -25,7 +25,7 @@ pub(super) type Change = (BucketId, Option<Vec<u8>>);
 #[derive(Debug, Default)]
 pub(super) struct Logged {
     /// The latest state of each bucket changed since; `None`: deleted.
-    latest: HashMap<BucketId, Option<Vec<u8>>>,
+    latest: super::BucketMap<Option<Vec<u8>>>,
     /// Changes logged since, repeats included: what bounds the log.
     changes: usize,
     /// Key of the next log entry.
