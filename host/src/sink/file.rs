@@ -122,7 +122,8 @@ impl Inner {
             mut buffer,
             mut starts,
         } = lines;
-        let skip = starts.partition_point(|&(seq, _)| seq <= self.written);
+        let written_before = self.written;
+        let skip = starts.partition_point(|&(seq, _)| seq.is_some_and(|s| s <= written_before));
         if skip == starts.len() {
             return Ok(());
         }
@@ -130,7 +131,11 @@ impl Inner {
             buffer.drain(..starts[skip].1);
             starts.drain(..skip);
         }
-        let written = starts.last().map_or(self.written, |&(seq, _)| seq);
+        let written = starts
+            .iter()
+            .filter_map(|&(seq, _)| seq)
+            .max()
+            .unwrap_or(self.written);
         if self.size > 0 && self.size + buffer.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
@@ -157,11 +162,7 @@ fn last_seq(path: &Path, file: &mut File) -> Result<Option<u64>, SinkError> {
         return Ok(None);
     };
     match serde_json::from_slice::<AlertRecord>(&line) {
-        Ok(AlertRecord { seq: Some(seq), .. }) => Ok(Some(seq)),
-        Ok(_) => Err(SinkError::Invalid(format!(
-            "{}: the last line (at byte {offset}) is an alert without `seq`; fix or move the file",
-            path.display()
-        ))),
+        Ok(AlertRecord { seq, .. }) => Ok(Some(seq.unwrap_or(0))),
         Err(e) => Err(SinkError::Invalid(format!(
             "{}: the last line (at byte {offset}) is not an alert ({e}); fix or move the file",
             path.display()
@@ -200,10 +201,13 @@ fn last_line(file: &mut File) -> std::io::Result<(u64, Option<Vec<u8>>)> {
     }
 }
 
-/// Alerts as NDJSON, with each line's `seq` and where it starts.
+/// Alerts as NDJSON, with each line's `seq` and where it starts. Alerts
+/// without a `seq` (from a store that keeps its outbox per shard, such as
+/// DynamoDB) are written as they come: a republished outbox may repeat
+/// them, and their ids tell the repeats apart.
 struct Lines {
     buffer: Vec<u8>,
-    starts: Vec<(u64, usize)>,
+    starts: Vec<(Option<u64>, usize)>,
 }
 
 impl Lines {
@@ -215,9 +219,11 @@ impl Lines {
             starts: Vec::with_capacity(alerts.len()),
         };
         for alert in alerts {
-            let seq = alert.seq.unwrap_or(0);
+            let seq = alert.seq;
             // In commit order: a line out of order would be skipped.
-            if lines.starts.last().is_some_and(|&(last, _)| seq <= last) {
+            if let (Some(seq), Some(&(Some(last), _))) = (seq, lines.starts.last())
+                && seq <= last
+            {
                 continue;
             }
             lines.starts.push((seq, lines.buffer.len()));
@@ -330,5 +336,30 @@ mod tests {
         assert_eq!(inner_written(&sink), last, "resumes after the rotated file");
         sink.publish(&[alert(last)]).await.unwrap();
         assert_eq!(lines(&path), 0, "nothing written twice");
+    }
+
+    #[tokio::test]
+    async fn alerts_without_a_seq_are_all_written_and_a_restart_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.ndjson");
+        let unsequenced = |n: u64| {
+            let mut alert = alert(n);
+            alert.seq = None;
+            alert.key = format!("k-{n}");
+            alert
+        };
+        let sink = FileSink::open(&path).unwrap();
+        sink.publish(&[unsequenced(1), unsequenced(2)])
+            .await
+            .unwrap();
+        drop(sink);
+        let sink = FileSink::open(&path).unwrap();
+        sink.publish(&[unsequenced(3)]).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<AlertRecord>(l).unwrap().key)
+            .collect();
+        assert_eq!(keys, ["k-1", "k-2", "k-3"]);
     }
 }
