@@ -671,17 +671,7 @@ async fn a_host_without_its_stream_says_what_is_missing() {
 async fn a_bounded_cache_drops_buckets_and_rereads_them_when_needed() {
     let aws = aws().await;
     let names = setup(&aws, 1).await;
-    let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
-    let leases = Leases::new(table.clone(), &names.events);
-    leases.create("shard-x", &[]).await.unwrap();
-    let lease = leases.list().await.unwrap().remove(0);
-    let epoch = leases.take(&lease, "host-a").await.unwrap().unwrap();
-    let fence = Fence {
-        stream: names.events.clone(),
-        shard: "shard-x".into(),
-        owner: "host-a".into(),
-        epoch,
-    };
+    let (table, fence) = held_shard(&aws, &names).await;
     let ids: Vec<BucketId> = (1..=5)
         .map(|m| bucket(&format!("machine-{m:02}")))
         .collect();

@@ -398,12 +398,9 @@ async fn list_buckets(State(state): State<Arc<AppState>>, Path(tenant): Path<Str
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
-    use tocsin_test_support::components;
 
     use super::*;
-    use crate::catalogue::{Assignment, StaticCatalogue};
     use crate::clock::ManualClock;
-    use crate::runtime::{Runtime, RuntimeConfig};
     use crate::sink::file::FileSink;
     use crate::store::embedded::EmbeddedStore;
 
@@ -412,17 +409,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_live_subscriber_that_falls_behind_catches_up_from_where_it_subscribed() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Runtime::new(RuntimeConfig {
-            cache_dir: None,
-            max_instances: 4,
-            ..RuntimeConfig::default()
-        })
-        .unwrap();
-        let assignment = Assignment {
-            tenant: "client-01".to_owned(),
-            path: components::TEST_EVENT.into(),
-        };
-        let catalogue = StaticCatalogue::load(&runtime, &[assignment]).unwrap();
+        let catalogue = crate::engine::tests::test_event_catalogue();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
         let sink = Arc::new(FileSink::open(&dir.path().join("alerts.ndjson")).unwrap());
         // Room for two live alerts: one batch of ten overruns it.

@@ -675,7 +675,7 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic

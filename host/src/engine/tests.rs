@@ -82,10 +82,9 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-/// client-01 runs `test-event`, whose alert keys count the tenant's test
-/// events: applying one twice, or losing one, shows in the keys.
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+/// client-01 running `test-event`, whose alert keys count the tenant's
+/// test events: applying one twice, or losing one, shows in the keys.
+pub(crate) fn test_event_catalogue() -> StaticCatalogue {
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: None,
         max_instances: 4,
@@ -96,7 +95,12 @@ fn fixture() -> Fixture {
         tenant: "client-01".to_owned(),
         path: components::TEST_EVENT.into(),
     };
-    let catalogue = StaticCatalogue::load(&runtime, &[assignment]).unwrap();
+    StaticCatalogue::load(&runtime, &[assignment]).unwrap()
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let catalogue = test_event_catalogue();
     let store = Arc::new(Flaky {
         inner: EmbeddedStore::open(&dir.path().join("state.redb")).unwrap(),
         failing: AtomicBool::new(false),

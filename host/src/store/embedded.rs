@@ -444,6 +444,16 @@ impl AlertLog for Embedded {
     }
 }
 
+/// Alerts of the log, retired by the cursor up to the last of them.
+fn outbox(alerts: Vec<AlertRecord>) -> Outbox {
+    let mark = alerts
+        .iter()
+        .filter_map(|a| a.seq)
+        .max()
+        .map_or(OutboxMark::Nothing, OutboxMark::UpTo);
+    Outbox { alerts, mark }
+}
+
 #[async_trait::async_trait]
 impl StateStore for EmbeddedStore {
     fn max_state_bytes(&self) -> usize {
@@ -545,23 +555,11 @@ impl StateStore for EmbeddedStore {
                 }
             }
         }
-        let alerts = result?;
-        let mark = alerts
-            .iter()
-            .filter_map(|a| a.seq)
-            .max()
-            .map_or(OutboxMark::Nothing, OutboxMark::UpTo);
-        Ok(Outbox { alerts, mark })
+        Ok(outbox(result?))
     }
 
     async fn unpublished(&self, _partition: &str) -> Result<Outbox> {
-        let alerts = self.blocking(|store| store.unpublished()).await?;
-        let mark = alerts
-            .iter()
-            .filter_map(|a| a.seq)
-            .max()
-            .map_or(OutboxMark::Nothing, OutboxMark::UpTo);
-        Ok(Outbox { alerts, mark })
+        Ok(outbox(self.blocking(|store| store.unpublished()).await?))
     }
 
     async fn published(&self, mark: OutboxMark) -> Result<()> {
