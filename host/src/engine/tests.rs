@@ -140,6 +140,16 @@ fn keys(sink: &Collected) -> Vec<String> {
     alerts.iter().map(|a| a.key.clone()).collect()
 }
 
+/// The sink's keys once it holds `count` alerts: the HTTP lane answers
+/// when a batch is committed and publishes just after.
+async fn published(sink: &Collected, count: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sink.0.lock().unwrap().len() < count && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    keys(sink)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_fails_the_batch_computed_on_top_of_it_and_retries_apply_once() {
     let f = fixture();
@@ -216,7 +226,7 @@ async fn a_retry_of_a_request_in_flight_waits_for_its_answer_and_applies_nothing
     // And once committed, a retry is answered from the receipt.
     let late = ingest.submit(TEST_EVENT, Some("k".into())).await.unwrap();
     assert_eq!(late.accepted, 1);
-    assert_eq!(keys(&f.sink), ["test-event-1"]);
+    assert_eq!(published(&f.sink, 1).await, ["test-event-1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,5 +255,8 @@ async fn a_panicking_commit_answers_its_requests_and_the_lane_goes_on() {
     assert_eq!(retry.accepted, 1);
     let other = submit(None).await.unwrap();
     assert_eq!(other.accepted, 1);
-    assert_eq!(keys(&f.sink), ["test-event-1", "test-event-2"]);
+    assert_eq!(
+        published(&f.sink, 2).await,
+        ["test-event-1", "test-event-2"]
+    );
 }
