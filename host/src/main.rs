@@ -379,7 +379,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             .map_or("events".into(), |n| n.to_string_lossy().into_owned());
         (Box::new(BufReader::new(file)), name)
     };
-    let alerts = Arc::new(tocsin::serve::WriterSink(std::sync::Mutex::new(
+    let alerts = Arc::new(tocsin::sink::writer::WriterSink(std::sync::Mutex::new(
         std::io::BufWriter::new(std::io::stdout()),
     )));
     let file = args.events.display().to_string();

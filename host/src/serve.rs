@@ -2,7 +2,7 @@
 //! source that feeds it and the HTTP API, for every deployment the config
 //! accepts. `tocsin serve` and `tocsin replay` start here.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -321,25 +321,4 @@ pub async fn replay(
             .load(std::sync::atomic::Ordering::Relaxed),
         elapsed: started.elapsed(),
     })
-}
-
-/// Alerts as NDJSON lines to a writer (standard output for `tocsin replay`).
-pub struct WriterSink<W>(pub std::sync::Mutex<W>);
-
-#[async_trait::async_trait]
-impl<W: Write + Send> AlertSink for WriterSink<W> {
-    async fn publish(
-        &self,
-        alerts: &[crate::alert::AlertRecord],
-    ) -> Result<(), crate::sink::SinkError> {
-        let mut out = self.0.lock().expect("writer lock");
-        let fail = |e: std::io::Error| crate::sink::SinkError::Unavailable(e.to_string());
-        for alert in alerts {
-            serde_json::to_writer(&mut *out, alert)
-                .map_err(std::io::Error::from)
-                .map_err(fail)?;
-            out.write_all(b"\n").map_err(fail)?;
-        }
-        out.flush().map_err(fail)
-    }
 }

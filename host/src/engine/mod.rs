@@ -96,8 +96,6 @@ impl EngineError {
 pub struct Stats {
     /// Events committed (in batches that committed).
     pub events: AtomicU64,
-    /// Events not applied by some rule, or by none (unknown tenant).
-    pub rejected: AtomicU64,
     /// Events of tenants without rules.
     pub unknown_tenant: AtomicU64,
     pub alerts: AtomicU64,
@@ -108,7 +106,8 @@ pub struct Stats {
     pub conflicts: AtomicU64,
     /// Time spent reading bucket state, nanoseconds.
     pub load_ns: AtomicU64,
-    /// Time spent running rules (routing, Wasm), nanoseconds.
+    /// Time spent routing and running rules (Wasm), nanoseconds; state
+    /// reads are `load_ns`.
     pub rules_ns: AtomicU64,
     /// Time spent in durable commits, nanoseconds.
     pub commit_ns: AtomicU64,
@@ -147,10 +146,6 @@ impl Lane {
             overlay: Mutex::default(),
             behind: AtomicBool::new(true),
         }
-    }
-
-    pub fn partition(&self) -> &str {
-        &self.partition
     }
 
     /// Forget what batches computed but did not commit, and catch up on
@@ -429,7 +424,10 @@ impl Engine {
             r.ids = ids.by_ref().take(n).collect();
             r.priors = priors.by_ref().take(n).collect();
         }
-        add_elapsed(&self.stats.load_ns, load_started);
+        let load = load_started.elapsed();
+        self.stats
+            .load_ns
+            .fetch_add(load.as_nanos() as u64, Ordering::Relaxed);
 
         // Run: tenants in parallel, each tenant's rules in turn.
         let max_state = self.store.max_state_bytes();
@@ -510,7 +508,11 @@ impl Engine {
                 (writes, rejected, failures)
             })
             .collect();
-        add_elapsed(&self.stats.rules_ns, started);
+        // Routing and running, not the state reads counted above.
+        self.stats.rules_ns.fetch_add(
+            started.elapsed().saturating_sub(load).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
 
         let mut writes = Vec::new();
         let mut failures = 0;
@@ -590,17 +592,9 @@ impl Engine {
             .expect("overlay lock")
             .states
             .retain(|_, (written_by, _)| *written_by != batch);
-        let rejected_events = {
-            let mut indices: Vec<usize> = rejected.iter().map(|r| r.index).collect();
-            indices.dedup();
-            indices.len()
-        };
         self.stats
             .events
             .fetch_add(events as u64, Ordering::Relaxed);
-        self.stats
-            .rejected
-            .fetch_add(rejected_events as u64, Ordering::Relaxed);
         self.stats
             .alerts
             .fetch_add(outbox.alerts.len() as u64, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod kinesis;
+pub mod writer;
 
 use crate::alert::AlertRecord;
 
