@@ -410,6 +410,121 @@ fn replay_keeps_state_in_its_data_directory_across_runs() {
 }
 
 #[test]
+fn rule_test_takes_parameters_from_a_file_and_names_a_bad_one() {
+    let events = events_file(&support::seed_events());
+    let events = events.path().to_str().unwrap();
+    let params = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        params.path(),
+        support::json_seed_params("all-machines-stopped").to_string(),
+    )
+    .unwrap();
+    let params_path = params.path().to_str().unwrap();
+    let args = ["rule", "test", components::JSON_RULE, "--events", events];
+    let out = tocsin(&[&args[..], &["--params", params_path]].concat(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen: Vec<(String, String, String)> = alerts(&out)
+        .iter()
+        .filter(|a| a["tenant"] == "client-01")
+        .map(|a| {
+            let s = |k: &str| a[k].as_str().unwrap().to_owned();
+            (s("rule"), s("key"), s("status"))
+        })
+        .collect();
+    let expect = |status: &str| ("all-machines-stopped".into(), "all".into(), status.into());
+    assert_eq!(
+        seen,
+        [expect("firing"), expect("resolved"), expect("firing")]
+    );
+
+    // Without parameters json-rule is a rule that matches every event.
+    let out = tocsin(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(alerts(&out).iter().all(|a| a["rule"] == "json-rule"));
+
+    std::fs::write(params.path(), r#"{"evaluate": {"type": "most"}}"#).unwrap();
+    let out = tocsin(&[&args[..], &["--params", params_path]].concat(), None);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("rejected its parameters: `evaluate.type`: unknown variant `most`, expected `any` or `all`"),
+        "{err}"
+    );
+    std::fs::write(params.path(), "{not json").unwrap();
+    let out = tocsin(&[&args[..], &["--params", params_path]].concat(), None);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("are not JSON"), "{}", stderr(&out));
+}
+
+#[test]
+fn replay_runs_a_rule_under_a_name_with_parameters_from_the_flag() {
+    let quotes: Vec<String> = [100.0, 102.0, 108.0]
+        .iter()
+        .enumerate()
+        .map(|(i, price)| {
+            serde_json::json!({"eventType": "quote", "clientId": "client-05", "ticker": "AMZN",
+                               "price": price, "time": 1_795_564_800_000_i64 + i as i64})
+            .to_string()
+        })
+        .collect();
+    let events = events_file(&quotes);
+    let params = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(params.path(), r#"{"threshold_pct": 5}"#).unwrap();
+    let inline = format!(
+        "client-05/big-moves={}?{{\"threshold_pct\": 5}}",
+        components::PRICE_CHANGE
+    );
+    let from_file = format!(
+        "client-05/also-big={}?@{}",
+        components::PRICE_CHANGE,
+        params.path().display()
+    );
+    let default = format!("client-05={}", components::PRICE_CHANGE);
+    let out = tocsin(
+        &[
+            "replay",
+            "--events",
+            events.path().to_str().unwrap(),
+            "--rule",
+            &inline,
+            "--rule",
+            &from_file,
+            "--rule",
+            &default,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut per_rule = std::collections::BTreeMap::new();
+    for alert in alerts(&out) {
+        *per_rule
+            .entry(alert["rule"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_rule,
+        std::collections::BTreeMap::from([
+            ("also-big".to_owned(), 1),
+            ("big-moves".to_owned(), 1),
+            ("price-change".to_owned(), 2),
+        ])
+    );
+
+    let out = tocsin(
+        &[
+            "replay",
+            "--events",
+            events.path().to_str().unwrap(),
+            "--rule",
+            &format!("client-05={}?{{oops", components::PRICE_CHANGE),
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("are not JSON"), "{}", stderr(&out));
+}
+
+#[test]
 fn inspect_prints_manifest_and_imports() {
     let out = tocsin(&["rule", "inspect", components::ANY_MACHINE_STOPPED], None);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -423,7 +538,7 @@ fn inspect_prints_manifest_and_imports() {
         "{text}"
     );
     assert!(text.contains("bucket key:  machineId"), "{text}");
-    assert!(text.contains("tocsin:rule/host@0.1.0"), "{text}");
+    assert!(text.contains("tocsin:rule/host@0.2.0"), "{text}");
     assert!(!text.contains("wasi:sockets"), "{text}");
 }
 

@@ -21,10 +21,7 @@ fn config(data_dir: &Path) -> Config {
         max_instances: 32,
         rules: support::SEED_RULES
             .iter()
-            .map(|(tenant, rule)| RuleEntry {
-                tenant: tenant.to_string(),
-                path: support::seed_component(rule).into(),
-            })
+            .map(|(tenant, rule)| RuleEntry::new(*tenant, support::seed_component(rule)))
             .collect(),
         ..Config::default()
     }
@@ -198,10 +195,7 @@ async fn events_a_rule_cannot_apply_are_answered_with_the_rule_and_the_reason() 
         ("client-03", support::components::FLAPPING),
         ("client-04", support::components::HOSTILE),
     ] {
-        config.rules.push(RuleEntry {
-            tenant: tenant.into(),
-            path: path.into(),
-        });
+        config.rules.push(RuleEntry::new(tenant, path));
     }
     let server = Server::start(config, Arc::new(ManualClock::new(1_000)))
         .await
@@ -228,6 +222,44 @@ async fn events_a_rule_cannot_apply_are_answered_with_the_rule_and_the_reason() 
             ]
         }),
     );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rule_that_sleeps_is_refused_and_its_co_tenants_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config
+        .rules
+        .push(RuleEntry::new("client-04", support::components::HOSTILE));
+    // With a deadline far above the rule's 5 s sleep, only the sandbox's
+    // refusal to block can answer this request before the sleep is over.
+    config.limits.deadline_ms = 60_000;
+    let server = Server::start(config, Arc::new(ManualClock::new(1_000)))
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr());
+    let body = [
+        r#"{"clientId":"client-04","attack":"sleep"}"#,
+        r#"{"eventType":"test-event","clientId":"client-01"}"#,
+    ]
+    .join("\n");
+    let started = std::time::Instant::now();
+    let (status, answer) = post(&base, &body, None).await;
+    let answered = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({
+            "accepted": 1,
+            "rejected": [
+                {"line": 1, "rule": "hostile",
+                 "error": "rule `hostile@0.1.0` of tenant `client-04`: tried to block (a wait of 5s): a rule may not sleep or wait; ask for a timer instead"},
+            ]
+        }),
+    );
+    assert_eq!(alerts(&base, "client-01").await.len(), 1);
+    eprintln!("a batch with a sleeping rule was answered in {answered:?}");
     server.stop().await.unwrap();
 }
 
@@ -310,8 +342,15 @@ fn the_example_config_parses_and_unknown_keys_are_refused() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tocsin.example.toml");
     let config = Config::from_file(&path).unwrap();
     assert_eq!(config.listen.to_string(), "127.0.0.1:7878");
-    assert_eq!(config.rules.len(), 3);
+    assert_eq!(config.rules.len(), 4);
     assert_eq!(config.limits, tocsin::runtime::Limits::default());
+    let flapping = &config.rules[3];
+    assert_eq!(flapping.name.as_deref(), Some("any-machine-flapping"));
+    assert_eq!(
+        flapping.params.as_ref().unwrap()["evaluate"]["having"],
+        json!({"calc": "changes", "property": "state", "window": "10m", "threshold": 4}),
+        "an inline table arrives as the JSON the rule reads"
+    );
     assert!(
         config.rules[0].path.starts_with(path.parent().unwrap()),
         "relative to the file"

@@ -16,12 +16,14 @@ mod event;
 mod json;
 mod manifest;
 mod mem;
+mod params;
 mod state;
 pub mod testing;
 
 pub use context::{Alert, Context, Error, Severity};
 pub use event::{Event, Events, Field};
 pub use manifest::{Literal, Manifest};
+pub use params::{duration, format_duration};
 pub use serde_json::json;
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -34,32 +36,46 @@ use serde::{Serialize, de::DeserializeOwned};
 #[global_allocator]
 static ALLOCATOR: alloc::RuleAllocator = alloc::RuleAllocator::new();
 
-/// An alert rule: a plain type, its state, and what it does with events.
+/// An alert rule: a plain type, its parameters, its state, and what it does
+/// with events.
 ///
 /// Make it a component with [`export!`].
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a Tocsin rule",
     label = "`tocsin_rule::export!` needs a type implementing `tocsin_rule::Rule`",
-    note = "add `impl tocsin_rule::Rule for {Self} {{ type State = ...; fn manifest() ...; fn evaluate(...) ... }}`"
+    note = "add `impl tocsin_rule::Rule for {Self} {{ type Params = ...; type State = ...; fn manifest(...) ...; fn evaluate(...) ... }}`"
 )]
 pub trait Rule {
+    /// How the rule is configured: read once per instance from the JSON the
+    /// operator gives (`Default` when none is given), then handed to every
+    /// call. `()` for a rule without parameters. Derive `Deserialize` with
+    /// `#[serde(default, deny_unknown_fields)]` so that a tenant's typo is an
+    /// error naming the field, not a silently ignored key.
+    type Params: DeserializeOwned + Default;
+
     /// What the rule remembers per bucket between batches. Starts at
     /// `Default`; a state equal to its default is not stored at all.
     type State: Serialize + DeserializeOwned + Default;
 
-    /// Name, version, filter, bucket key and fields. Called once at load.
-    fn manifest() -> Manifest;
+    /// Name, version, filter, bucket key and fields, from the parameters.
+    /// Called once per instance, before any other call.
+    fn manifest(params: &Self::Params) -> Manifest;
 
     /// Called once per bucket per batch with that bucket's events in order.
     fn evaluate(
+        params: &Self::Params,
         state: &mut Self::State,
         events: Events<'_>,
         ctx: &mut Context<'_>,
     ) -> Result<(), Error>;
 
     /// Called when a timer set with [`Context::set_timer`] is due.
-    fn on_timer(state: &mut Self::State, ctx: &mut Context<'_>) -> Result<(), Error> {
-        let _ = (state, ctx);
+    fn on_timer(
+        params: &Self::Params,
+        state: &mut Self::State,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
+        let _ = (params, state, ctx);
         Ok(())
     }
 }
@@ -113,17 +129,31 @@ macro_rules! export {
         const _: () = {
             struct TocsinRuleExport;
 
-            static PREPARED: ::std::sync::OnceLock<$crate::__private::Prepared> =
-                ::std::sync::OnceLock::new();
+            ::std::thread_local! {
+                static PREPARED: ::std::cell::OnceCell<
+                    &'static $crate::__private::Prepared<$rule>,
+                > = const { ::std::cell::OnceCell::new() };
+            }
 
-            fn prepared() -> &'static $crate::__private::Prepared {
-                PREPARED.get_or_init($crate::__private::Prepared::new::<$rule>)
+            fn prepared() -> ::std::option::Option<&'static $crate::__private::Prepared<$rule>> {
+                PREPARED.with(|prepared| prepared.get().copied())
             }
 
             impl $crate::bindings::Guest for TocsinRuleExport {
-                fn manifest() -> $crate::bindings::tocsin::rule::types::Manifest {
+                fn manifest(
+                    params: ::std::string::String,
+                ) -> ::std::result::Result<
+                    $crate::bindings::tocsin::rule::types::Manifest,
+                    ::std::string::String,
+                > {
                     $crate::__private::install_panic_hook();
-                    <$rule as $crate::Rule>::manifest().into_abi()
+                    let (prepared, manifest) = $crate::__private::prepare::<$rule>(&params)?;
+                    let prepared: &'static _ =
+                        ::std::boxed::Box::leak(::std::boxed::Box::new(prepared));
+                    PREPARED
+                        .with(|slot| slot.set(prepared))
+                        .map_err(|_| "manifest was called twice on one instance".to_owned())?;
+                    Ok(manifest.into_abi())
                 }
 
                 fn evaluate(
@@ -137,7 +167,7 @@ macro_rules! export {
                 > {
                     $crate::__private::install_panic_hook();
                     $crate::__private::evaluate::<$rule>(
-                        prepared(),
+                        prepared().ok_or_else($crate::__private::unprepared)?,
                         &bucket,
                         state.as_deref(),
                         &events,
@@ -154,7 +184,12 @@ macro_rules! export {
                     $crate::bindings::tocsin::rule::types::RuleError,
                 > {
                     $crate::__private::install_panic_hook();
-                    $crate::__private::on_timer::<$rule>(prepared(), &bucket, state.as_deref(), now)
+                    $crate::__private::on_timer::<$rule>(
+                        prepared().ok_or_else($crate::__private::unprepared)?,
+                        &bucket,
+                        state.as_deref(),
+                        now,
+                    )
                 }
             }
 
@@ -182,25 +217,63 @@ pub mod __private {
     pub use crate::abi;
     use crate::{Context, Events, Rule, state};
 
-    /// What the glue computes once per rule type: the declared fields and
-    /// the encoding of the default state.
-    pub struct Prepared {
+    /// What the glue computes once per instance: the parameters, the
+    /// declared fields and the encoding of the default state.
+    pub struct Prepared<R: Rule> {
+        params: R::Params,
         fields: Vec<String>,
         default_state: Vec<u8>,
     }
 
-    impl Prepared {
-        pub fn new<R: Rule>() -> Self {
-            Prepared {
-                fields: R::manifest().field_names().to_vec(),
-                default_state: state::encode(&R::State::default())
-                    .expect("the default state encodes"),
-            }
+    impl<R: Rule> Prepared<R> {
+        pub fn params(&self) -> &R::Params {
+            &self.params
         }
     }
 
+    /// Read the parameters (JSON text; `null` for none) and the manifest
+    /// they give. A parameter the rule cannot take is an error naming it.
+    pub fn prepare<R: Rule>(params: &str) -> Result<(Prepared<R>, crate::Manifest), String> {
+        let params: R::Params = if params.trim() == "null" {
+            R::Params::default()
+        } else {
+            let mut json = serde_json::Deserializer::from_str(params);
+            serde_path_to_error::deserialize(&mut json).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                // The position is within text the host wrote, not the
+                // operator's: the path says where.
+                let position = format!(" at line {} column {}", inner.line(), inner.column());
+                let message = inner.to_string();
+                let message = message.strip_suffix(&position).unwrap_or(&message);
+                if path == "." {
+                    message.to_owned()
+                } else {
+                    format!("`{path}`: {message}")
+                }
+            })?
+        };
+        Ok(prepared(params))
+    }
+
+    /// [`prepare`] from parameters already read.
+    pub fn prepared<R: Rule>(params: R::Params) -> (Prepared<R>, crate::Manifest) {
+        let manifest = R::manifest(&params);
+        let prepared = Prepared {
+            params,
+            fields: manifest.field_names().to_vec(),
+            default_state: state::encode(&R::State::default()).expect("the default state encodes"),
+        };
+        (prepared, manifest)
+    }
+
+    /// The failure of a call made before `manifest`.
+    pub fn unprepared() -> abi::RuleError {
+        abi::RuleError::Failed("the host called the rule before its manifest".to_owned())
+    }
+
     pub fn evaluate<R: Rule>(
-        prepared: &Prepared,
+        prepared: &Prepared<R>,
         bucket: &str,
         stored: Option<&[u8]>,
         batch: &abi::EventBatch,
@@ -209,25 +282,25 @@ pub mod __private {
         let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
         let events = Events::new(batch, &prepared.fields).map_err(abi::RuleError::Failed)?;
-        R::evaluate(&mut state, events, &mut ctx).map_err(|e| e.into_abi())?;
+        R::evaluate(&prepared.params, &mut state, events, &mut ctx).map_err(|e| e.into_abi())?;
         finish(prepared, &state, stored, ctx)
     }
 
     pub fn on_timer<R: Rule>(
-        prepared: &Prepared,
+        prepared: &Prepared<R>,
         bucket: &str,
         stored: Option<&[u8]>,
         now: i64,
     ) -> Result<abi::Outcome, abi::RuleError> {
         let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
-        R::on_timer(&mut state, &mut ctx).map_err(|e| e.into_abi())?;
+        R::on_timer(&prepared.params, &mut state, &mut ctx).map_err(|e| e.into_abi())?;
         finish(prepared, &state, stored, ctx)
     }
 
-    fn finish<S: serde::Serialize>(
-        prepared: &Prepared,
-        state: &S,
+    fn finish<R: Rule>(
+        prepared: &Prepared<R>,
+        state: &R::State,
         stored: Option<&[u8]>,
         ctx: Context<'_>,
     ) -> Result<abi::Outcome, abi::RuleError> {

@@ -1,7 +1,8 @@
 //! Each seed rule as a Wasm component (fuel and epoch on) against the same
 //! rule type compiled natively, on the same typed batches, with state encoded
-//! and decoded between batches in both. Criterion reports events/s for each;
-//! their ratio is the sandbox's cost.
+//! and decoded between batches in both; and each seed rule written as
+//! json-rule parameters, the same two ways. Criterion reports events/s for
+//! each; their ratio is the sandbox's cost.
 //!
 //! Routing (filter, bucket key, typed batch) is done once up front: it is the
 //! host's native work in both cases and is measured by the service benchmark.
@@ -70,7 +71,7 @@ fn wasm_batch(
     for bucket in buckets {
         let state = states.get(&bucket.key).map(Vec::as_slice);
         let out = rule
-            .evaluate(&bucket.key, state, &bucket.batch, NOW)
+            .evaluate(&bucket.key, state, &bucket.batch, NOW, "")
             .unwrap();
         alerts += out.alerts.len();
         apply(states, &bucket.key, out.state);
@@ -79,7 +80,7 @@ fn wasm_batch(
 }
 
 fn native_batch<R: Rule>(
-    prepared: &tocsin_rule::__private::Prepared,
+    prepared: &tocsin_rule::__private::Prepared<R>,
     buckets: &[(String, abi::EventBatch)],
     states: &mut HashMap<String, Vec<u8>>,
 ) -> usize {
@@ -88,7 +89,7 @@ fn native_batch<R: Rule>(
         let state = states.get(key).map(Vec::as_slice);
         let outcome =
             tocsin_rule::__private::evaluate::<R>(prepared, key, state, batch, NOW).unwrap();
-        alerts += outcome.alerts.status.len();
+        alerts += outcome.alerts.len();
         match outcome.state {
             abi::StateChange::Unchanged => {}
             abi::StateChange::Set(bytes) => {
@@ -105,7 +106,33 @@ fn native_batch<R: Rule>(
 fn bench_rule<R: Rule>(c: &mut Criterion, runtime: &Runtime, name: &str) {
     let wasm = std::fs::read(seed_component(name)).unwrap();
     let rule = runtime.load("client-01", name, &wasm).unwrap();
-    let prepared = tocsin_rule::__private::Prepared::new::<R>();
+    let (prepared, _) = tocsin_rule::__private::prepared::<R>(Default::default());
+    bench_loaded(c, name, &rule, &prepared);
+}
+
+/// The seed rule `name` written as json-rule parameters, in the sandbox
+/// and natively: rules as data against the same rule in Rust.
+fn bench_json_rule(c: &mut Criterion, runtime: &Runtime, name: &str) {
+    let params = tocsin_test_support::json_seed_params(name);
+    let wasm = std::fs::read(tocsin_test_support::components::JSON_RULE).unwrap();
+    let settings = runtime::RuleSettings {
+        name: None,
+        params: Some(params.clone()),
+    };
+    let rule = runtime
+        .load_with("client-01", "json-rule", &wasm, &settings)
+        .unwrap();
+    let (prepared, _) =
+        tocsin_rule::__private::prepare::<json_rule::JsonRule>(&params.to_string()).unwrap();
+    bench_loaded(c, &format!("json-rule/{name}"), &rule, &prepared);
+}
+
+fn bench_loaded<R: Rule>(
+    c: &mut Criterion,
+    name: &str,
+    rule: &LoadedRule,
+    prepared: &tocsin_rule::__private::Prepared<R>,
+) {
     let mut group = c.benchmark_group(name);
     for size in [100usize, 1_000] {
         let events = events(size);
@@ -118,11 +145,11 @@ fn bench_rule<R: Rule>(c: &mut Criterion, runtime: &Runtime, name: &str) {
         group.throughput(Throughput::Elements(size as u64));
         let mut states = HashMap::new();
         group.bench_function(BenchmarkId::new("wasm", size), |b| {
-            b.iter(|| black_box(wasm_batch(&rule, &buckets, &mut states)))
+            b.iter(|| black_box(wasm_batch(rule, &buckets, &mut states)))
         });
         let mut states = HashMap::new();
         group.bench_function(BenchmarkId::new("native", size), |b| {
-            b.iter(|| black_box(native_batch::<R>(&prepared, &native, &mut states)))
+            b.iter(|| black_box(native_batch::<R>(prepared, &native, &mut states)))
         });
     }
     group.finish();
@@ -136,14 +163,14 @@ fn bench_call(c: &mut Criterion, runtime: &Runtime) {
     let name = "any-machine-stopped";
     let wasm = std::fs::read(seed_component(name)).unwrap();
     let rule = runtime.load("client-01", name, &wasm).unwrap();
-    let prepared = tocsin_rule::__private::Prepared::new::<R>();
+    let (prepared, _) = tocsin_rule::__private::prepared::<R>(());
     let line = r#"{"eventType":"machineStatusChange","clientId":"client-01","machineId":"machine-01","state":"running"}"#;
     let event = Incoming::parse(line, "clientId", NOW).unwrap();
     let (buckets, _) = batch::route(rule.manifest(), &[&event]);
     let bucket = &buckets[0];
     let native = to_native(&bucket.batch);
     let state = match rule
-        .evaluate(&bucket.key, None, &bucket.batch, NOW)
+        .evaluate(&bucket.key, None, &bucket.batch, NOW, "")
         .unwrap()
         .state
     {
@@ -155,7 +182,7 @@ fn bench_call(c: &mut Criterion, runtime: &Runtime) {
     group.bench_function("wasm", |b| {
         b.iter(|| {
             black_box(
-                rule.evaluate(&bucket.key, state.as_deref(), &bucket.batch, NOW)
+                rule.evaluate(&bucket.key, state.as_deref(), &bucket.batch, NOW, "")
                     .unwrap(),
             )
         })
@@ -215,6 +242,9 @@ fn rules(c: &mut Criterion) {
     bench_rule::<test_event::TestEvent>(c, &runtime, "test-event");
     bench_rule::<all_machines_stopped::AllMachinesStopped>(c, &runtime, "all-machines-stopped");
     bench_rule::<any_machine_stopped::AnyMachineStopped>(c, &runtime, "any-machine-stopped");
+    for (_, name) in SEED_RULES {
+        bench_json_rule(c, &runtime, name);
+    }
     bench_unmetered(c);
 }
 

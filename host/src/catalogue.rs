@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::runtime::{Compiled, LoadedRule, RuleError, Runtime};
+use crate::runtime::{Compiled, LoadedRule, RuleError, RuleSettings, Runtime};
 
 /// The rules of every tenant.
 pub trait Catalogue: Send + Sync {
@@ -14,26 +14,81 @@ pub trait Catalogue: Send + Sync {
     fn rules(&self, tenant: &str) -> Option<Arc<[Arc<LoadedRule>]>>;
 }
 
-/// One rule component assigned to one tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One rule component assigned to one tenant: under a name, with
+/// parameters. A tenant may run one component under several names.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
     pub tenant: String,
     pub path: PathBuf,
+    /// The rule's name for the tenant; default: the manifest's name.
+    pub name: Option<String>,
+    /// The rule's parameters (a JSON value); default: none.
+    pub params: Option<serde_json::Value>,
+}
+
+impl Assignment {
+    /// `path` for `tenant`, under the rule's own name, with its defaults.
+    pub fn new(tenant: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Assignment {
+            tenant: tenant.into(),
+            path: path.into(),
+            name: None,
+            params: None,
+        }
+    }
+
+    pub fn settings(&self) -> RuleSettings {
+        RuleSettings {
+            name: self.name.clone(),
+            params: self.params.clone(),
+        }
+    }
 }
 
 impl std::str::FromStr for Assignment {
     type Err = String;
 
-    /// `TENANT=PATH.wasm`, as `--rule` takes it.
+    /// `TENANT[/NAME]=PATH.wasm[?PARAMS]`, as `--rule` takes it: PARAMS is a
+    /// JSON value, or `@FILE` naming a JSON file.
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once('=') {
-            Some((tenant, path)) if !tenant.is_empty() && !path.is_empty() => Ok(Assignment {
-                tenant: tenant.to_owned(),
-                path: path.into(),
-            }),
-            _ => Err(format!("`{s}` is not TENANT=PATH.wasm")),
+        let form = "TENANT[/NAME]=PATH.wasm[?PARAMS]";
+        let Some((who, what)) = s.split_once('=') else {
+            return Err(format!("`{s}` is not {form}"));
+        };
+        let (tenant, name) = match who.split_once('/') {
+            Some((tenant, name)) => (tenant, Some(name)),
+            None => (who, None),
+        };
+        let (path, params) = match what.split_once('?') {
+            Some((path, params)) => (path, Some(params)),
+            None => (what, None),
+        };
+        if tenant.is_empty() || path.is_empty() || name == Some("") {
+            return Err(format!("`{s}` is not {form}"));
         }
+        let params = match params {
+            None => None,
+            Some(text) => Some(match text.strip_prefix('@') {
+                Some(file) => read_params(std::path::Path::new(file))?,
+                None => serde_json::from_str(text)
+                    .map_err(|e| format!("the parameters in `{s}` are not JSON: {e}"))?,
+            }),
+        };
+        Ok(Assignment {
+            tenant: tenant.to_owned(),
+            path: path.into(),
+            name: name.map(str::to_owned),
+            params,
+        })
     }
+}
+
+/// A JSON file of rule parameters.
+pub fn read_params(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read parameters {}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("parameters {} are not JSON: {e}", path.display()))
 }
 
 /// Why the catalogue could not be built.
@@ -46,7 +101,7 @@ pub enum CatalogueError {
     },
     #[error(transparent)]
     Rule(#[from] RuleError),
-    #[error("tenant `{tenant}` has two rules named `{rule}`")]
+    #[error("tenant `{tenant}` has two rules named `{rule}`: give one a `name` of its own")]
     Duplicate { tenant: String, rule: String },
 }
 
@@ -72,15 +127,16 @@ impl StaticCatalogue {
                 let origin = assignment.path.display().to_string();
                 compiled.insert(&assignment.path, runtime.compile(&origin, &wasm)?);
             }
-            let rule = runtime.instantiate(&assignment.tenant, &compiled[&assignment.path])?;
+            let rule = runtime.instantiate(
+                &assignment.tenant,
+                &compiled[&assignment.path],
+                &assignment.settings(),
+            )?;
             let tenant_rules = rules.entry(assignment.tenant.clone()).or_default();
-            if tenant_rules
-                .iter()
-                .any(|r| r.manifest().name == rule.manifest().name)
-            {
+            if tenant_rules.iter().any(|r| r.name() == rule.name()) {
                 return Err(CatalogueError::Duplicate {
                     tenant: assignment.tenant.clone(),
-                    rule: rule.manifest().name.clone(),
+                    rule: rule.name().to_owned(),
                 });
             }
             tenant_rules.push(Arc::new(rule));

@@ -144,14 +144,52 @@ macro_rules! try_from_string {
 }
 try_from_string!(Source, StateBackend, AlertsBackend);
 
-/// One rule component run for one tenant.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// One rule component run for one tenant:
+///
+/// ```toml
+/// [[rules]]
+/// tenant = "client-05"
+/// path = "price_change.wasm"
+/// name = "big-moves"               # default: the rule's own name
+/// params = { threshold_pct = 5 }   # default: the rule's defaults
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleEntry {
     /// The tenant, as its events name it in the tenant field.
     pub tenant: String,
     /// The component file; relative paths are relative to the config file.
     pub path: PathBuf,
+    /// The name the tenant runs the rule under: buckets and alerts are filed
+    /// by it, so one component can run twice for a tenant under two names.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The rule's parameters, handed to it as JSON.
+    #[serde(default)]
+    pub params: Option<serde_json::Value>,
+}
+
+impl RuleEntry {
+    /// `path` for `tenant`, under the rule's own name, with its defaults.
+    pub fn new(tenant: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        RuleEntry {
+            tenant: tenant.into(),
+            path: path.into(),
+            name: None,
+            params: None,
+        }
+    }
+}
+
+impl From<Assignment> for RuleEntry {
+    fn from(a: Assignment) -> Self {
+        RuleEntry {
+            tenant: a.tenant,
+            path: a.path,
+            name: a.name,
+            params: a.params,
+        }
+    }
 }
 
 impl Default for Config {
@@ -241,6 +279,8 @@ impl Config {
             .map(|r| Assignment {
                 tenant: r.tenant.clone(),
                 path: r.path.clone(),
+                name: r.name.clone(),
+                params: r.params.clone(),
             })
             .collect()
     }

@@ -67,8 +67,8 @@ struct ServeArgs {
     /// Data directory [default: ./tocsin-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Run a rule for a tenant: TENANT=PATH.wasm (repeatable; adds to the config's rules).
-    #[arg(long = "rule", value_name = "TENANT=PATH")]
+    /// Run a rule for a tenant: TENANT[/NAME]=PATH.wasm[?PARAMS], PARAMS a JSON value or @FILE (repeatable; adds to the config's rules).
+    #[arg(long = "rule", value_name = "TENANT[/NAME]=PATH[?PARAMS]")]
     rules: Vec<tocsin::catalogue::Assignment>,
     #[command(flatten)]
     backends: BackendArgs,
@@ -82,8 +82,8 @@ struct ReplayArgs {
     /// TOML config file (its rules, tenant field, limits and batch size).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Run a rule for a tenant: TENANT=PATH.wasm (repeatable; adds to the config's rules).
-    #[arg(long = "rule", value_name = "TENANT=PATH")]
+    /// Run a rule for a tenant: TENANT[/NAME]=PATH.wasm[?PARAMS], PARAMS a JSON value or @FILE (repeatable; adds to the config's rules).
+    #[arg(long = "rule", value_name = "TENANT[/NAME]=PATH[?PARAMS]")]
     rules: Vec<tocsin::catalogue::Assignment>,
     /// Keep state here (it accumulates over replays) [default: a new temporary directory].
     #[arg(long)]
@@ -195,6 +195,9 @@ enum RuleCommand {
     Inspect {
         /// The rule component (.wasm).
         rule: PathBuf,
+        /// The rule's parameters: a JSON file.
+        #[arg(long, value_name = "FILE")]
+        params: Option<PathBuf>,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
@@ -216,8 +219,22 @@ struct TestArgs {
     /// Fix the processing clock (epoch milliseconds or RFC 3339) for reproducible output.
     #[arg(long, value_parser = parse_time)]
     now: Option<i64>,
+    /// The rule's parameters: a JSON file [default: the rule's defaults].
+    #[arg(long, value_name = "FILE")]
+    params: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
+}
+
+/// The settings a `--params FILE` flag gives.
+fn settings(params: Option<&Path>) -> anyhow::Result<tocsin::runtime::RuleSettings> {
+    Ok(tocsin::runtime::RuleSettings {
+        name: None,
+        params: params
+            .map(tocsin::catalogue::read_params)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    })
 }
 
 #[derive(Args)]
@@ -272,7 +289,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Rule(RuleCommand::Test(args)) => rule_test(args),
-        Command::Rule(RuleCommand::Inspect { rule, runtime }) => rule_inspect(&rule, &runtime),
+        Command::Rule(RuleCommand::Inspect {
+            rule,
+            params,
+            runtime,
+        }) => rule_inspect(&rule, params.as_deref(), &runtime),
         Command::Serve(args) => async_main(serve(args)),
         Command::Aws(command) => async_main(aws(command)),
         Command::Demo(args) => async_main(cli::demo::run(cli::demo::Options {
@@ -323,10 +344,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config
         .rules
-        .extend(args.rules.into_iter().map(|a| RuleEntry {
-            tenant: a.tenant,
-            path: a.path,
-        }));
+        .extend(args.rules.into_iter().map(RuleEntry::from));
     args.backends.apply(&mut config);
     config.validate().map_err(anyhow::Error::msg)?;
     if config.rules.is_empty() {
@@ -345,10 +363,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     };
     config
         .rules
-        .extend(args.rules.into_iter().map(|a| RuleEntry {
-            tenant: a.tenant,
-            path: a.path,
-        }));
+        .extend(args.rules.into_iter().map(RuleEntry::from));
     if config.rules.is_empty() {
         bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
     }
@@ -488,6 +503,7 @@ fn rule_test(args: TestArgs) -> anyhow::Result<()> {
     let options = rule_test::Options {
         tenant_field: args.tenant_field,
         batch_size: args.batch_size as usize,
+        settings: settings(args.params.as_deref())?,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -528,11 +544,12 @@ fn rule_test(args: TestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rule_inspect(path: &Path, runtime: &RuntimeArgs) -> anyhow::Result<()> {
+fn rule_inspect(path: &Path, params: Option<&Path>, runtime: &RuntimeArgs) -> anyhow::Result<()> {
     let wasm = read_component(path)?;
-    let inspection = runtime
-        .runtime()?
-        .inspect(&path.display().to_string(), &wasm)?;
+    let inspection =
+        runtime
+            .runtime()?
+            .inspect(&path.display().to_string(), &wasm, &settings(params)?)?;
     let m = &inspection.manifest;
     println!("rule:        {}@{}", m.name, m.version);
     println!("sha256:      {}", inspection.content_hash);

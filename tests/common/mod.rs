@@ -84,10 +84,7 @@ pub fn config(names: &Names, data_dir: &Path, rules: &[(String, String)]) -> Con
         alerts: AlertsBackend::Kinesis(names.alerts.clone()),
         rules: rules
             .iter()
-            .map(|(tenant, path)| RuleEntry {
-                tenant: tenant.clone(),
-                path: path.into(),
-            })
+            .map(|(tenant, path)| RuleEntry::new(tenant.clone(), path))
             .collect(),
         ..Config::default()
     }
@@ -271,10 +268,7 @@ pub fn reference(
     .unwrap();
     let assignments: Vec<Assignment> = rules
         .iter()
-        .map(|(tenant, path)| Assignment {
-            tenant: tenant.clone(),
-            path: path.into(),
-        })
+        .map(|(tenant, path)| Assignment::new(tenant.clone(), path))
         .collect();
     let catalogue = StaticCatalogue::load(&runtime, &assignments).unwrap();
     let events: Vec<Incoming> = lines

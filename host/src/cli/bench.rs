@@ -140,10 +140,9 @@ fn tenants_config(tenants: usize, rules: &BTreeMap<String, PathBuf>, data_dir: &
         max_instances: (tenants * seed::RULES.len() + 16) as u32,
         rules: (0..tenants)
             .flat_map(|t| {
-                rules.values().map(move |path| RuleEntry {
-                    tenant: format!("tenant-{t:04}"),
-                    path: path.clone(),
-                })
+                rules
+                    .values()
+                    .map(move |path| RuleEntry::new(format!("tenant-{t:04}"), path.clone()))
             })
             .collect(),
         ..Config::default()

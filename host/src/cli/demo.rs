@@ -46,10 +46,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         data_dir: data_dir.clone(),
         rules: seed::ASSIGNMENT
             .iter()
-            .map(|(tenant, rule)| RuleEntry {
-                tenant: tenant.to_string(),
-                path: rules[*rule].clone(),
-            })
+            .map(|(tenant, rule)| RuleEntry::new(*tenant, rules[*rule].clone()))
             .collect(),
         ..Config::default()
     };

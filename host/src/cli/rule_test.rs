@@ -10,13 +10,15 @@ use tocsin::alert::AlertRecord;
 use tocsin::clock::Clock;
 use tocsin::engine::run;
 use tocsin::event::Incoming;
-use tocsin::runtime::{Cause, LoadedRule, RuleError, Runtime, StateChange};
+use tocsin::runtime::{Cause, LoadedRule, RuleError, RuleSettings, Runtime, StateChange};
 
 /// How `rule test` runs.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub tenant_field: String,
     pub batch_size: usize,
+    /// The rule's parameters (and name), as a tenant would run it.
+    pub settings: RuleSettings,
 }
 
 /// What a run did, for the summary line.
@@ -74,7 +76,7 @@ pub fn run(
     let compiled = runtime.compile(origin, wasm).map_err(Error::Component)?;
     drop(
         runtime
-            .instantiate("-", &compiled)
+            .instantiate("-", &compiled, &options.settings)
             .map_err(Error::Component)?,
     );
 
@@ -100,7 +102,7 @@ pub fn run(
         for (tenant, members) in tenants {
             if !rules.contains_key(tenant) {
                 let rule = runtime
-                    .instantiate(tenant, &compiled)
+                    .instantiate(tenant, &compiled, &options.settings)
                     .map_err(Error::Component)?;
                 rules.insert(tenant.to_owned(), rule);
             }

@@ -376,12 +376,12 @@ impl Engine {
                     .iter()
                     .map(|rule| {
                         let (buckets, unroutable) = route::route(rule.manifest(), &tenant_events);
-                        let name = &rule.manifest().name;
+                        let name = rule.name();
                         let ids = buckets
                             .iter()
                             .map(|b| BucketId {
                                 tenant: (*tenant).to_owned(),
-                                rule: name.clone(),
+                                rule: name.to_owned(),
                                 bucket: b.key.clone(),
                             })
                             .collect();
@@ -438,12 +438,12 @@ impl Engine {
                 let mut rejected = Vec::new();
                 let mut failures = 0;
                 for r in rules {
-                    let name = &r.rule.manifest().name;
+                    let name = r.rule.name();
                     let tenant = r.rule.tenant();
                     for bad in &r.unroutable {
                         rejected.push(Rejection {
                             index: r.indices[bad.index],
-                            rule: Some(name.clone()),
+                            rule: Some(name.to_owned()),
                             reason: bad.reason.clone(),
                         });
                     }
@@ -498,7 +498,7 @@ impl Engine {
                             for &member in &bucket.members {
                                 rejected.push(Rejection {
                                     index: r.indices[member],
-                                    rule: Some(name.clone()),
+                                    rule: Some(name.to_owned()),
                                     reason: reason.clone(),
                                 });
                             }

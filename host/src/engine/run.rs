@@ -125,11 +125,17 @@ pub fn run_buckets(
         }
         let last = *bucket.members.last().expect("a bucket has events");
         let result = rule
-            .evaluate(&bucket.key, stored.as_deref(), &bucket.batch, now)
+            .evaluate(
+                &bucket.key,
+                stored.as_deref(),
+                &bucket.batch,
+                now,
+                &events[last].position,
+            )
             .map(|output| {
                 let origin = Origin {
                     tenant: rule.tenant(),
-                    rule: &manifest.name,
+                    rule: rule.name(),
                     bucket: &bucket.key,
                     position: &events[last].position,
                 };

@@ -91,10 +91,7 @@ pub(crate) fn test_event_catalogue() -> StaticCatalogue {
         ..RuntimeConfig::default()
     })
     .unwrap();
-    let assignment = Assignment {
-        tenant: "client-01".to_owned(),
-        path: components::TEST_EVENT.into(),
-    };
+    let assignment = Assignment::new("client-01", components::TEST_EVENT);
     StaticCatalogue::load(&runtime, &[assignment]).unwrap()
 }
 

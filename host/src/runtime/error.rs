@@ -11,7 +11,8 @@ use std::time::Duration;
 #[error("rule `{rule}` of tenant `{tenant}`: {cause}")]
 pub struct RuleError {
     pub tenant: String,
-    /// `name@version` once the manifest is known, else where it came from.
+    /// `name@version` once the manifest is known (the name the tenant runs
+    /// it under), else where it came from.
     pub rule: String,
     pub cause: Cause,
 }
@@ -25,6 +26,15 @@ pub enum Cause {
         "imports `{import}`, which rules may not use (allowed: tocsin:rule/host, and wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem with nothing to open)"
     )]
     ForbiddenImport { import: String },
+    #[error(
+        "is built for {found}; this host runs tocsin:rule@{} components",
+        super::WORLD_VERSION
+    )]
+    WrongVersion { found: String },
+    #[error("cannot run under that name: {0}")]
+    BadName(String),
+    #[error("rejected its parameters: {0}")]
+    BadParams(String),
     #[error("invalid manifest: {0}")]
     BadManifest(String),
 
@@ -39,6 +49,8 @@ pub enum Cause {
     Deadline { limit: Duration },
     #[error("produced too much {what} (limit {limit})")]
     OutputTooLarge { what: Output, limit: usize },
+    #[error("tried to block ({what}): a rule may not sleep or wait; ask for a timer instead")]
+    Blocked { what: String },
     #[error("panicked: {message}")]
     Panic { message: String },
     #[error("trapped: {0}")]
@@ -88,6 +100,7 @@ impl Cause {
             | Cause::OutOfMemory { .. }
             | Cause::StackOverflow { .. }
             | Cause::Deadline { .. }
+            | Cause::Blocked { .. }
             | Cause::Panic { .. }
             | Cause::Trap(_) => true,
             _ => false,

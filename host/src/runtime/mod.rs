@@ -25,7 +25,7 @@ use wasmtime::{
 
 pub use alerts::{Alert, Alerts};
 pub use bindings::{
-    AlertBatch, AlertStatus, Condition, EventBatch, EventTime, Manifest, Outcome, Scalar, Severity,
+    AlertStatus, Condition, EventBatch, EventTime, Manifest, Outcome, Scalar, Severity,
     StateChange, Test, TimerChange, ValueKind,
 };
 pub use error::{Cause, Output, RuleError};
@@ -105,6 +105,9 @@ pub struct Runtime {
     _ticker: EpochTicker,
 }
 
+/// The version of the `tocsin:rule` world this host runs.
+pub const WORLD_VERSION: &str = "0.2.0";
+
 /// A component compiled and checked, ready to instantiate for tenants.
 #[derive(Clone)]
 pub struct Compiled {
@@ -119,6 +122,16 @@ pub struct Inspection {
     pub manifest: Manifest,
     pub imports: Vec<String>,
     pub content_hash: String,
+}
+
+/// How a tenant runs a component: under which name and with which
+/// parameters. A tenant may run one component under several names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuleSettings {
+    /// The rule's name for the tenant; default: the manifest's name.
+    pub name: Option<String>,
+    /// Handed to the rule's `manifest` as JSON; default: `null`.
+    pub params: Option<serde_json::Value>,
 }
 
 impl Runtime {
@@ -151,7 +164,7 @@ impl Runtime {
         let engine = Engine::new(&wasm).map_err(|e| anyhow::anyhow!("{e:#}"))?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        sandbox::add_wasi_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         Rule::add_to_linker::<_, HasSelf<Sandbox>>(&mut linker, |sandbox| sandbox)
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
 
@@ -171,17 +184,28 @@ impl Runtime {
     }
 
     /// Compile (or fetch from the cache), check imports, instantiate and read
-    /// the manifest of a rule component for `tenant`.
+    /// the manifest of a rule component for `tenant`, with default settings.
     pub fn load(&self, tenant: &str, origin: &str, wasm: &[u8]) -> Result<LoadedRule, RuleError> {
+        self.load_with(tenant, origin, wasm, &RuleSettings::default())
+    }
+
+    /// [`load`](Self::load) under a name and with parameters.
+    pub fn load_with(
+        &self,
+        tenant: &str,
+        origin: &str,
+        wasm: &[u8],
+        settings: &RuleSettings,
+    ) -> Result<LoadedRule, RuleError> {
         let compiled = self.compile(origin, wasm).map_err(|mut e| {
             e.tenant = tenant.to_owned();
             e
         })?;
-        self.instantiate(tenant, &compiled)
+        self.instantiate(tenant, &compiled, settings)
     }
 
-    /// Compile a component and check its imports and exports, once for any
-    /// number of tenants.
+    /// Compile a component and check its world version, imports and
+    /// exports, once for any number of tenants.
     pub fn compile(&self, origin: &str, wasm: &[u8]) -> Result<Compiled, RuleError> {
         let fail = |cause| RuleError {
             tenant: "-".to_owned(),
@@ -189,6 +213,7 @@ impl Runtime {
             cause,
         };
         let (component, hash) = self.cache.compile(wasm).map_err(fail)?;
+        check_world_version(&self.engine, &component).map_err(fail)?;
         if let Some(import) = import_names(&self.engine, &component)
             .into_iter()
             .find(|name| !ALLOWED_IMPORTS.iter().any(|ok| name.starts_with(ok)))
@@ -201,7 +226,7 @@ impl Runtime {
             .map_err(|e| fail(Cause::InvalidComponent(format!("{e:#}"))))?;
         let pre = RulePre::new(pre).map_err(|e| {
             fail(Cause::InvalidComponent(format!(
-                "does not export the tocsin:rule world: {e:#}"
+                "does not export the tocsin:rule@{WORLD_VERSION} world: {e:#}"
             )))
         })?;
         Ok(Compiled {
@@ -211,27 +236,55 @@ impl Runtime {
         })
     }
 
-    /// Instantiate a compiled component for `tenant` and read its manifest.
-    pub fn instantiate(&self, tenant: &str, compiled: &Compiled) -> Result<LoadedRule, RuleError> {
+    /// Instantiate a compiled component for `tenant` with `settings` and
+    /// read its manifest.
+    pub fn instantiate(
+        &self,
+        tenant: &str,
+        compiled: &Compiled,
+        settings: &RuleSettings,
+    ) -> Result<LoadedRule, RuleError> {
+        let params = match &settings.params {
+            Some(params) => params.to_string(),
+            None => "null".to_owned(),
+        };
         let mut rule = LoadedRule {
             tenant: tenant.to_owned(),
-            name: compiled.origin.clone(),
+            name: settings
+                .name
+                .clone()
+                .unwrap_or_else(|| compiled.origin.clone()),
+            label: compiled.origin.clone(),
+            seed: instance_seed(tenant, &compiled.content_hash, &params),
+            params: params.into(),
             content_hash: compiled.content_hash.clone(),
             manifest: None,
             pre: compiled.pre.clone(),
             limits: self.limits.clone(),
             instance: Mutex::new(None),
         };
-        let manifest = rule.call(|rule, store| rule.call_manifest(store))?;
+        if let Some(name) = &settings.name {
+            validate_name(name).map_err(|e| rule.error(Cause::BadName(e)))?;
+        }
+        let (store, instance, manifest) = rule.start()?;
         validate_manifest(&manifest).map_err(|e| rule.error(Cause::BadManifest(e)))?;
-        rule.name = format!("{}@{}", manifest.name, manifest.version);
+        if settings.name.is_none() {
+            rule.name = manifest.name.clone();
+        }
+        rule.label = format!("{}@{}", rule.name, manifest.version);
         rule.manifest = Some(manifest);
+        *rule.instance.get_mut().expect("fresh lock") = Some((store, instance));
         Ok(rule)
     }
 
     /// The manifest and imports of a component, checked as `load` checks them.
-    pub fn inspect(&self, origin: &str, wasm: &[u8]) -> Result<Inspection, RuleError> {
-        let rule = self.load("-", origin, wasm)?;
+    pub fn inspect(
+        &self,
+        origin: &str,
+        wasm: &[u8],
+        settings: &RuleSettings,
+    ) -> Result<Inspection, RuleError> {
+        let rule = self.load_with("-", origin, wasm, settings)?;
         let component = self.cache.get(&rule.content_hash).expect("just compiled");
         Ok(Inspection {
             imports: import_names(&self.engine, &component),
@@ -250,17 +303,74 @@ fn import_names(engine: &Engine, component: &Component) -> Vec<String> {
         .collect()
 }
 
-fn validate_manifest(manifest: &Manifest) -> Result<(), String> {
-    let name = &manifest.name;
+/// Refuse a component built for another version of the world: its
+/// `tocsin:rule` imports (every rule imports the `types` its exports use)
+/// name the version it was built for.
+fn check_world_version(engine: &Engine, component: &Component) -> Result<(), Cause> {
+    let ty = component.component_type();
+    let names = ty
+        .imports(engine)
+        .map(|(name, _)| name)
+        .chain(ty.exports(engine).map(|(name, _)| name));
+    let mut found = None;
+    for name in names {
+        if let Some(rest) = name.strip_prefix("tocsin:rule/") {
+            match rest.split_once('@') {
+                Some((_, version)) if version == WORLD_VERSION => return Ok(()),
+                Some((_, version)) => found = Some(format!("tocsin:rule@{version}")),
+                None => found = Some("an unversioned tocsin:rule".to_owned()),
+            }
+        }
+    }
+    Err(match found {
+        Some(found) => Cause::WrongVersion { found },
+        None => Cause::InvalidComponent(format!(
+            "does not use the tocsin:rule@{WORLD_VERSION} world: it imports no tocsin:rule interface"
+        )),
+    })
+}
+
+/// 16 bytes fixed per (tenant, component, parameters): the instance's
+/// random seed, known before the rule's manifest names it.
+fn instance_seed(tenant: &str, content_hash: &str, params: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [tenant, content_hash, params] {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    let digest = hash.finalize();
+    digest[..16].try_into().expect("16 of 32 bytes")
+}
+
+/// A call's identity, hashed: what its random bytes derive from besides the
+/// instance. Stable for the same input within one Tocsin version.
+fn call_identity(parts: &[&[u8]]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = foldhash::fast::FixedState::with_seed(0x70c5_1e5e).build_hasher();
+    for part in parts {
+        hasher.write_usize(part.len());
+        hasher.write(part);
+    }
+    hasher.finish()
+}
+
+fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty()
+        || name.len() > 64
         || !name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
         return Err(format!(
-            "name `{name}` must be non-empty lowercase letters, digits and `-`"
+            "name `{name}` must be 1 to 64 lowercase letters, digits and `-`"
         ));
     }
+    Ok(())
+}
+
+fn validate_manifest(manifest: &Manifest) -> Result<(), String> {
+    validate_name(&manifest.name)?;
     let core = manifest
         .version
         .split(['-', '+'])
@@ -301,14 +411,21 @@ pub struct CallOutput {
     pub log: Vec<LogLine>,
 }
 
-/// A rule component loaded for one tenant, with its healthy instance.
+/// A rule component loaded for one tenant under one name, with its
+/// parameters and its healthy instance.
 pub struct LoadedRule {
     tenant: String,
+    /// The name the tenant runs it under.
     name: String,
+    /// `name@version`, for errors and logs.
+    label: String,
+    /// JSON text handed to `manifest` on every new instance.
+    params: Box<str>,
     content_hash: String,
     manifest: Option<Manifest>,
     pre: RulePre<Sandbox>,
     limits: Limits,
+    seed: [u8; 16],
     instance: Mutex<Option<(Store<Sandbox>, Rule)>>,
 }
 
@@ -316,7 +433,7 @@ impl std::fmt::Debug for LoadedRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedRule")
             .field("tenant", &self.tenant)
-            .field("rule", &self.name)
+            .field("rule", &self.label)
             .field("content_hash", &self.content_hash)
             .finish_non_exhaustive()
     }
@@ -327,9 +444,20 @@ impl LoadedRule {
         &self.tenant
     }
 
-    /// `name@version`.
+    /// The name the tenant runs the rule under: what buckets and alerts are
+    /// filed by.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `name@version`.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The parameters as the rule received them (JSON text).
+    pub fn params(&self) -> &str {
+        &self.params
     }
 
     /// SHA-256 of the component bytes, hex.
@@ -338,18 +466,24 @@ impl LoadedRule {
     }
 
     pub fn manifest(&self) -> &Manifest {
-        self.manifest.as_ref().expect("set by Runtime::load")
+        self.manifest.as_ref().expect("set by Runtime::instantiate")
     }
 
-    /// One `evaluate` call: one bucket's events of one batch.
+    /// One `evaluate` call: one bucket's events of one batch. `position` is
+    /// where the bucket's last event came from in its source: with the
+    /// bucket it seeds the call's random bytes.
     pub fn evaluate(
         &self,
         bucket: &str,
         state: Option<&[u8]>,
         events: &EventBatch,
         now: i64,
+        position: &str,
     ) -> Result<CallOutput, RuleError> {
-        self.call_outcome(|rule, store| rule.call_evaluate(store, bucket, state, events, now))
+        let call = call_identity(&[bucket.as_bytes(), position.as_bytes()]);
+        self.call_outcome(now, call, |rule, store| {
+            rule.call_evaluate(store, bucket, state, events, now)
+        })
     }
 
     /// One `on-timer` call.
@@ -359,11 +493,16 @@ impl LoadedRule {
         state: Option<&[u8]>,
         now: i64,
     ) -> Result<CallOutput, RuleError> {
-        self.call_outcome(|rule, store| rule.call_on_timer(store, bucket, state, now))
+        let call = call_identity(&[bucket.as_bytes(), b"on-timer", &now.to_le_bytes()]);
+        self.call_outcome(now, call, |rule, store| {
+            rule.call_on_timer(store, bucket, state, now)
+        })
     }
 
     fn call_outcome(
         &self,
+        now: i64,
+        call: u64,
         f: impl FnOnce(
             &Rule,
             &mut Store<Sandbox>,
@@ -371,7 +510,7 @@ impl LoadedRule {
     ) -> Result<CallOutput, RuleError> {
         let mut fuel = 0;
         let mut log = Vec::new();
-        let result = self.call_with(|rule, store| {
+        let result = self.call_at(now, call, |rule, store| {
             let result = f(rule, store)?;
             fuel = store
                 .get_fuel()
@@ -398,27 +537,22 @@ impl LoadedRule {
         })
     }
 
-    fn call<R>(
+    /// Run `f` on the healthy instance (starting one if needed) under fresh
+    /// per-call limits, with clocks at `now` and random seeded by `call`;
+    /// discard the instance if the call traps.
+    fn call_at<R>(
         &self,
-        f: impl FnOnce(&Rule, &mut Store<Sandbox>) -> wasmtime::Result<R>,
-    ) -> Result<R, RuleError> {
-        self.call_with(f)
-    }
-
-    /// Run `f` on the healthy instance (instantiating one if needed) under
-    /// fresh per-call limits; discard the instance if the call traps.
-    fn call_with<R>(
-        &self,
+        now: i64,
+        call: u64,
         f: impl FnOnce(&Rule, &mut Store<Sandbox>) -> wasmtime::Result<R>,
     ) -> Result<R, RuleError> {
         let mut slot = self.instance.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            *slot = Some(self.instantiate()?);
+            let (store, rule, _) = self.start()?;
+            *slot = Some((store, rule));
         }
         let (store, rule) = slot.as_mut().expect("instantiated above");
-        store.data_mut().begin_call();
-        let _ = store.set_fuel(self.limits.fuel_per_call);
-        store.set_epoch_deadline(deadline_ticks(self.limits.deadline()));
+        self.arm(store, now, call);
         match f(rule, store) {
             Ok(value) => Ok(value),
             Err(error) => {
@@ -430,24 +564,38 @@ impl LoadedRule {
         }
     }
 
-    fn instantiate(&self) -> Result<(Store<Sandbox>, Rule), RuleError> {
-        let mut store = Store::new(self.pre.engine(), Sandbox::new(&self.limits));
-        store.limiter(|sandbox| sandbox);
+    /// Fresh limits, clocks and random for a call.
+    fn arm(&self, store: &mut Store<Sandbox>, now: i64, call: u64) {
+        store.data_mut().begin_call(now, call);
         let _ = store.set_fuel(self.limits.fuel_per_call);
         store.set_epoch_deadline(deadline_ticks(self.limits.deadline()));
-        match self.pre.instantiate(&mut store) {
-            Ok(rule) => Ok((store, rule)),
-            Err(error) => {
-                let log = store.data_mut().take_log();
-                Err(self.error(trap_cause(&error, &log, &self.limits)))
-            }
-        }
+    }
+
+    /// A new instance, handed the parameters: every instance reads them
+    /// once, before any other call.
+    fn start(&self) -> Result<(Store<Sandbox>, Rule, Manifest), RuleError> {
+        let mut store = Store::new(self.pre.engine(), Sandbox::new(&self.limits, self.seed));
+        store.limiter(|sandbox| sandbox);
+        self.arm(&mut store, 0, 0);
+        let trapped = |store: &mut Store<Sandbox>, error: wasmtime::Error| {
+            let log = store.data_mut().take_log();
+            self.error(trap_cause(&error, &log, &self.limits))
+        };
+        let rule = match self.pre.instantiate(&mut store) {
+            Ok(rule) => rule,
+            Err(error) => return Err(trapped(&mut store, error)),
+        };
+        let manifest = match rule.call_manifest(&mut store, &self.params) {
+            Ok(manifest) => manifest.map_err(|e| self.error(Cause::BadParams(e)))?,
+            Err(error) => return Err(trapped(&mut store, error)),
+        };
+        Ok((store, rule, manifest))
     }
 
     fn error(&self, cause: Cause) -> RuleError {
         RuleError {
             tenant: self.tenant.clone(),
-            rule: self.name.clone(),
+            rule: self.label.clone(),
             cause,
         }
     }

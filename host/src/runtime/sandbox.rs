@@ -1,14 +1,21 @@
-//! What one rule instance's store holds: deny-by-default WASI, the bounded
-//! rule log (which stdout and stderr also feed), and the memory limiter.
-//! Host imports live here.
+//! What one rule instance's store holds: deny-by-default WASI whose clocks
+//! and random are the call's own (see [`CallScope`]), the bounded rule log
+//! (which stdout and stderr also feed), and the memory limiter. Host imports
+//! live here.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
+use rand_wasi::rngs::StdRng;
+use rand_wasi::{Rng as _, SeedableRng as _, TryRng};
 use wasmtime::ResourceLimiter;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock, WasiClocksCtxView, WasiClocksView};
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::Limits;
@@ -68,42 +75,151 @@ impl RuleLog {
     }
 }
 
+/// What the guest's clocks and random read inside one call: the call's
+/// `now`, and a generator seeded by the instance and the call's identity,
+/// drawn from only when the guest asks (most calls never do).
+struct CallScope {
+    now_ms: AtomicI64,
+    random: Mutex<CallRandom>,
+}
+
+struct CallRandom {
+    /// Fixed per instance: from its tenant and rule.
+    instance: [u8; 16],
+    /// The call's identity, hashed.
+    call: u64,
+    rng: Option<StdRng>,
+}
+
+impl CallScope {
+    fn now_ms(&self) -> i64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    fn with_rng<R>(&self, f: impl FnOnce(&mut StdRng) -> R) -> R {
+        let mut random = self.random.lock().expect("call random lock");
+        let CallRandom {
+            instance,
+            call,
+            rng,
+        } = &mut *random;
+        let rng = rng.get_or_insert_with(|| {
+            let mut seed = [0; 32];
+            seed[..16].copy_from_slice(instance);
+            seed[16..24].copy_from_slice(&call.to_le_bytes());
+            StdRng::from_seed(seed)
+        });
+        f(rng)
+    }
+}
+
+/// `wasi:clocks` inside a call: both clocks read the call's `now`.
+#[derive(Clone)]
+struct CallClock(Arc<CallScope>);
+
+impl HostWallClock for CallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.0.now_ms()).unwrap_or(0))
+    }
+}
+
+impl HostMonotonicClock for CallClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.0.now_ms())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+    }
+}
+
+/// `wasi:random/random` and `wasi:random/insecure` inside a call.
+#[derive(Clone)]
+struct CallRng(Arc<CallScope>);
+
+impl TryRng for CallRng {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(self.0.with_rng(|rng| rng.next_u32()))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.0.with_rng(|rng| rng.next_u64()))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        self.0.with_rng(|rng| rng.fill_bytes(dst));
+        Ok(())
+    }
+}
+
 /// The store data of one rule instance.
 pub(crate) struct Sandbox {
     wasi: WasiCtx,
     table: ResourceTable,
     log: Arc<Mutex<RuleLog>>,
+    scope: Arc<CallScope>,
     limits: Limits,
 }
 
 impl Sandbox {
-    pub(crate) fn new(limits: &Limits) -> Self {
+    /// `seed` is fixed per instance (tenant and rule): it seeds
+    /// `wasi:random/insecure-seed`, which std reads once for `HashMap`, and,
+    /// with each call's identity, the call's generator.
+    pub(crate) fn new(limits: &Limits, seed: [u8; 16]) -> Self {
         let log = Arc::new(Mutex::new(RuleLog {
             limit: limits.max_log_bytes,
             ..RuleLog::default()
         }));
+        let scope = Arc::new(CallScope {
+            now_ms: AtomicI64::new(0),
+            random: Mutex::new(CallRandom {
+                instance: seed,
+                call: 0,
+                rng: None,
+            }),
+        });
         // Nothing from the host leaks in: no preopened directories, no
-        // environment, no arguments, no network, empty stdin.
+        // environment, no arguments, no network, empty stdin, no clock and
+        // no entropy but the call's.
         let wasi = WasiCtx::builder()
             .stdout(CapturedOutput(log.clone()))
             .stderr(CapturedOutput(log.clone()))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .wall_clock(CallClock(scope.clone()))
+            .monotonic_clock(CallClock(scope.clone()))
+            .secure_random(CallRng(scope.clone()))
+            .insecure_random(CallRng(scope.clone()))
+            .insecure_random_seed(u128::from_le_bytes(seed))
             .build();
         Sandbox {
             wasi,
             table: ResourceTable::new(),
             log,
+            scope,
             limits: limits.clone(),
         }
     }
 
-    /// Forget the previous call's output.
-    pub(crate) fn begin_call(&mut self) {
+    /// Start a call at `now_ms` whose identity hashes to `call`: forget the
+    /// previous call's output, set the clocks, reseed the generator.
+    pub(crate) fn begin_call(&mut self, now_ms: i64, call: u64) {
         let mut log = self.log.lock().expect("rule log lock");
         log.lines.clear();
         log.bytes = 0;
+        self.scope.now_ms.store(now_ms, Ordering::Relaxed);
+        let mut random = self.scope.random.lock().expect("call random lock");
+        random.call = call;
+        random.rng = None;
     }
 
     pub(crate) fn take_log(&mut self) -> Vec<LogLine> {
@@ -121,6 +237,66 @@ impl WasiView for Sandbox {
 }
 
 impl bindings::tocsin::rule::types::Host for Sandbox {}
+
+/// Link WASI into the rules' linker with `wasi:clocks/monotonic-clock`
+/// replaced: a pollable for a time not yet reached would block the host
+/// thread, where no deadline can stop it, so asking for one fails the call.
+pub(crate) fn add_wasi_to_linker(linker: &mut Linker<Sandbox>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    linker.allow_shadowing(true);
+    monotonic_clock::add_to_linker::<Sandbox, NoWaiting>(linker, |sandbox| {
+        NoWaitingClock(sandbox.clocks())
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+struct NoWaiting;
+
+impl HasData for NoWaiting {
+    type Data<'a> = NoWaitingClock<'a>;
+}
+
+struct NoWaitingClock<'a>(WasiClocksCtxView<'a>);
+
+impl NoWaitingClock<'_> {
+    fn blocked(what: String) -> wasmtime::Error {
+        wasmtime::Error::new(Stop(Cause::Blocked { what }))
+    }
+}
+
+impl monotonic_clock::Host for NoWaitingClock<'_> {
+    fn now(&mut self) -> wasmtime::Result<monotonic_clock::Instant> {
+        monotonic_clock::Host::now(&mut self.0)
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<monotonic_clock::Duration> {
+        monotonic_clock::Host::resolution(&mut self.0)
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        when: monotonic_clock::Instant,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        let now = monotonic_clock::Host::now(&mut self.0)?;
+        if when > now {
+            let ahead = Duration::from_nanos(when - now);
+            return Err(Self::blocked(format!("a wait until {ahead:?} from now")));
+        }
+        monotonic_clock::Host::subscribe_instant(&mut self.0, when)
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        duration: monotonic_clock::Duration,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        if duration > 0 {
+            let wait = Duration::from_nanos(duration);
+            return Err(Self::blocked(format!("a wait of {wait:?}")));
+        }
+        monotonic_clock::Host::subscribe_duration(&mut self.0, duration)
+    }
+}
 
 impl bindings::tocsin::rule::host::Host for Sandbox {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {

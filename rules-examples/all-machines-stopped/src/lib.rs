@@ -29,15 +29,21 @@ impl State {
 const ALERT_KEY: &str = "all-stopped";
 
 impl Rule for AllMachinesStopped {
+    type Params = ();
     type State = State;
 
-    fn manifest() -> Manifest {
+    fn manifest((): &()) -> Manifest {
         Manifest::new("all-machines-stopped", "1.0.0")
             .when_equals("eventType", "machineStatusChange")
             .fields(["machineId", "state"])
     }
 
-    fn evaluate(state: &mut State, events: Events<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+    fn evaluate(
+        (): &(),
+        state: &mut State,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
         for event in events.iter() {
             let machine = event.require_str("machineId")?;
             let machine_state = event.require_str("state")?;

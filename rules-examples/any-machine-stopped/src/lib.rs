@@ -15,16 +15,22 @@ pub struct State {
 const ALERT_KEY: &str = "stopped";
 
 impl Rule for AnyMachineStopped {
+    type Params = ();
     type State = State;
 
-    fn manifest() -> Manifest {
+    fn manifest((): &()) -> Manifest {
         Manifest::new("any-machine-stopped", "1.0.0")
             .when_equals("eventType", "machineStatusChange")
             .bucket_by(["machineId"])
             .fields(["state"])
     }
 
-    fn evaluate(state: &mut State, events: Events<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+    fn evaluate(
+        (): &(),
+        state: &mut State,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
         for event in events.iter() {
             let machine_state = event.require_str("state")?;
             let stopped = machine_state == "stopped";

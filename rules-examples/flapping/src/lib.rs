@@ -1,23 +1,53 @@
-//! Example rule: alert when a machine flaps, i.e. changes state more than 3
-//! times within 10 minutes of event time. One bucket per machine. A change is
-//! an event whose state differs from the machine's previous one (the first
-//! event seen is not a change). The 4th change within a 10-minute window
+//! Example rule: alert when a machine flaps, i.e. changes state more than
+//! `max_changes` times (a parameter, default 3) within `window` of event time
+//! (default 10 minutes). One bucket per machine. A change is an event whose
+//! state differs from the machine's previous one (the first event seen is not
+//! a change). With the defaults, the 4th change within a 10-minute window
 //! fires `flapping-{episode}`; while the episode lasts nothing fires again.
 //! The episode ends, and its alert resolves, once there has been no change for
-//! 10 minutes: noticed either by the next event (its time is more than 10
-//! minutes after the last change) or by a timer set for the last change plus
-//! 10 minutes.
+//! a window: noticed either by the next event (its time is more than a window
+//! after the last change) or by a timer set for the last change plus a
+//! window.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
 
 pub struct Flapping;
 
+/// `{"max_changes": 5, "window": "1h"}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// More than this many changes within the window is flapping.
+    pub max_changes: usize,
+    /// The window for counting changes, and the quiet time that ends an
+    /// episode.
+    #[serde(with = "tocsin_rule::duration")]
+    pub window: Duration,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            max_changes: 3,
+            window: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl Params {
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// The machine's latest state.
     pub last_state: Option<String>,
-    /// Event times of the changes within [`WINDOW_MS`] of the latest one.
+    /// Event times of the changes within a window of the latest one.
     pub changes: Vec<i64>,
     /// Event time of the latest change.
     pub last_change: Option<i64>,
@@ -27,12 +57,6 @@ pub struct State {
     pub active: bool,
 }
 
-/// Ten minutes: the window for counting changes, and the quiet time that
-/// ends an episode.
-const WINDOW_MS: i64 = 10 * 60 * 1000;
-/// More than this many changes within the window is flapping.
-const MAX_CHANGES: usize = 3;
-
 impl State {
     fn key(&self) -> String {
         format!("flapping-{}", self.episode)
@@ -40,7 +64,7 @@ impl State {
 
     /// Ends the active episode at `ended_at` (event or processing time):
     /// resolves its alert and forgets the changes that left the window.
-    fn end_episode(&mut self, ctx: &mut Context<'_>, ended_at: i64) {
+    fn end_episode(&mut self, window: i64, ctx: &mut Context<'_>, ended_at: i64) {
         let machine = ctx.bucket();
         let alert = Alert::resolved(self.key(), format!("{machine} is no longer flapping"))
             .severity(Severity::Warning)
@@ -50,22 +74,30 @@ impl State {
             .field("at", ended_at);
         ctx.emit(alert);
         self.active = false;
-        self.changes.retain(|&t| t >= ended_at - WINDOW_MS);
+        self.changes
+            .retain(|&t| t >= ended_at.saturating_sub(window));
     }
 }
 
 impl Rule for Flapping {
+    type Params = Params;
     type State = State;
 
-    fn manifest() -> Manifest {
-        Manifest::new("flapping", "1.0.0")
+    fn manifest(_: &Params) -> Manifest {
+        Manifest::new("flapping", "1.1.0")
             .when_equals("eventType", "machineStatusChange")
             .bucket_by(["machineId"])
             .event_time("time")
             .fields(["state"])
     }
 
-    fn evaluate(state: &mut State, events: Events<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+    fn evaluate(
+        params: &Params,
+        state: &mut State,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
+        let window = params.window_ms();
         let machine = ctx.bucket().to_owned();
         for event in events.iter() {
             let machine_state = event.require_str("state")?;
@@ -73,9 +105,9 @@ impl Rule for Flapping {
 
             if state.active
                 && let Some(last_change) = state.last_change
-                && at - last_change > WINDOW_MS
+                && at - last_change > window
             {
-                state.end_episode(ctx, at);
+                state.end_episode(window, ctx, at);
                 ctx.cancel_timer();
             }
 
@@ -92,16 +124,19 @@ impl Rule for Flapping {
             let last_change = state.last_change.map_or(at, |t| t.max(at));
             state.last_change = Some(last_change);
             state.changes.push(at);
-            state.changes.retain(|&t| t >= last_change - WINDOW_MS);
+            state
+                .changes
+                .retain(|&t| t >= last_change.saturating_sub(window));
 
-            if !state.active && state.changes.len() > MAX_CHANGES {
+            if !state.active && state.changes.len() > params.max_changes {
                 state.episode += 1;
                 state.active = true;
                 let alert = Alert::firing(
                     state.key(),
                     format!(
-                        "{machine} is flapping: {} state changes within 10 min",
-                        state.changes.len()
+                        "{machine} is flapping: {} state changes within {}",
+                        state.changes.len(),
+                        tocsin_rule::format_duration(params.window),
                     ),
                 )
                 .severity(Severity::Warning)
@@ -112,20 +147,21 @@ impl Rule for Flapping {
                 ctx.emit(alert);
             }
             if state.active {
-                ctx.set_timer(last_change + WINDOW_MS);
+                ctx.set_timer(last_change.saturating_add(window));
             }
         }
         Ok(())
     }
 
-    fn on_timer(state: &mut State, ctx: &mut Context<'_>) -> Result<(), Error> {
+    fn on_timer(params: &Params, state: &mut State, ctx: &mut Context<'_>) -> Result<(), Error> {
         let Some(last_change) = state.last_change.filter(|_| state.active) else {
             return Ok(());
         };
-        let due = last_change + WINDOW_MS;
+        let window = params.window_ms();
+        let due = last_change.saturating_add(window);
         let now = ctx.now();
         if now >= due {
-            state.end_episode(ctx, now);
+            state.end_episode(window, ctx, now);
         } else {
             ctx.set_timer(due);
         }
@@ -184,7 +220,7 @@ mod tests {
         let rule = Harness::<Flapping>::new();
         let manifest = rule.manifest().as_abi();
         assert_eq!(manifest.name, "flapping");
-        assert_eq!(manifest.version, "1.0.0");
+        assert_eq!(manifest.version, "1.1.0");
         assert_eq!(manifest.bucket_key, ["machineId"]);
         assert_eq!(manifest.fields, ["state"]);
         assert_eq!(
@@ -216,7 +252,7 @@ mod tests {
             [(
                 "flapping-1",
                 true,
-                "machine-03 is flapping: 4 state changes within 10 min"
+                "machine-03 is flapping: 4 state changes within 10m"
             )]
         );
         assert_eq!(alerts[0].severity_level(), Severity::Warning);
@@ -320,7 +356,7 @@ mod tests {
             [(
                 "flapping-2",
                 true,
-                "machine-03 is flapping: 4 state changes within 10 min"
+                "machine-03 is flapping: 4 state changes within 10m"
             )]
         );
     }
@@ -402,5 +438,43 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.to_string(), "bad event #1: `state` must be a string");
         assert_eq!(rule.state(MACHINE), None);
+    }
+
+    #[test]
+    fn the_count_and_window_are_parameters() {
+        let mut rule =
+            Harness::<Flapping>::with_params_json(r#"{"max_changes": 1, "window": "90s"}"#)
+                .unwrap();
+        assert_eq!(rule.params().window, Duration::from_secs(90));
+        let alerts = rule
+            .evaluate(
+                MACHINE,
+                &[
+                    status("running", 0),
+                    status("stopped", 1),
+                    status("running", 2),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            summary(&alerts),
+            [(
+                "flapping-1",
+                true,
+                "machine-03 is flapping: 2 state changes within 1m 30s"
+            )]
+        );
+        // A change 3 minutes later: more than 90 s of quiet ended the episode.
+        let alerts = rule.evaluate(MACHINE, &[status("stopped", 5)]).unwrap();
+        assert_eq!(summary(&alerts)[0].0, "flapping-1");
+        assert!(!alerts[0].is_firing());
+
+        let err = Harness::<Flapping>::with_params_json(r#"{"window": "soon"}"#)
+            .err()
+            .unwrap();
+        assert!(
+            err.starts_with("`window`: `soon` is not a duration"),
+            "{err}"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! Example rule: alert when a quote's price differs by more than 1 % from the
-//! previous quote of the same ticker (relative to that previous price). One
+//! Example rule: alert when a quote's price differs by more than
+//! `threshold_pct` (a parameter, default 1 %) from the previous quote of the
+//! same ticker (relative to that previous price). One
 //! bucket per ticker; the first quote of a ticker never fires. Every move is
 //! its own alert: a counter in the state makes the keys unique within the
 //! bucket (`change-1`, `change-2`, ...). Price moves are not resolved.
@@ -9,6 +10,20 @@ use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
 
 pub struct PriceChange;
 
+/// `{"threshold_pct": 0.5}`: a move of more than half a percent fires.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// A move larger than this percentage of the previous price fires.
+    pub threshold_pct: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { threshold_pct: 1.0 }
+    }
+}
+
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// The price of the ticker's latest quote.
@@ -17,21 +32,25 @@ pub struct State {
     pub changes: u64,
 }
 
-/// A move larger than this fraction of the previous price fires.
-const THRESHOLD: f64 = 0.01;
-
 impl Rule for PriceChange {
+    type Params = Params;
     type State = State;
 
-    fn manifest() -> Manifest {
-        Manifest::new("price-change", "1.0.0")
+    fn manifest(_: &Params) -> Manifest {
+        Manifest::new("price-change", "1.1.0")
             .when_equals("eventType", "quote")
             .bucket_by(["ticker"])
             .event_time("time")
             .fields(["price"])
     }
 
-    fn evaluate(state: &mut State, events: Events<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+    fn evaluate(
+        params: &Params,
+        state: &mut State,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
+        let threshold = params.threshold_pct / 100.0;
         for event in events.iter() {
             let price = event.require_f64("price")?;
             if !price.is_finite() {
@@ -40,7 +59,7 @@ impl Rule for PriceChange {
             // A previous price of zero has no relative change to speak of.
             if let Some(previous) = state.previous.filter(|&p| p != 0.0) {
                 let change = (price - previous) / previous.abs();
-                if change.abs() > THRESHOLD {
+                if change.abs() > threshold {
                     state.changes += 1;
                     let change_pct = change * 100.0;
                     let ticker = ctx.bucket();
@@ -83,7 +102,7 @@ mod tests {
         let rule = Harness::<PriceChange>::new();
         let manifest = rule.manifest().as_abi();
         assert_eq!(manifest.name, "price-change");
-        assert_eq!(manifest.version, "1.0.0");
+        assert_eq!(manifest.version, "1.1.0");
         assert_eq!(manifest.bucket_key, ["ticker"]);
         assert_eq!(manifest.fields, ["price"]);
         assert_eq!(
@@ -174,6 +193,42 @@ mod tests {
             "keys never repeat across batches"
         );
         assert_eq!(alerts[0].title(), "AMZN -2.00% to 98.00");
+    }
+
+    #[test]
+    fn the_threshold_is_a_parameter() {
+        let mut rule = Harness::<PriceChange>::with_params_json(r#"{"threshold_pct": 5}"#).unwrap();
+        assert_eq!(rule.params().threshold_pct, 5.0);
+        let alerts = rule
+            .evaluate(
+                "AMZN",
+                &[
+                    quote("AMZN", 100.0, "2026-01-01T00:00:00Z"),
+                    quote("AMZN", 104.0, "2026-01-01T00:00:01Z"), // +4 %: no
+                    quote("AMZN", 110.0, "2026-01-01T00:00:02Z"), // +5.8 %
+                ],
+            )
+            .unwrap();
+        let titles: Vec<&str> = alerts.iter().map(|a| a.title()).collect();
+        assert_eq!(titles, ["AMZN +5.77% to 110.00"]);
+    }
+
+    #[test]
+    fn a_misspelt_or_mistyped_parameter_is_an_error_naming_it() {
+        let err = Harness::<PriceChange>::with_params_json(r#"{"threshold": 5}"#)
+            .err()
+            .unwrap();
+        assert_eq!(
+            err,
+            "`threshold`: unknown field `threshold`, expected `threshold_pct`"
+        );
+        let err = Harness::<PriceChange>::with_params_json(r#"{"threshold_pct": "5"}"#)
+            .err()
+            .unwrap();
+        assert!(
+            err.starts_with("`threshold_pct`: invalid type: string"),
+            "{err}"
+        );
     }
 
     #[test]

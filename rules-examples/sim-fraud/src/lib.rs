@@ -1,18 +1,39 @@
 //! Example rule: a cloned SIM shows up as calls of one IMSI through two
 //! different switches at (nearly) the same time. One bucket per IMSI; the rule
 //! fires `sim-clone` once when a call comes through a different switch than
-//! an earlier call of the same IMSI no more than 5 s apart in event time, and
-//! never again for that IMSI. The state keeps only the calls of the last 5 s
-//! before the newest call seen, and whether the alert has fired.
+//! an earlier call of the same IMSI no more than `window` apart in event time
+//! (a parameter, default 5 s), and never again for that IMSI. The state keeps
+//! only the calls of the last `window` before the newest call seen, and
+//! whether the alert has fired.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
 
 pub struct SimFraud;
 
+/// `{"window": "2s"}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// Two calls through different switches at most this far apart are a
+    /// clone.
+    #[serde(with = "tocsin_rule::duration")]
+    pub window: Duration,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            window: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// Recent calls, within [`WINDOW_MS`] of the newest one.
+    /// Recent calls, within the window of the newest one.
     pub calls: Vec<Call>,
     /// Whether `sim-clone` has fired for this IMSI; it never fires again.
     pub fired: bool,
@@ -25,22 +46,27 @@ pub struct Call {
     pub at: i64,
 }
 
-/// Two calls through different switches at most this far apart are a clone.
-const WINDOW_MS: i64 = 5_000;
 const ALERT_KEY: &str = "sim-clone";
 
 impl Rule for SimFraud {
+    type Params = Params;
     type State = State;
 
-    fn manifest() -> Manifest {
-        Manifest::new("sim-fraud", "1.0.0")
+    fn manifest(_: &Params) -> Manifest {
+        Manifest::new("sim-fraud", "1.1.0")
             .when_equals("eventType", "call")
             .bucket_by(["imsi"])
             .event_time("time")
             .fields(["switch"])
     }
 
-    fn evaluate(state: &mut State, events: Events<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+    fn evaluate(
+        params: &Params,
+        state: &mut State,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
+        let window = i64::try_from(params.window.as_millis()).unwrap_or(i64::MAX);
         if state.fired {
             return Ok(());
         }
@@ -50,7 +76,7 @@ impl Rule for SimFraud {
             let clone = state
                 .calls
                 .iter()
-                .find(|c| c.switch != switch && (at - c.at).abs() <= WINDOW_MS);
+                .find(|c| c.switch != switch && (at - c.at).abs() <= window);
             if let Some(earlier) = clone {
                 let imsi = ctx.bucket();
                 let alert = Alert::firing(
@@ -77,7 +103,9 @@ impl Rule for SimFraud {
                 at,
             });
             let newest = state.calls.iter().map(|c| c.at).max().unwrap_or(at);
-            state.calls.retain(|c| c.at >= newest - WINDOW_MS);
+            state
+                .calls
+                .retain(|c| c.at >= newest.saturating_sub(window));
         }
         Ok(())
     }
@@ -111,12 +139,33 @@ mod tests {
         let rule = Harness::<SimFraud>::new();
         let manifest = rule.manifest().as_abi();
         assert_eq!(manifest.name, "sim-fraud");
-        assert_eq!(manifest.version, "1.0.0");
+        assert_eq!(manifest.version, "1.1.0");
         assert_eq!(manifest.bucket_key, ["imsi"]);
         assert_eq!(manifest.fields, ["switch"]);
         assert_eq!(
             manifest.event_time,
             abi::EventTime::Field("time".to_owned())
+        );
+    }
+
+    #[test]
+    fn the_window_is_a_parameter() {
+        let mut rule = Harness::<SimFraud>::with_params_json(r#"{"window": 2000}"#).unwrap();
+        assert_eq!(rule.params().window, Duration::from_secs(2));
+        let alerts = rule
+            .evaluate(
+                IMSI,
+                &[
+                    call("UK", "2026-01-01T00:00:00Z"),
+                    call("FR", "2026-01-01T00:00:03Z"), // 3 s: not within 2 s
+                    call("UK", "2026-01-01T00:00:04Z"), // 1 s after FR
+                ],
+            )
+            .unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(
+            alerts[0].title(),
+            "SIM 234150999999999 cloned: calls via FR and UK 1000 ms apart"
         );
     }
 

@@ -18,13 +18,19 @@ pub struct State {
 const TITLE: &str = "test event received";
 
 impl Rule for TestEvent {
+    type Params = ();
     type State = State;
 
-    fn manifest() -> Manifest {
+    fn manifest((): &()) -> Manifest {
         Manifest::new("test-event", "1.0.0").when_equals("eventType", "test-event")
     }
 
-    fn evaluate(state: &mut State, events: Events<'_>, ctx: &mut Context<'_>) -> Result<(), Error> {
+    fn evaluate(
+        (): &(),
+        state: &mut State,
+        events: Events<'_>,
+        ctx: &mut Context<'_>,
+    ) -> Result<(), Error> {
         for event in events.iter() {
             state.received += 1;
             let n = state.received;

@@ -117,6 +117,17 @@ pub fn seed_component(rule: &str) -> &'static str {
     }
 }
 
+/// The seed rule `rule` written as json-rule parameters, from
+/// `rules-examples/json-rule/seed-rules/`.
+pub fn json_seed_params(rule: &str) -> serde_json::Value {
+    let path = format!(
+        "{}/../../rules-examples/json-rule/seed-rules/{rule}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
 /// Start a `tocsin serve` command (its stdout piped) and wait for its first
 /// line, `listening on ADDR`: the child and its base URL.
 pub fn spawn_serve(command: &mut std::process::Command) -> (std::process::Child, String) {

