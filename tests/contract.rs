@@ -90,6 +90,19 @@ fn run_once(rule: &LoadedRule, lines: &[String], now: i64) -> Result<Vec<(String
 
 const NOW: i64 = 1_795_564_800_000;
 
+/// Quotes of AMZN for client-05 at these prices, a millisecond apart.
+fn quotes(prices: &[f64]) -> Vec<String> {
+    prices
+        .iter()
+        .enumerate()
+        .map(|(i, price)| {
+            json!({"eventType": "quote", "clientId": "client-05", "ticker": "AMZN",
+                   "price": price, "time": NOW + i as i64})
+            .to_string()
+        })
+        .collect()
+}
+
 #[test]
 fn a_rule_that_sleeps_is_stopped_at_once_with_a_typed_error() {
     // A deadline far above the 5 s sleep: only refusing to block stops it.
@@ -210,17 +223,6 @@ async fn replaying_the_same_events_twice_gives_byte_identical_alerts_and_states(
 #[test]
 fn parameters_configure_a_rule_and_bad_ones_are_a_load_error_naming_the_field() {
     let runtime = runtime();
-    let quotes = |prices: &[f64]| -> Vec<String> {
-        prices
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                json!({"eventType": "quote", "clientId": "client-05", "ticker": "AMZN",
-                       "price": p, "time": NOW + i as i64})
-                .to_string()
-            })
-            .collect()
-    };
     let moves = quotes(&[100.0, 102.0, 108.0]);
     let default = load(&runtime, "client-05", components::PRICE_CHANGE);
     assert_eq!(run_once(&default, &moves, NOW).unwrap().len(), 2);
@@ -292,16 +294,7 @@ async fn one_component_runs_under_two_names_for_one_tenant() {
         rules: vec![named("small-moves", 1.0), named("big-moves", 5.0)],
         ..Config::default()
     };
-    let lines: Vec<String> = [100.0, 102.0, 108.0]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            json!({"eventType": "quote", "clientId": "client-05", "ticker": "AMZN",
-                   "price": p, "time": NOW + i as i64})
-            .to_string()
-        })
-        .collect();
-    let (alerts, states) = replay(&config, &lines).await;
+    let (alerts, states) = replay(&config, &quotes(&[100.0, 102.0, 108.0])).await;
     let mut by_rule: BTreeMap<String, usize> = BTreeMap::new();
     for line in alerts.lines() {
         let alert: Value = serde_json::from_str(line).unwrap();

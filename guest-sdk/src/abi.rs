@@ -95,7 +95,7 @@ mod native {
     pub struct Outcome {
         pub state: StateChange,
         pub timer: TimerChange,
-        pub alerts: Vec<Alert>,
+        pub alerts: AlertBatch,
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,13 +111,12 @@ mod native {
         Critical,
     }
 
-    #[derive(Clone, Debug, PartialEq)]
-    pub struct Alert {
-        pub key: String,
-        pub status: AlertStatus,
-        pub severity: Severity,
-        pub title: String,
-        pub detail: String,
+    #[derive(Clone, Debug, PartialEq, Default)]
+    pub struct AlertBatch {
+        pub status: Vec<AlertStatus>,
+        pub severity: Vec<Severity>,
+        pub spans: Vec<u64>,
+        pub text: String,
     }
 
     #[derive(Clone, Debug, PartialEq)]

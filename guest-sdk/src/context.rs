@@ -126,39 +126,42 @@ impl<'a> Alert<'a> {
         }
     }
 
-    /// The alert as the contract carries it.
-    fn into_abi(self) -> abi::Alert {
-        abi::Alert {
-            key: self.key.into_owned(),
-            status: if self.firing {
-                abi::AlertStatus::Firing
-            } else {
-                abi::AlertStatus::Resolved
-            },
-            severity: match self.severity {
-                Severity::Info => abi::Severity::Info,
-                Severity::Warning => abi::Severity::Warning,
-                Severity::Critical => abi::Severity::Critical,
-            },
-            title: self.title.into_owned(),
-            // SAFETY: the detail holds only what `json` wrote, whole: UTF-8.
-            detail: unsafe { String::from_utf8_unchecked(self.detail) },
+    /// Append to the call's alert columns.
+    fn append_to(self, batch: &mut abi::AlertBatch) {
+        batch.status.push(if self.firing {
+            abi::AlertStatus::Firing
+        } else {
+            abi::AlertStatus::Resolved
+        });
+        batch.severity.push(match self.severity {
+            Severity::Info => abi::Severity::Info,
+            Severity::Warning => abi::Severity::Warning,
+            Severity::Critical => abi::Severity::Critical,
+        });
+        for part in [&self.key, &self.title, self.detail_json()] {
+            batch
+                .spans
+                .push(crate::event::push_span(&mut batch.text, part));
         }
     }
 
-    /// An alert a call returned (the native harness's view).
+    /// The `index`-th alert of a call's columns (the native harness's view).
     #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) fn from_abi(alert: abi::Alert) -> Alert<'static> {
+    pub(crate) fn from_batch(batch: &abi::AlertBatch, index: usize) -> Alert<'static> {
+        let text = |n: usize| {
+            let (start, end) = crate::event::span(batch.spans[3 * index + n]);
+            batch.text[start..end].to_owned()
+        };
         Alert {
-            key: Cow::Owned(alert.key),
-            firing: alert.status == abi::AlertStatus::Firing,
-            severity: match alert.severity {
+            key: Cow::Owned(text(0)),
+            firing: batch.status[index] == abi::AlertStatus::Firing,
+            severity: match batch.severity[index] {
                 abi::Severity::Info => Severity::Info,
                 abi::Severity::Warning => Severity::Warning,
                 abi::Severity::Critical => Severity::Critical,
             },
-            title: Cow::Owned(alert.title),
-            detail: alert.detail.into_bytes(),
+            title: Cow::Owned(text(1)),
+            detail: text(2).into_bytes(),
         }
     }
 }
@@ -170,7 +173,7 @@ pub struct Context<'a> {
     now: i64,
     timer: abi::TimerChange,
     delete: bool,
-    pub(crate) alerts: Vec<abi::Alert>,
+    pub(crate) alerts: abi::AlertBatch,
 }
 
 impl<'a> Context<'a> {
@@ -180,7 +183,12 @@ impl<'a> Context<'a> {
             now,
             timer: abi::TimerChange::Keep,
             delete: false,
-            alerts: Vec::new(),
+            alerts: abi::AlertBatch {
+                status: Vec::new(),
+                severity: Vec::new(),
+                spans: Vec::new(),
+                text: String::new(),
+            },
         }
     }
 
@@ -197,7 +205,16 @@ impl<'a> Context<'a> {
     /// Raise or resolve an alert. The host receives the call's alerts, in
     /// order, when it returns, and bounds how many and how large.
     pub fn emit(&mut self, alert: Alert<'_>) {
-        self.alerts.push(alert.into_abi());
+        let alerts = &mut self.alerts;
+        if alerts.status.capacity() == 0 {
+            // Most calls emit few alerts: start with room for several
+            // rather than growing each column from empty.
+            alerts.status.reserve(8);
+            alerts.severity.reserve(8);
+            alerts.spans.reserve(24);
+            alerts.text.reserve(1024);
+        }
+        alert.append_to(alerts);
     }
 
     /// Have `on_timer` called for this bucket at `at` (epoch milliseconds),

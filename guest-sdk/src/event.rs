@@ -18,9 +18,7 @@ pub(crate) mod kind {
     pub const JSON: u8 = 6;
 }
 
-/// Append `s` to `text`, returning its span (`offset << 32 | length`): how
-/// the native harness builds the table the host builds.
-#[cfg(not(target_arch = "wasm32"))]
+/// Append `s` to `text`, returning its span (`offset << 32 | length`).
 pub(crate) fn push_span(text: &mut String, s: &str) -> u64 {
     let span = ((text.len() as u64) << 32) | s.len() as u64;
     // SAFETY: a whole `str` appended to a `String` keeps it UTF-8.

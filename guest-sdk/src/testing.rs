@@ -186,7 +186,9 @@ impl<R: Rule> Harness<R> {
                 self.timers.remove(bucket);
             }
         }
-        outcome.alerts.into_iter().map(Alert::from_abi).collect()
+        (0..outcome.alerts.status.len())
+            .map(|index| Alert::from_batch(&outcome.alerts, index))
+            .collect()
     }
 }
 

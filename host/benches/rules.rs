@@ -89,7 +89,7 @@ fn native_batch<R: Rule>(
         let state = states.get(key).map(Vec::as_slice);
         let outcome =
             tocsin_rule::__private::evaluate::<R>(prepared, key, state, batch, NOW).unwrap();
-        alerts += outcome.alerts.len();
+        alerts += outcome.alerts.status.len();
         match outcome.state {
             abi::StateChange::Unchanged => {}
             abi::StateChange::Set(bytes) => {

@@ -160,3 +160,53 @@ impl Catalogue for StaticCatalogue {
         self.by_tenant.get(tenant).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule_flag_takes_a_name_and_parameters_inline_or_from_a_file() {
+        let plain: Assignment = "client-01=rules/test_event.wasm".parse().unwrap();
+        assert_eq!(plain, Assignment::new("client-01", "rules/test_event.wasm"));
+
+        let named: Assignment = r#"client-05/big-moves=price_change.wasm?{"threshold_pct": 5}"#
+            .parse()
+            .unwrap();
+        assert_eq!(named.tenant, "client-05");
+        assert_eq!(named.name.as_deref(), Some("big-moves"));
+        assert_eq!(named.path, PathBuf::from("price_change.wasm"));
+        assert_eq!(named.params, Some(serde_json::json!({"threshold_pct": 5})));
+
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), r#"{"window": "2s"}"#).unwrap();
+        let from_file: Assignment = format!("c=sim_fraud.wasm?@{}", file.path().display())
+            .parse()
+            .unwrap();
+        assert_eq!(from_file.name, None);
+        assert_eq!(from_file.params, Some(serde_json::json!({"window": "2s"})));
+    }
+
+    #[test]
+    fn a_malformed_rule_flag_says_what_is_wrong() {
+        for bad in ["client-01", "=x.wasm", "c=", "c/=x.wasm"] {
+            let error = bad.parse::<Assignment>().unwrap_err();
+            assert_eq!(
+                error,
+                format!("`{bad}` is not TENANT[/NAME]=PATH.wasm[?PARAMS]")
+            );
+        }
+        let error = "c=x.wasm?{nope".parse::<Assignment>().unwrap_err();
+        assert!(
+            error.starts_with("the parameters in `c=x.wasm?{nope` are not JSON"),
+            "{error}"
+        );
+        let error = "c=x.wasm?@/no/such/params.json"
+            .parse::<Assignment>()
+            .unwrap_err();
+        assert!(
+            error.starts_with("cannot read parameters /no/such/params.json"),
+            "{error}"
+        );
+    }
+}

@@ -291,6 +291,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rule_entry_takes_a_name_and_an_inline_table_of_parameters() {
+        let config = Config::from_toml(
+            "[[rules]]\ntenant = \"c\"\npath = \"p.wasm\"\nname = \"big-moves\"\nparams = { threshold_pct = 5, tickers = [\"AMZN\"] }\n",
+        )
+        .unwrap();
+        let rule = &config.rules[0];
+        assert_eq!(rule.name.as_deref(), Some("big-moves"));
+        assert_eq!(
+            rule.params,
+            Some(serde_json::json!({"threshold_pct": 5, "tickers": ["AMZN"]}))
+        );
+        let assignment = &config.assignments()[0];
+        assert_eq!(assignment.settings().name.as_deref(), Some("big-moves"));
+
+        let error =
+            Config::from_toml("[[rules]]\ntenant = \"c\"\npath = \"p.wasm\"\nparameters = {}\n")
+                .unwrap_err();
+        assert!(error.contains("unknown field `parameters`"), "{error}");
+    }
+
+    #[test]
     fn backends_parse_and_bad_ones_are_named() {
         let config = Config::from_toml(
             "source = \"kinesis:events\"\nstate = \"dynamodb:tocsin\"\nalerts = \"kinesis:alerts\"",

@@ -1,14 +1,15 @@
-//! The alerts of one call as the rule returned them, checked once against
-//! the call's bounds and read in place.
+//! The alerts of one call as the rule returned them: columns over one text
+//! (see `alert-batch` in `wit/rule.wit`), checked once against the call's
+//! bounds and read in place, without a copy per alert.
 
-use super::bindings::{self, AlertStatus, Severity};
+use super::bindings::{AlertBatch, AlertStatus, Severity};
 use super::error::{Cause, Output};
 use super::limits::Limits;
 
 /// The alerts of one call, in the order the rule emitted them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Alerts {
-    alerts: Vec<bindings::Alert>,
+    batch: AlertBatch,
 }
 
 /// One alert of a call, borrowed from its [`Alerts`].
@@ -24,46 +25,63 @@ pub struct Alert<'a> {
 }
 
 impl Alerts {
-    /// Check a call's alerts against the bounds of one call.
-    pub(crate) fn check(alerts: Vec<bindings::Alert>, limits: &Limits) -> Result<Self, Cause> {
-        if alerts.len() > limits.max_alerts as usize {
+    /// Check a batch against the bounds of one call and its own shape.
+    pub(crate) fn check(batch: AlertBatch, limits: &Limits) -> Result<Self, Cause> {
+        let count = batch.status.len();
+        if count > limits.max_alerts as usize {
             return Err(Cause::OutputTooLarge {
                 what: Output::Alerts,
                 limit: limits.max_alerts as usize,
             });
         }
-        let bytes: usize = alerts
-            .iter()
-            .map(|a| a.key.len() + a.title.len() + a.detail.len())
-            .sum();
-        if bytes > limits.max_alert_bytes {
+        if batch.text.len() > limits.max_alert_bytes {
             return Err(Cause::OutputTooLarge {
                 what: Output::AlertBytes,
                 limit: limits.max_alert_bytes,
             });
         }
-        Ok(Alerts { alerts })
+        if batch.severity.len() != count || batch.spans.len() != 3 * count {
+            return Err(Cause::BadOutput(format!(
+                "alert batch has {count} statuses, {} severities and {} spans (3 per alert)",
+                batch.severity.len(),
+                batch.spans.len()
+            )));
+        }
+        for &bits in &batch.spans {
+            let (start, end) = span(bits);
+            if !(start <= end
+                && batch.text.is_char_boundary(start)
+                && batch.text.is_char_boundary(end))
+            {
+                return Err(Cause::BadOutput(format!(
+                    "alert batch span {start}..{end} is not within its {}-byte text",
+                    batch.text.len()
+                )));
+            }
+        }
+        Ok(Alerts { batch })
     }
 
     pub fn len(&self) -> usize {
-        self.alerts.len()
+        self.batch.status.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.alerts.is_empty()
+        self.batch.status.is_empty()
     }
 
     pub fn get(&self, index: usize) -> Option<Alert<'_>> {
-        let alert = self.alerts.get(index)?;
+        let batch = &self.batch;
+        let text = |n: usize| {
+            let (start, end) = span(batch.spans[3 * index + n]);
+            &batch.text[start..end]
+        };
         Some(Alert {
-            key: &alert.key,
-            status: alert.status,
-            severity: alert.severity,
-            title: &alert.title,
-            detail: match alert.detail.as_str() {
-                "" => "{}",
-                detail => detail,
-            },
+            status: *batch.status.get(index)?,
+            severity: batch.severity[index],
+            key: text(0),
+            title: text(1),
+            detail: text(2),
         })
     }
 
@@ -72,23 +90,32 @@ impl Alerts {
     }
 }
 
+/// A span's byte range: `offset << 32 | length`.
+fn span(bits: u64) -> (usize, usize) {
+    let start = (bits >> 32) as usize;
+    (start, start + (bits & 0xffff_ffff) as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn alert(key: &str, title: &str, detail: &str) -> bindings::Alert {
-        bindings::Alert {
-            key: key.to_owned(),
-            status: AlertStatus::Firing,
-            severity: Severity::Info,
-            title: title.to_owned(),
-            detail: detail.to_owned(),
+    fn batch(spans: Vec<u64>, text: &str) -> AlertBatch {
+        AlertBatch {
+            status: vec![AlertStatus::Firing],
+            severity: vec![Severity::Info],
+            spans,
+            text: text.to_owned(),
         }
     }
 
     #[test]
-    fn reads_each_alert_and_an_empty_detail_as_an_empty_object() {
-        let alerts = Alerts::check(vec![alert("k1", "title", "")], &Limits::default()).unwrap();
+    fn reads_each_alert_from_its_spans() {
+        let alerts = Alerts::check(
+            batch(vec![2, (2 << 32) | 5, (7 << 32) | 2], "k1title{}"),
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(alerts.len(), 1);
         let alert = alerts.get(0).unwrap();
         assert_eq!(
@@ -100,18 +127,32 @@ mod tests {
     }
 
     #[test]
+    fn refuses_spans_outside_the_text_or_inside_a_character() {
+        let err =
+            Alerts::check(batch(vec![2, 2, (1 << 32) | 9], "k1"), &Limits::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "returned malformed output: alert batch span 1..10 is not within its 2-byte text"
+        );
+        let err = Alerts::check(batch(vec![1, 0, 0], "é"), &Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("span 0..1"), "{err}");
+        let err = Alerts::check(batch(vec![0, 0], ""), &Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("3 per alert"), "{err}");
+    }
+
+    #[test]
     fn bounds_count_and_bytes() {
         let limits = Limits {
             max_alerts: 0,
             ..Limits::default()
         };
-        let err = Alerts::check(vec![alert("", "", "")], &limits).unwrap_err();
+        let err = Alerts::check(batch(vec![0, 0, 0], ""), &limits).unwrap_err();
         assert_eq!(err.to_string(), "produced too much alerts (limit 0)");
         let limits = Limits {
             max_alert_bytes: 3,
             ..Limits::default()
         };
-        let err = Alerts::check(vec![alert("ab", "cd", "")], &limits).unwrap_err();
+        let err = Alerts::check(batch(vec![0, 0, 0], "abcd"), &limits).unwrap_err();
         assert_eq!(err.to_string(), "produced too much alert bytes (limit 3)");
     }
 }

@@ -25,7 +25,7 @@ use wasmtime::{
 
 pub use alerts::{Alert, Alerts};
 pub use bindings::{
-    AlertStatus, Condition, EventBatch, EventTime, Manifest, Outcome, Scalar, Severity,
+    AlertBatch, AlertStatus, Condition, EventBatch, EventTime, Manifest, Outcome, Scalar, Severity,
     StateChange, Test, TimerChange, ValueKind,
 };
 pub use error::{Cause, Output, RuleError};

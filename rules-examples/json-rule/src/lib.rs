@@ -335,60 +335,63 @@ impl Rule for JsonRule {
             let was = partition.holds;
             let count = update(params.evaluate.having.as_ref(), partition, &event);
             let holds = partition.holds;
-            let value = partition.last.clone();
             let severity = Severity::from(params.severity);
-            let describe = || describe(params, count, value.as_deref());
+            // The latest value, for the words of an alert: read only when
+            // one is raised.
+            let value = |state: &State| state.partitions[key.as_str()].last.clone();
+            let describe = |value: &Option<String>| describe(params, count, value.as_deref());
             match (params.evaluate.quantifier, params.alert) {
                 (Quantifier::Any, AlertOn::Transition) if holds != was => {
+                    let value = value(state);
                     let alert_key = alert_key(&params.partition_by, &key);
-                    let title = format!("{}: {}", subject(params, &key), describe());
+                    let title = format!("{}: {}", subject(params, &key), describe(&value));
                     let alert = if holds {
                         Alert::firing(alert_key, title)
                     } else {
                         Alert::resolved(alert_key, title)
                     };
-                    ctx.emit(detail(
-                        alert.severity(severity),
-                        &key,
-                        &value,
-                        count,
-                        &event,
-                    ));
+                    let alert = alert.severity(severity);
+                    ctx.emit(detail(alert, &key, &value, count, &event));
                 }
                 (Quantifier::Any, AlertOn::Every) if holds => {
+                    let value = value(state);
                     state.raised += 1;
                     let alert_key =
                         format!("{}#{}", alert_key(&params.partition_by, &key), state.raised);
-                    let title = format!("{}: {}", subject(params, &key), describe());
+                    let title = format!("{}: {}", subject(params, &key), describe(&value));
                     let alert = Alert::firing(alert_key, title).severity(severity);
                     ctx.emit(detail(alert, &key, &value, count, &event));
                 }
                 (Quantifier::All, mode) => {
-                    let all = state.partitions.values().all(|p| p.holds);
+                    // Only this partition changed: the others still hold
+                    // as they did, so the check is over every partition
+                    // only when this one holds.
+                    let all = holds && state.partitions.values().all(|p| p.holds);
                     let n = state.partitions.len();
-                    let everywhere = || format!("all {n} {}: {}", plural(params, n), describe());
-                    match mode {
-                        AlertOn::Transition if all != state.all_firing => {
-                            state.all_firing = all;
-                            let alert = if all {
-                                Alert::firing("all", everywhere())
-                            } else {
-                                let title = format!("{}: {}", subject(params, &key), describe());
+                    let everywhere = |value: &Option<String>| {
+                        format!("all {n} {}: {}", plural(params, n), describe(value))
+                    };
+                    let raise = match mode {
+                        AlertOn::Transition => all != state.all_firing,
+                        AlertOn::Every => all,
+                    };
+                    if raise {
+                        let value = value(state);
+                        let alert = match mode {
+                            AlertOn::Transition if all => Alert::firing("all", everywhere(&value)),
+                            AlertOn::Transition => {
+                                let title =
+                                    format!("{}: {}", subject(params, &key), describe(&value));
                                 Alert::resolved("all", title)
-                            };
-                            let alert =
-                                detail(alert.severity(severity), &key, &value, count, &event);
-                            ctx.emit(alert.field("partitions", n));
-                        }
-                        AlertOn::Every if all => {
-                            state.raised += 1;
-                            let alert =
-                                Alert::firing(format!("all#{}", state.raised), everywhere());
-                            let alert =
-                                detail(alert.severity(severity), &key, &value, count, &event);
-                            ctx.emit(alert.field("partitions", n));
-                        }
-                        _ => {}
+                            }
+                            AlertOn::Every => {
+                                state.raised += 1;
+                                Alert::firing(format!("all#{}", state.raised), everywhere(&value))
+                            }
+                        };
+                        state.all_firing = all;
+                        let alert = detail(alert.severity(severity), &key, &value, count, &event);
+                        ctx.emit(alert.field("partitions", n));
                     }
                 }
                 _ => {}
@@ -422,11 +425,15 @@ fn update(having: Option<&Having>, partition: &mut Partition, event: &Event<'_>)
         return 0;
     };
     let field = having.property().map(|p| event.get(p));
-    let value = field.and_then(text);
     match having {
         Having::Latest { equals, .. } => {
-            partition.holds = field.is_some_and(|f| equals.matches(f));
-            partition.last = value;
+            let field = field.unwrap_or(Field::Absent);
+            partition.holds = equals.matches(field);
+            if field == Field::Absent {
+                partition.last = None;
+            } else {
+                remember(&mut partition.last, field);
+            }
             return 0;
         }
         Having::Count { equals, .. } => {
@@ -437,17 +444,19 @@ fn update(having: Option<&Having>, partition: &mut Partition, event: &Event<'_>)
             if counted {
                 partition.times.push(at);
             }
-            if value.is_some() {
-                partition.last = value;
+            if let Some(field) = field {
+                remember(&mut partition.last, field);
             }
         }
         Having::Changes { .. } => {
-            // An event without the property changes nothing.
-            if let Some(value) = value {
-                if partition.last.as_ref().is_some_and(|last| *last != value) {
-                    partition.times.push(at);
-                }
-                partition.last = Some(value);
+            // The first value is not a change; an event without the
+            // property changes nothing.
+            let had = partition.last.is_some();
+            if let Some(field) = field
+                && remember(&mut partition.last, field)
+                && had
+            {
+                partition.times.push(at);
             }
         }
     }
@@ -460,6 +469,25 @@ fn update(having: Option<&Having>, partition: &mut Partition, event: &Event<'_>)
     };
     partition.holds = partition.times.len() >= threshold as usize;
     partition.times.len()
+}
+
+/// Keep `field` as the latest value; whether it differs from the one kept
+/// before. An absent field keeps the old one. A string equal to the kept one
+/// allocates nothing.
+fn remember(last: &mut Option<String>, field: Field<'_>) -> bool {
+    if let (Some(kept), Field::Str(s)) = (last.as_deref(), field)
+        && kept == s
+    {
+        return false;
+    }
+    let Some(value) = text(field) else {
+        return false;
+    };
+    if last.as_deref() == Some(value.as_str()) {
+        return false;
+    }
+    *last = Some(value);
+    true
 }
 
 /// A field's value as text: strings as they are, anything else as JSON.
