@@ -509,3 +509,37 @@ fn json_rule_parameters_are_checked_at_load() {
         "{error}"
     );
 }
+
+#[test]
+fn a_rule_written_from_the_wit_alone_runs_as_the_sdk_one() {
+    let runtime = runtime();
+    let sdk = load(&runtime, "client-02", components::ANY_MACHINE_STOPPED);
+    let plain = load(&runtime, "client-02", components::PLAIN_WIT);
+    assert_eq!(plain.label(), "plain-wit@1.0.0");
+    let expected = seed_alerts(&sdk, "client-02");
+    assert!(!expected.is_empty());
+    assert_eq!(seed_alerts(&plain, "client-02"), expected);
+
+    let stopped = [
+        json!({"eventType": "machineStatusChange", "clientId": "client-02",
+                          "machineId": "m1", "state": "stopped"})
+        .to_string(),
+    ];
+    let alerts = run_once(&plain, &stopped, NOW).unwrap();
+    assert_eq!(
+        alerts,
+        [("stopped".to_owned(), json!({}))],
+        "an empty detail is {{}}"
+    );
+    let error = load_with(
+        &runtime,
+        "client-02",
+        components::PLAIN_WIT,
+        &params(json!({"x": 1})),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.cause,
+        Cause::BadParams("this rule takes no parameters".into())
+    );
+}

@@ -81,7 +81,11 @@ impl Alerts {
             severity: batch.severity[index],
             key: text(0),
             title: text(1),
-            detail: text(2),
+            // An empty detail is `{}`, as the contract says.
+            detail: match text(2) {
+                "" => "{}",
+                detail => detail,
+            },
         })
     }
 
@@ -124,6 +128,13 @@ mod tests {
         );
         assert_eq!(alerts.iter().count(), 1);
         assert!(alerts.get(1).is_none());
+    }
+
+    #[test]
+    fn an_empty_detail_reads_as_an_empty_object() {
+        let alerts =
+            Alerts::check(batch(vec![2, 2 << 32, 2 << 32], "k1"), &Limits::default()).unwrap();
+        assert_eq!(alerts.get(0).unwrap().detail, "{}");
     }
 
     #[test]
