@@ -339,6 +339,14 @@ impl AlertStream {
                     if self.last.is_some_and(|last| alert.seq.unwrap_or(0) <= last) {
                         continue;
                     }
+                    // Alerts are published after their commit is answered:
+                    // one committed before a live-only subscriber arrived
+                    // can still come by live. It is history, not news.
+                    if let (None, Some(since), Some(seq)) = (self.last, self.since, alert.seq)
+                        && seq <= since
+                    {
+                        continue;
+                    }
                     return Some((Ok(self.event(&alert)), self));
                 }
                 Ok(_) => continue,
