@@ -125,6 +125,10 @@ pub struct Lane {
     overlay: Mutex<Overlay>,
     /// A publish failed: the outbox holds alerts older than the next batch's.
     behind: AtomicBool,
+    /// The highest `seq` the last flush published. A batch committed while
+    /// the flush read the outbox was published by it: its own publish skips
+    /// those alerts rather than send them twice.
+    flushed: AtomicU64,
 }
 
 /// States computed by batches of the lane not yet committed.
@@ -145,6 +149,7 @@ impl Lane {
             partition: partition.to_owned(),
             overlay: Mutex::default(),
             behind: AtomicBool::new(true),
+            flushed: AtomicU64::new(0),
         }
     }
 
@@ -614,12 +619,16 @@ impl Engine {
     /// still holds). A failure only delays them: they stay in the outbox,
     /// and the lane's next batch publishes them first.
     pub async fn publish(&self, lane: &Lane, committed: &mut Committed) {
-        let Some(outbox) = committed.outbox.take() else {
+        let Some(mut outbox) = committed.outbox.take() else {
             return;
         };
         let published = if lane.behind.load(Ordering::Relaxed) {
             self.flush(lane).await
         } else {
+            let flushed = lane.flushed.load(Ordering::Relaxed);
+            outbox
+                .alerts
+                .retain(|a| a.seq.is_none_or(|seq| seq > flushed));
             let sent = self.send(outbox).await;
             if sent.is_err() {
                 lane.behind.store(true, Ordering::Relaxed);
@@ -646,7 +655,11 @@ impl Engine {
         if !outbox.alerts.is_empty() {
             tracing::info!(partition = %lane.partition, alerts = outbox.alerts.len(), "publishing the outbox");
         }
+        let newest = outbox.alerts.iter().filter_map(|a| a.seq).max();
         self.send(outbox).await?;
+        if let Some(newest) = newest {
+            lane.flushed.fetch_max(newest, Ordering::Relaxed);
+        }
         lane.behind.store(false, Ordering::Relaxed);
         Ok(())
     }
