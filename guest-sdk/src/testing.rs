@@ -156,11 +156,6 @@ impl<R: Rule> Harness<R> {
         Some(state::decode(Some(bytes)).expect("the harness stored what the rule encoded"))
     }
 
-    /// The bucket's stored state as the host stores it.
-    pub fn state_bytes(&self, bucket: &str) -> Option<&[u8]> {
-        self.states.get(bucket).map(Vec::as_slice)
-    }
-
     /// The bucket's pending timer.
     pub fn timer(&self, bucket: &str) -> Option<i64> {
         self.timers.get(bucket).copied()

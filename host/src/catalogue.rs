@@ -15,14 +15,24 @@ pub trait Catalogue: Send + Sync {
 }
 
 /// One rule component assigned to one tenant: under a name, with
-/// parameters. A tenant may run one component under several names.
-#[derive(Debug, Clone, PartialEq)]
+/// parameters. A tenant may run one component under several names. The
+/// config file's `[[rules]]` tables and `--rule` both give these.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Assignment {
+    /// The tenant, as its events name it in the tenant field.
     pub tenant: String,
+    /// The component file; in a config file, relative paths are relative to
+    /// the file.
     pub path: PathBuf,
-    /// The rule's name for the tenant; default: the manifest's name.
+    /// The name the tenant runs the rule under (default: the manifest's):
+    /// buckets and alerts are filed by it, so one component can run twice
+    /// for a tenant under two names.
+    #[serde(default)]
     pub name: Option<String>,
-    /// The rule's parameters (a JSON value); default: none.
+    /// The rule's parameters, handed to it as JSON (default: none, the
+    /// rule's own defaults).
+    #[serde(default)]
     pub params: Option<serde_json::Value>,
 }
 

@@ -144,7 +144,8 @@ macro_rules! try_from_string {
 }
 try_from_string!(Source, StateBackend, AlertsBackend);
 
-/// One rule component run for one tenant:
+/// One `[[rules]]` table: a rule component run for one tenant, the same
+/// assignment `--rule` gives.
 ///
 /// ```toml
 /// [[rules]]
@@ -153,44 +154,7 @@ try_from_string!(Source, StateBackend, AlertsBackend);
 /// name = "big-moves"               # default: the rule's own name
 /// params = { threshold_pct = 5 }   # default: the rule's defaults
 /// ```
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleEntry {
-    /// The tenant, as its events name it in the tenant field.
-    pub tenant: String,
-    /// The component file; relative paths are relative to the config file.
-    pub path: PathBuf,
-    /// The name the tenant runs the rule under: buckets and alerts are filed
-    /// by it, so one component can run twice for a tenant under two names.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The rule's parameters, handed to it as JSON.
-    #[serde(default)]
-    pub params: Option<serde_json::Value>,
-}
-
-impl RuleEntry {
-    /// `path` for `tenant`, under the rule's own name, with its defaults.
-    pub fn new(tenant: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        RuleEntry {
-            tenant: tenant.into(),
-            path: path.into(),
-            name: None,
-            params: None,
-        }
-    }
-}
-
-impl From<Assignment> for RuleEntry {
-    fn from(a: Assignment) -> Self {
-        RuleEntry {
-            tenant: a.tenant,
-            path: a.path,
-            name: a.name,
-            params: a.params,
-        }
-    }
-}
+pub type RuleEntry = Assignment;
 
 impl Default for Config {
     fn default() -> Self {
@@ -271,19 +235,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// The rules as catalogue assignments.
-    pub fn assignments(&self) -> Vec<Assignment> {
-        self.rules
-            .iter()
-            .map(|r| Assignment {
-                tenant: r.tenant.clone(),
-                path: r.path.clone(),
-                name: r.name.clone(),
-                params: r.params.clone(),
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -302,8 +253,7 @@ mod tests {
             rule.params,
             Some(serde_json::json!({"threshold_pct": 5, "tickers": ["AMZN"]}))
         );
-        let assignment = &config.assignments()[0];
-        assert_eq!(assignment.settings().name.as_deref(), Some("big-moves"));
+        assert_eq!(rule.settings().name.as_deref(), Some("big-moves"));
 
         let error =
             Config::from_toml("[[rules]]\ntenant = \"c\"\npath = \"p.wasm\"\nparameters = {}\n")

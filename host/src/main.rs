@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use std::sync::Arc;
 
 use tocsin::clock::{Clock, ManualClock, SystemClock};
-use tocsin::config::{AlertsBackend, Config, RuleEntry, Source, StateBackend};
+use tocsin::config::{AlertsBackend, Config, Source, StateBackend};
 use tocsin::event::DEFAULT_TENANT_FIELD;
 mod cli;
 
@@ -342,9 +342,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
-    config
-        .rules
-        .extend(args.rules.into_iter().map(RuleEntry::from));
+    config.rules.extend(args.rules);
     args.backends.apply(&mut config);
     config.validate().map_err(anyhow::Error::msg)?;
     if config.rules.is_empty() {
@@ -361,9 +359,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    config
-        .rules
-        .extend(args.rules.into_iter().map(RuleEntry::from));
+    config.rules.extend(args.rules);
     if config.rules.is_empty() {
         bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
     }

@@ -40,7 +40,7 @@ pub async fn load_catalogue(config: &Config) -> anyhow::Result<Arc<StaticCatalog
         metering: Metering::Enforced,
         ..RuntimeConfig::default()
     })?;
-    let assignments = config.assignments();
+    let assignments = config.rules.clone();
     let catalogue = tokio::task::spawn_blocking(move || {
         let catalogue = StaticCatalogue::load(&runtime, &assignments);
         (runtime, catalogue)

@@ -231,6 +231,16 @@ impl Having {
         }
     }
 
+    /// What `count` and `changes` must reach (`latest` counts nothing).
+    fn threshold(&self) -> usize {
+        match self {
+            Having::Latest { .. } => 0,
+            Having::Count { threshold, .. } | Having::Changes { threshold, .. } => {
+                threshold.get() as usize
+            }
+        }
+    }
+
     fn window_ms(&self) -> i64 {
         self.window()
             .map_or(0, |w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX))
@@ -463,11 +473,7 @@ fn update(having: Option<&Having>, partition: &mut Partition, event: &Event<'_>)
     let newest = partition.times.iter().copied().max().unwrap_or(at);
     let since = newest.saturating_sub(having.window_ms());
     partition.times.retain(|&t| t >= since);
-    let threshold = match having {
-        Having::Count { threshold, .. } | Having::Changes { threshold, .. } => threshold.get(),
-        Having::Latest { .. } => unreachable!("returned above"),
-    };
-    partition.holds = partition.times.len() >= threshold as usize;
+    partition.holds = partition.times.len() >= having.threshold();
     partition.times.len()
 }
 
