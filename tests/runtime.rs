@@ -410,3 +410,62 @@ fn a_replayed_batch_skips_what_each_bucket_already_applied() {
     // Everything applied: the bucket is not called at all.
     assert!(keys(Some("4")).is_empty());
 }
+
+/// More rules than the pool has instance slots: each rule gets an instance
+/// when called, the least recently used idle ones make room, and idle ones
+/// are dropped; every rule keeps answering.
+#[test]
+fn rules_outnumbering_the_instance_pool_all_run_and_idle_instances_are_dropped() {
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 4,
+        cache_dir: None,
+        // The sweeper stays out of the way: the test drops them itself.
+        idle_instance: std::time::Duration::from_secs(3600),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let wasm = std::fs::read(components::TEST_EVENT).unwrap();
+    let rules: Vec<LoadedRule> = (0..12)
+        .map(|t| {
+            runtime
+                .load(&format!("tenant-{t}"), "test-event", &wasm)
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        runtime.live_instances() <= 4,
+        "{}",
+        runtime.live_instances()
+    );
+    let event = Incoming::parse(
+        r#"{"eventType":"test-event","clientId":"t"}"#,
+        "clientId",
+        0,
+    )
+    .unwrap();
+    for round in 0..2 {
+        for rule in &rules {
+            let run =
+                pipeline::run_rule(rule, &[&event], 0, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
+            let alerts = &run.buckets[0].result.as_ref().unwrap().alerts;
+            assert_eq!(alerts.len(), 1, "round {round}, {}", rule.tenant());
+            assert!(runtime.live_instances() <= 4);
+        }
+    }
+    assert_eq!(
+        runtime.drop_idle_instances(std::time::Duration::from_secs(60)),
+        0,
+        "none idle that long"
+    );
+    assert!(runtime.drop_idle_instances(std::time::Duration::ZERO) > 0);
+    assert_eq!(runtime.live_instances(), 0);
+    assert!(rules.iter().all(|r| !r.is_live()));
+    let run =
+        pipeline::run_rule(&rules[0], &[&event], 0, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
+    assert_eq!(
+        run.buckets[0].result.as_ref().unwrap().alerts.len(),
+        1,
+        "started again"
+    );
+    assert_eq!(runtime.live_instances(), 1);
+}

@@ -344,6 +344,8 @@ fn the_example_config_parses_and_unknown_keys_are_refused() {
     assert_eq!(config.listen.to_string(), "127.0.0.1:7878");
     assert_eq!(config.rules.len(), 4);
     assert_eq!(config.limits, tocsin::runtime::Limits::default());
+    assert_eq!(config.quotas, tocsin::registry::quota::Quotas::default());
+    assert_eq!(config.operator_token, None);
     let flapping = &config.rules[3];
     assert_eq!(flapping.name.as_deref(), Some("any-machine-flapping"));
     assert_eq!(
@@ -393,6 +395,33 @@ async fn tocsin_simulate_drives_a_running_host() {
     assert!(
         client_02.iter().any(|a| a["status"] == "resolved"),
         "{client_02:?}"
+    );
+    server.stop().await.unwrap();
+}
+
+/// The call deadline holds in the service, not only in the sandbox's own
+/// tests: a rule looping with fuel to spare (a tenant granted plenty) is
+/// stopped by the wall clock. The service used to drop its runtime after
+/// loading the rules, which stopped the clock that advances deadlines.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_looping_rule_with_fuel_to_spare_is_stopped_by_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.limits.fuel_per_call = u64::MAX / 4;
+    config.limits.deadline_ms = 50;
+    config
+        .rules
+        .push(RuleEntry::new("client-04", support::components::HOSTILE));
+    let server = Server::start(config, Arc::new(ManualClock::new(1_000)))
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr());
+    let (status, answer) = post(&base, r#"{"clientId":"client-04","attack":"loop"}"#, None).await;
+    assert_eq!(status, 200);
+    let error = answer["rejected"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("exceeded the deadline of 50ms per call"),
+        "{answer}"
     );
     server.stop().await.unwrap();
 }

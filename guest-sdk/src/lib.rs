@@ -25,6 +25,7 @@ pub use event::{Event, Events, Field};
 pub use manifest::{Literal, Manifest};
 pub use params::{duration, format_duration};
 pub use serde_json::json;
+pub use state::OldState;
 
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -77,6 +78,41 @@ pub trait Rule {
     ) -> Result<(), Error> {
         let _ = (params, state, ctx);
         Ok(())
+    }
+
+    /// Read a state an earlier version stored under an older
+    /// [`state_schema`](Manifest::state_schema) (only called when the
+    /// manifest's schema is newer and it does not declare
+    /// [`reset_older_state`](Manifest::reset_older_state)). The default
+    /// refuses: the host keeps the bucket's state and rejects its events
+    /// with an error naming both versions, until a version that can read
+    /// it is active.
+    ///
+    /// ```
+    /// # use tocsin_rule::{Context, Error, Events, Manifest, OldState, Rule};
+    /// # struct Counter;
+    /// #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// struct State { count: u64, last: String }
+    ///
+    /// impl Rule for Counter {
+    ///     type Params = ();
+    ///     type State = State;
+    ///     fn manifest((): &()) -> Manifest {
+    ///         Manifest::new("counter", "2.0.0").state_schema(2)
+    ///     }
+    ///     fn upgrade_state((): &(), old: OldState<'_>) -> Result<State, String> {
+    ///         // Schema 1 stored the count alone.
+    ///         Ok(State { count: old.decode::<u64>()?, last: String::new() })
+    ///     }
+    /// #   fn evaluate((): &(), _: &mut State, _: Events<'_>, _: &mut Context<'_>) -> Result<(), Error> { Ok(()) }
+    /// }
+    /// ```
+    fn upgrade_state(params: &Self::Params, old: OldState<'_>) -> Result<Self::State, String> {
+        let _ = params;
+        Err(format!(
+            "this version does not upgrade states of schema {}",
+            old.schema()
+        ))
     }
 }
 
@@ -222,12 +258,18 @@ pub mod __private {
     pub struct Prepared<R: Rule> {
         params: R::Params,
         fields: Vec<String>,
+        codec: state::Codec,
         default_state: Vec<u8>,
     }
 
     impl<R: Rule> Prepared<R> {
         pub fn params(&self) -> &R::Params {
             &self.params
+        }
+
+        pub(crate) fn decode_state(&self, stored: Option<&[u8]>) -> Result<R::State, String> {
+            self.codec
+                .decode(stored, |old| R::upgrade_state(&self.params, old))
         }
     }
 
@@ -259,10 +301,14 @@ pub mod __private {
     /// [`prepare`] from parameters already read.
     pub fn prepared<R: Rule>(params: R::Params) -> (Prepared<R>, crate::Manifest) {
         let manifest = R::manifest(&params);
+        let codec = manifest.state_codec();
         let prepared = Prepared {
             params,
             fields: manifest.field_names().to_vec(),
-            default_state: state::encode(&R::State::default()).expect("the default state encodes"),
+            default_state: codec
+                .encode(&R::State::default())
+                .expect("the default state encodes"),
+            codec,
         };
         (prepared, manifest)
     }
@@ -279,7 +325,9 @@ pub mod __private {
         batch: &abi::EventBatch,
         now: i64,
     ) -> Result<abi::Outcome, abi::RuleError> {
-        let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
+        let mut state = prepared
+            .decode_state(stored)
+            .map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
         let events = Events::new(batch, &prepared.fields).map_err(abi::RuleError::Failed)?;
         R::evaluate(&prepared.params, &mut state, events, &mut ctx).map_err(|e| e.into_abi())?;
@@ -292,7 +340,9 @@ pub mod __private {
         stored: Option<&[u8]>,
         now: i64,
     ) -> Result<abi::Outcome, abi::RuleError> {
-        let mut state: R::State = state::decode(stored).map_err(abi::RuleError::BadState)?;
+        let mut state = prepared
+            .decode_state(stored)
+            .map_err(abi::RuleError::BadState)?;
         let mut ctx = Context::new(bucket, now);
         R::on_timer(&prepared.params, &mut state, &mut ctx).map_err(|e| e.into_abi())?;
         finish(prepared, &state, stored, ctx)
@@ -307,7 +357,10 @@ pub mod __private {
         let change = if ctx.deletes() {
             deletion(stored)
         } else {
-            let bytes = state::encode(state).map_err(abi::RuleError::Failed)?;
+            let bytes = prepared
+                .codec
+                .encode(state)
+                .map_err(abi::RuleError::Failed)?;
             if Some(bytes.as_slice()) == stored {
                 abi::StateChange::Unchanged
             } else if bytes == prepared.default_state {

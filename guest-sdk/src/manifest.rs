@@ -19,6 +19,9 @@ use crate::abi;
 #[derive(Clone, Debug)]
 pub struct Manifest {
     inner: abi::Manifest,
+    /// Guest-side only: how this version's state relates to older ones'.
+    state_schema: u32,
+    reset_older_state: bool,
 }
 
 /// A literal compared with an event field by the host's filter.
@@ -76,6 +79,35 @@ impl Manifest {
                 event_time: abi::EventTime::Arrival,
                 state_ttl_ms: None,
             },
+            state_schema: 1,
+            reset_older_state: false,
+        }
+    }
+
+    /// The schema of the rule's `State` (default 1). Raise it when a new
+    /// version changes `State` so that what older versions stored no longer
+    /// decodes: the new version then reads older states through
+    /// [`Rule::upgrade_state`](crate::Rule::upgrade_state), or starts
+    /// afresh if it declares [`reset_older_state`](Self::reset_older_state).
+    /// A state it cannot read is an error naming both versions, never a
+    /// silent reset.
+    pub fn state_schema(mut self, schema: u32) -> Self {
+        self.state_schema = schema.max(1);
+        self
+    }
+
+    /// Buckets holding a state of an older schema start from the default
+    /// state instead of being upgraded.
+    pub fn reset_older_state(mut self) -> Self {
+        self.reset_older_state = true;
+        self
+    }
+
+    pub(crate) fn state_codec(&self) -> crate::state::Codec {
+        crate::state::Codec {
+            label: format!("{}@{}", self.inner.name, self.inner.version),
+            schema: self.state_schema,
+            reset_older: self.reset_older_state,
         }
     }
 

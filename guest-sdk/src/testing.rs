@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 
 pub use crate::abi;
 use crate::event::{kind, push_span};
-use crate::{__private, Alert, Manifest, Rule, state};
+use crate::{__private, Alert, Manifest, Rule};
 
 /// A failed call, as the host would see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -153,7 +153,11 @@ impl<R: Rule> Harness<R> {
     /// The bucket's stored state, decoded; `None` if nothing is stored.
     pub fn state(&self, bucket: &str) -> Option<R::State> {
         let bytes = self.states.get(bucket)?;
-        Some(state::decode(Some(bytes)).expect("the harness stored what the rule encoded"))
+        Some(
+            self.prepared
+                .decode_state(Some(bytes))
+                .expect("the harness stored what the rule encoded"),
+        )
     }
 
     /// The bucket's pending timer.

@@ -1,10 +1,11 @@
-//! Which rules each tenant runs. The pipeline asks a [`Catalogue`]; today
-//! rules come from the config file and `--rule` flags ([`StaticCatalogue`]),
-//! later from a registry that activates new versions while running.
+//! Which rules each tenant runs. The pipeline asks a [`Catalogue`]. Rules
+//! come from the config file and `--rule` flags ([`StaticCatalogue`]) and,
+//! in the service, from the rule registry, whose active versions the
+//! [`LiveCatalogue`] swaps in while running.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::runtime::{Compiled, LoadedRule, RuleError, RuleSettings, Runtime};
 
@@ -168,6 +169,66 @@ impl StaticCatalogue {
 impl Catalogue for StaticCatalogue {
     fn rules(&self, tenant: &str) -> Option<Arc<[Arc<LoadedRule>]>> {
         self.by_tenant.get(tenant).cloned()
+    }
+}
+
+/// The config's rules and the registry's active versions. A caller gets a
+/// tenant's rules as one snapshot: a batch runs on exactly one version of
+/// each rule however the registry changes meanwhile.
+pub struct LiveCatalogue {
+    fixed: StaticCatalogue,
+    merged: RwLock<HashMap<String, Arc<[Arc<LoadedRule>]>>>,
+}
+
+impl LiveCatalogue {
+    pub fn new(fixed: StaticCatalogue) -> Self {
+        let merged = fixed.by_tenant.clone();
+        LiveCatalogue {
+            fixed,
+            merged: RwLock::new(merged),
+        }
+    }
+
+    /// The rules `tenant` runs from the host's config.
+    pub fn fixed(&self, tenant: &str) -> Arc<[Arc<LoadedRule>]> {
+        self.fixed.rules(tenant).unwrap_or_else(|| Arc::new([]))
+    }
+
+    /// Replace `tenant`'s registered rules (the registry's active
+    /// versions); batches that start from now on run them.
+    pub fn set_registered(&self, tenant: &str, mut rules: Vec<Arc<LoadedRule>>) {
+        rules.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut all: Vec<Arc<LoadedRule>> = self.fixed(tenant).to_vec();
+        all.extend(rules);
+        let mut merged = self.merged.write().expect("merged lock");
+        if all.is_empty() {
+            merged.remove(tenant);
+        } else {
+            merged.insert(tenant.to_owned(), all.into());
+        }
+    }
+
+    pub fn tenants(&self) -> usize {
+        self.merged.read().expect("merged lock").len()
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.merged
+            .read()
+            .expect("merged lock")
+            .values()
+            .map(|r| r.len())
+            .sum()
+    }
+}
+
+impl Catalogue for LiveCatalogue {
+    fn rules(&self, tenant: &str) -> Option<Arc<[Arc<LoadedRule>]>> {
+        self.merged
+            .read()
+            .expect("merged lock")
+            .get(tenant)
+            .cloned()
     }
 }
 

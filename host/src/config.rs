@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::catalogue::Assignment;
 use crate::event::DEFAULT_TENANT_FIELD;
+use crate::registry::quota::Quotas;
 use crate::runtime::Limits;
 
 /// Loopback only: exposing the API is a deliberate choice.
@@ -58,6 +59,14 @@ pub struct Config {
     pub lease_ms: u64,
     /// Rules per tenant.
     pub rules: Vec<RuleEntry>,
+    /// The operator's bearer token (also `TOCSIN_OPERATOR_TOKEN`, which
+    /// wins): it may do everything, including issuing tenant tokens.
+    /// Without one the host serves only on a loopback address.
+    pub operator_token: Option<String>,
+    /// Quotas of every tenant the operator set none for.
+    pub quotas: Quotas,
+    /// A rule instance unused for this many seconds gives its memory back.
+    pub idle_instance_secs: u64,
 }
 
 /// Where events come from.
@@ -171,6 +180,9 @@ impl Default for Config {
             alerts: AlertsBackend::File,
             lease_ms: DEFAULT_LEASE_MS,
             rules: Vec::new(),
+            operator_token: None,
+            quotas: Quotas::default(),
+            idle_instance_secs: crate::runtime::DEFAULT_IDLE_INSTANCE.as_secs(),
         }
     }
 }
@@ -232,6 +244,27 @@ impl Config {
         }
         if self.lease_ms < 1_000 {
             return Err("lease_ms must be at least 1000: renewals run every 500 ms".to_owned());
+        }
+        if let Some(token) = &self.operator_token
+            && token.len() < crate::registry::auth::MIN_OPERATOR_TOKEN
+        {
+            return Err(format!(
+                "the operator token must be at least {} characters (for example `openssl rand -hex 32`)",
+                crate::registry::auth::MIN_OPERATOR_TOKEN
+            ));
+        }
+        self.quotas.validate().map_err(|e| format!("quotas: {e}"))?;
+        Ok(())
+    }
+
+    /// Refuse to serve beyond loopback without an operator token: the API
+    /// would let anyone act as the operator.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.operator_token.is_none() && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "refusing to listen on {} without an operator token: set TOCSIN_OPERATOR_TOKEN (or `operator_token` in the config), or listen on a loopback address such as 127.0.0.1",
+                self.listen
+            ));
         }
         Ok(())
     }

@@ -2,8 +2,10 @@
 //! WebAssembly components run in a sandbox ([`runtime`]). Every deployment
 //! runs one [`engine`]: a [`source`] hands it batches of [`event`]s, it
 //! routes them into per-rule buckets, runs the rules, commits to a
-//! [`store`] and publishes [`alert`]s to a [`sink`]. [`serve`] wires the
-//! backends a [`config`] names, with the HTTP [`api`] in front.
+//! [`store`] and publishes [`alert`]s to a [`sink`]. Which rules run comes
+//! from the [`catalogue`]: the config's, and the [`registry`]'s uploaded
+//! versions, which every host follows. [`serve`] wires the backends a
+//! [`config`] names, with the HTTP [`api`] in front.
 //!
 //! This is what a host embeds and what the tests drive. The `tocsin`
 //! command's own work (demo, bench, simulate, rule test) lives in the
@@ -18,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod event;
+pub mod registry;
 pub mod runtime;
 pub mod serve;
 pub mod sink;

@@ -25,6 +25,9 @@ use tocsin::serve::Server;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The sandbox's instance pool in `tocsin bench`: the service's default.
+const DEFAULT_BENCH_INSTANCES: u32 = tocsin::config::DEFAULT_MAX_INSTANCES;
+
 #[derive(Parser)]
 #[command(
     name = "tocsin",
@@ -48,9 +51,12 @@ enum Command {
     Replay(ReplayArgs),
     /// Load-test the embedded service end to end and print figures.
     Bench(BenchArgs),
-    /// Work with rule components.
+    /// Work with rule components: test, inspect and scaffold them; upload and manage them on a host.
     #[command(subcommand)]
     Rule(RuleCommand),
+    /// Manage a host's tenants: tokens (operator).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
     /// Set up the AWS resources of the distributed engine.
     #[command(subcommand)]
     Aws(AwsCommand),
@@ -178,6 +184,9 @@ struct BenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     connections: usize,
+    /// Rules per tenant (the three seed components, under names of their own past three).
+    #[arg(long, default_value_t = 3)]
+    rules_per_tenant: usize,
     /// Measure one host of the distributed engine instead: load the events onto a new
     /// Kinesis stream, then time the host catching up (needs AWS or `scripts/emulators`).
     #[arg(long)]
@@ -187,10 +196,115 @@ struct BenchArgs {
     shards: i32,
 }
 
+/// Which host to talk to, and as whom.
+#[derive(Args)]
+struct HostArgs {
+    /// Base URL of the host.
+    #[arg(long, env = "TOCSIN_URL", default_value = "http://127.0.0.1:7878")]
+    url: String,
+    /// Bearer token: the operator's, or a tenant's [default: none, for a loopback host without one].
+    #[arg(long, env = "TOCSIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl HostArgs {
+    fn client(&self) -> cli::client::Client {
+        cli::client::Client::new(&self.url, self.token.clone())
+    }
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Issue a token for a tenant; prints the token (shown only once).
+    Token {
+        tenant: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// List a tenant's tokens (never their secrets).
+    Tokens {
+        tenant: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Revoke a tenant's token by its id.
+    Revoke {
+        tenant: String,
+        id: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
 #[derive(Subcommand)]
 enum RuleCommand {
     /// Run a file of events through a rule as the host would; print each alert as a JSON line.
     Test(TestArgs),
+    /// Create a rule crate: builds with cargo or cargo-component, with a unit test and sample events.
+    New {
+        /// The rule's name: lowercase letters, digits and `-`.
+        name: String,
+        /// Directory to create [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Path of the tocsin-rule SDK [default: this checkout's, else the crates.io release].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Upload a component to a running host as a new version of a tenant's rule (active at once unless --inactive).
+    Upload {
+        /// The rule component (.wasm).
+        rule: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// The name the tenant runs it under.
+        #[arg(long)]
+        name: String,
+        /// The rule's parameters: a JSON file.
+        #[arg(long, value_name = "FILE")]
+        params: Option<PathBuf>,
+        /// Keep the running version; activate this one later.
+        #[arg(long)]
+        inactive: bool,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// List a tenant's rules on a running host.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Show one rule of a tenant with its versions, as JSON.
+    Show {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Run another kept version of a tenant's rule (roll back or forward).
+    Activate {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: u32,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Stop running a tenant's registered rule and forget its versions.
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
     /// Print a rule's manifest and imports.
     Inspect {
         /// The rule component (.wasm).
@@ -294,6 +408,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             params,
             runtime,
         }) => rule_inspect(&rule, params.as_deref(), &runtime),
+        Command::Rule(RuleCommand::New { name, dir, sdk }) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            cli::scaffold::create(&name, &dir, sdk.as_deref())?;
+            println!("created rule `{name}` in {}", dir.display());
+            println!(
+                "next: cd {} && cargo test && cargo build --release --target wasm32-wasip2",
+                dir.display()
+            );
+            println!(
+                "then: tocsin rule test target/wasm32-wasip2/release/{}.wasm --events events.ndjson",
+                name.replace('-', "_")
+            );
+            Ok(())
+        }
+        Command::Rule(command) => async_main(manage_rules(command)),
+        Command::Tenant(command) => async_main(manage_tenants(command)),
         Command::Serve(args) => async_main(serve(args)),
         Command::Aws(command) => async_main(aws(command)),
         Command::Demo(args) => async_main(cli::demo::run(cli::demo::Options {
@@ -310,6 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 events: args.events,
                 batch_size: args.batch_size,
                 connections: args.connections,
+                rules_per_tenant: args.rules_per_tenant,
             };
             if args.distributed {
                 println!(
@@ -344,10 +475,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.rules.extend(args.rules);
     args.backends.apply(&mut config);
-    config.validate().map_err(anyhow::Error::msg)?;
-    if config.rules.is_empty() {
-        bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
+    if let Some(token) = std::env::var("TOCSIN_OPERATOR_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        config.operator_token = Some(token);
     }
+    config.validate().map_err(anyhow::Error::msg)?;
     let server = Server::start(config, Arc::new(SystemClock)).await?;
     // Tests and scripts read the bound address from this line.
     println!("listening on {}", server.addr());
@@ -478,8 +612,158 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read rule component {}", path.display()))
+use cli::client::read_component;
+
+async fn manage_rules(command: RuleCommand) -> anyhow::Result<()> {
+    use cli::client::{describe_version, rule_path};
+    use reqwest::Method;
+    match command {
+        RuleCommand::Upload {
+            rule,
+            tenant,
+            name,
+            params,
+            inactive,
+            host,
+        } => {
+            let wasm = read_component(&rule)?;
+            let params = params
+                .as_deref()
+                .map(tocsin::catalogue::read_params)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let (status, record) = host
+                .client()
+                .call(Method::PUT, &rule_path(&tenant, Some(&name)), |r| {
+                    let mut query = vec![("activate", (!inactive).to_string())];
+                    if let Some(params) = &params {
+                        query.push(("params", params.to_string()));
+                    }
+                    r.header("content-type", "application/wasm")
+                        .query(&query)
+                        .body(wasm)
+                })
+                .await?;
+            let what = if status == reqwest::StatusCode::CREATED {
+                "uploaded"
+            } else {
+                "unchanged"
+            };
+            println!("{what}: {}", describe_version(&tenant, &name, &record));
+            if inactive {
+                println!(
+                    "not active: run `tocsin rule activate --tenant {tenant} --name {name} --version {}`",
+                    record["version"]
+                );
+            }
+        }
+        RuleCommand::List { tenant, host } => {
+            let (_, rules) = host
+                .client()
+                .call(Method::GET, &rule_path(&tenant, None), |r| r)
+                .await?;
+            println!(
+                "{:<24} {:<9} {:<7} {:<28} SHA256",
+                "NAME", "SOURCE", "ACTIVE", "RULE"
+            );
+            for rule in rules.as_array().into_iter().flatten() {
+                let active = &rule["active"];
+                println!(
+                    "{:<24} {:<9} {:<7} {:<28} {}",
+                    rule["name"].as_str().unwrap_or("?"),
+                    rule["source"].as_str().unwrap_or("?"),
+                    rule["active_version"]
+                        .as_u64()
+                        .map_or("-".to_owned(), |v| v.to_string()),
+                    format!(
+                        "{}@{}",
+                        active["manifest"]["name"].as_str().unwrap_or("-"),
+                        active["manifest"]["version"].as_str().unwrap_or("-")
+                    ),
+                    active["content_hash"]
+                        .as_str()
+                        .map_or("-", |h| &h[..h.len().min(16)]),
+                );
+            }
+        }
+        RuleCommand::Show { tenant, name, host } => {
+            let (_, rule) = host
+                .client()
+                .call(Method::GET, &rule_path(&tenant, Some(&name)), |r| r)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&rule)?);
+        }
+        RuleCommand::Activate {
+            tenant,
+            name,
+            version,
+            host,
+        } => {
+            let path = format!("{}/activate", rule_path(&tenant, Some(&name)));
+            host.client()
+                .call(Method::POST, &path, |r| {
+                    r.json(&serde_json::json!({ "version": version }))
+                })
+                .await?;
+            println!("{tenant}/{name}: version {version} is active");
+        }
+        RuleCommand::Delete { tenant, name, host } => {
+            host.client()
+                .call(Method::DELETE, &rule_path(&tenant, Some(&name)), |r| r)
+                .await?;
+            println!("{tenant}/{name}: deleted");
+        }
+        RuleCommand::Test(_) | RuleCommand::Inspect { .. } | RuleCommand::New { .. } => {
+            unreachable!("run without a host")
+        }
+    }
+    Ok(())
+}
+
+async fn manage_tenants(command: TenantCommand) -> anyhow::Result<()> {
+    use cli::client::tenant_path;
+    use reqwest::Method;
+    match command {
+        TenantCommand::Token { tenant, host } => {
+            let (_, token) = host
+                .client()
+                .call(Method::POST, &tenant_path(&tenant, "tokens"), |r| r)
+                .await?;
+            eprintln!(
+                "token `{}` for tenant `{tenant}`: keep it secret; it is not shown again",
+                token["id"].as_str().unwrap_or("?")
+            );
+            println!("{}", token["token"].as_str().unwrap_or_default());
+        }
+        TenantCommand::Tokens { tenant, host } => {
+            let (_, tokens) = host
+                .client()
+                .call(Method::GET, &tenant_path(&tenant, "tokens"), |r| r)
+                .await?;
+            for token in tokens.as_array().into_iter().flatten() {
+                println!(
+                    "{}  created {} by {}{}",
+                    token["id"].as_str().unwrap_or("?"),
+                    token["created_at"].as_str().unwrap_or("?"),
+                    token["created_by"].as_str().unwrap_or("?"),
+                    token["revoked_at"]
+                        .as_str()
+                        .map_or(String::new(), |at| format!(", revoked {at}")),
+                );
+            }
+        }
+        TenantCommand::Revoke { tenant, id, host } => {
+            host.client()
+                .call(
+                    Method::DELETE,
+                    &tenant_path(&tenant, &format!("tokens/{id}")),
+                    |r| r,
+                )
+                .await?;
+            println!("token `{id}` of tenant `{tenant}` is revoked");
+        }
+    }
+    Ok(())
 }
 
 fn rule_test(args: TestArgs) -> anyhow::Result<()> {

@@ -12,10 +12,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
-use crate::catalogue::StaticCatalogue;
+use crate::catalogue::{LiveCatalogue, StaticCatalogue};
 use crate::clock::Clock;
 use crate::config::{AlertsBackend, Config, Source, StateBackend};
 use crate::engine::{Engine, Lane};
+use crate::registry::store::RegistryStore;
+use crate::registry::{FOLLOW_EVERY, Registry};
 use crate::runtime::{Metering, Runtime, RuntimeConfig};
 use crate::sink::AlertSink;
 use crate::sink::file::FileSink;
@@ -28,31 +30,62 @@ use crate::store::StateStore;
 use crate::store::dynamo::DynamoStore;
 use crate::store::embedded::EmbeddedStore;
 
-/// Create the data directory and compile every configured rule (once per
-/// component file, cached on disk).
-pub async fn load_catalogue(config: &Config) -> anyhow::Result<Arc<StaticCatalogue>> {
+/// Create the data directory, start the sandbox and compile every
+/// configured rule (once per component file, cached on disk). The runtime
+/// lives as long as the host: it advances call deadlines and drops idle
+/// instances, and the registry loads new versions with it.
+pub async fn load_catalogue(config: &Config) -> anyhow::Result<(Arc<Runtime>, Arc<LiveCatalogue>)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let runtime = Runtime::new(RuntimeConfig {
+    let runtime = Arc::new(Runtime::new(RuntimeConfig {
         limits: config.limits.clone(),
         max_instances: config.max_instances,
         cache_dir: Some(config.data_dir.join("components")),
         metering: Metering::Enforced,
+        idle_instance: Duration::from_secs(config.idle_instance_secs),
         ..RuntimeConfig::default()
-    })?;
+    })?);
     let assignments = config.rules.clone();
-    let catalogue = tokio::task::spawn_blocking(move || {
-        let catalogue = StaticCatalogue::load(&runtime, &assignments);
-        (runtime, catalogue)
-    })
-    .await?
-    .1?;
+    let loading = runtime.clone();
+    let catalogue =
+        tokio::task::spawn_blocking(move || StaticCatalogue::load(&loading, &assignments))
+            .await??;
     tracing::info!(
         tenants = catalogue.tenants(),
         rules = catalogue.rule_count(),
-        "rules loaded"
+        "configured rules loaded"
     );
-    Ok(Arc::new(catalogue))
+    Ok((runtime, Arc::new(LiveCatalogue::new(catalogue))))
+}
+
+/// The registry over `store`, serving its active versions; with `follow`,
+/// it also follows what other hosts change until `stop`.
+async fn open_registry(
+    config: &Config,
+    store: Arc<dyn RegistryStore>,
+    runtime: Arc<Runtime>,
+    catalogue: Arc<LiveCatalogue>,
+    follow: bool,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Arc<Registry>> {
+    let registry = Registry::open(
+        store,
+        runtime,
+        catalogue.clone(),
+        config.quotas.clone(),
+        config.operator_token.clone(),
+    )
+    .await
+    .context("cannot read the rule registry")?;
+    tracing::info!(
+        tenants = catalogue.tenants(),
+        rules = catalogue.rule_count(),
+        "serving rules"
+    );
+    if follow {
+        tokio::spawn(registry.clone().follow(FOLLOW_EVERY, stop));
+    }
+    Ok(registry)
 }
 
 /// The configured alert sink.
@@ -73,6 +106,7 @@ pub async fn open_sink(config: &Config) -> anyhow::Result<Arc<dyn AlertSink>> {
 pub struct Server {
     addr: SocketAddr,
     engine: Arc<Engine>,
+    runtime: Arc<Runtime>,
     shards: Option<Arc<ShardsState>>,
     usage: Option<Arc<crate::aws::Usage>>,
     stop: watch::Sender<bool>,
@@ -90,11 +124,25 @@ impl Server {
     /// in the outbox, start the source and listen.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         config.validate().map_err(anyhow::Error::msg)?;
+        config.check_exposure().map_err(anyhow::Error::msg)?;
+        if config.operator_token.is_none() {
+            tracing::warn!(listen = %config.listen, "no operator token: serving on loopback only, and any caller without a token acts as the operator");
+        }
         let (stop, stopped) = watch::channel(false);
-        let catalogue = load_catalogue(&config).await?;
+        let (runtime, catalogue) = load_catalogue(&config).await?;
+        let sandbox = runtime.clone();
         let (state, running) = match (&config.source, &config.state) {
             (Source::Http, StateBackend::Embedded) => {
                 let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+                let registry = open_registry(
+                    &config,
+                    Arc::new(store.registry()),
+                    runtime,
+                    catalogue.clone(),
+                    false,
+                    stopped.clone(),
+                )
+                .await?;
                 let sink = open_sink(&config).await?;
                 let engine = Arc::new(Engine::new(catalogue, store.clone(), sink, clock));
                 let (ingest, lane) = HttpIngest::start(
@@ -105,6 +153,7 @@ impl Server {
                 .await?;
                 let state = AppState {
                     engine,
+                    registry,
                     ingest: Some(ingest),
                     shards: None,
                     log: Some(store),
@@ -123,6 +172,15 @@ impl Server {
                 let table = crate::aws::Table::new(aws_sdk_dynamodb::Client::new(&aws), table);
                 let usage = table.usage.clone();
                 let store = Arc::new(DynamoStore::new(table.clone(), stream));
+                let registry = open_registry(
+                    &config,
+                    Arc::new(crate::registry::dynamo::DynamoRegistry::new(table.clone())),
+                    runtime,
+                    catalogue.clone(),
+                    true,
+                    stopped.clone(),
+                )
+                .await?;
                 let sink = open_sink(&config).await?;
                 let engine = Arc::new(Engine::new(catalogue, store.clone(), sink, clock));
                 let settings = ShardSettings {
@@ -146,6 +204,7 @@ impl Server {
                 );
                 let state = AppState {
                     engine,
+                    registry,
                     ingest: None,
                     shards: Some((shards.state.clone(), settings)),
                     log: None,
@@ -185,6 +244,7 @@ impl Server {
         Ok(Server {
             addr,
             engine,
+            runtime: sandbox,
             shards,
             usage,
             stop,
@@ -198,6 +258,11 @@ impl Server {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The sandbox the host's rules run in.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
     }
 
     /// The Kinesis source's own state, with that source.
@@ -268,7 +333,7 @@ pub async fn replay(
     alerts: Arc<dyn AlertSink>,
     mut report: impl FnMut(usize, Option<&str>, &str),
 ) -> anyhow::Result<ReplaySummary> {
-    let catalogue = load_catalogue(config).await?;
+    let (_runtime, catalogue) = load_catalogue(config).await?;
     let store: Arc<dyn StateStore> =
         Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
     let engine = Arc::new(Engine::new(catalogue, store, alerts, clock.clone()));

@@ -26,6 +26,9 @@ pub struct Options {
     pub batch_size: usize,
     /// Requests in flight at once.
     pub connections: usize,
+    /// Rules per tenant: the seed's three components, under names of
+    /// their own when more (each rule its own instance and buckets).
+    pub rules_per_tenant: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +44,37 @@ pub struct Report {
     /// CPU time of the whole process (service and load generator) while
     /// events were sent, where the platform tells it.
     pub cpu: Option<Duration>,
+    pub memory: Memory,
+}
+
+/// Resident memory of the process (service and load generator), MiB, and
+/// live rule instances, at three moments.
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    pub rules: usize,
+    /// Every rule loaded (each instantiated once to read its manifest).
+    pub loaded_mib: f64,
+    /// Right after the load, and the peak during it.
+    pub loaded_instances: usize,
+    pub after_load_mib: f64,
+    pub peak_mib: f64,
+    pub after_load_instances: usize,
+    /// Once every instance has gone idle and been dropped.
+    pub idle_mib: f64,
+    pub idle_instances: usize,
+}
+
+/// `VmRSS` and `VmHWM` of this process, MiB (Linux).
+fn rss() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 impl Report {
@@ -89,12 +123,25 @@ impl std::fmt::Display for Report {
                 cpu.as_secs_f64() * 1e6 / self.events.max(1) as f64
             )?;
         }
-        write!(
+        writeln!(
             f,
             "stages (a group's rules overlap the previous group's commit): rules {:.0} ms, commit {:.0} ms, publish {:.0} ms",
             ms(self.rules),
             ms(self.commit),
             ms(self.publish)
+        )?;
+        let m = &self.memory;
+        write!(
+            f,
+            "memory with {} rules (RSS of the whole process): loaded {:.0} MiB ({} live instances); after the load {:.0} MiB ({} live), peak {:.0} MiB; all idle {:.0} MiB ({} live)",
+            m.rules,
+            m.loaded_mib,
+            m.loaded_instances,
+            m.after_load_mib,
+            m.after_load_instances,
+            m.peak_mib,
+            m.idle_mib,
+            m.idle_instances
         )
     }
 }
@@ -130,19 +177,35 @@ fn bodies(options: &Options) -> Vec<String> {
         .collect()
 }
 
-/// A service on port 0 in `data_dir` where `tenants` tenants each run every
-/// one of `rules`.
-fn tenants_config(tenants: usize, rules: &BTreeMap<String, PathBuf>, data_dir: &Path) -> Config {
-    eprintln!("loading {tenants} tenants × {} rules…", rules.len());
+/// A service on port 0 in `data_dir` where `tenants` tenants each run
+/// `per_tenant` rules, cycling through `rules` (under names of their own
+/// past the first round).
+fn tenants_config(
+    tenants: usize,
+    per_tenant: usize,
+    rules: &BTreeMap<String, PathBuf>,
+    data_dir: &Path,
+) -> Config {
+    let per_tenant = per_tenant.max(1);
+    eprintln!("loading {tenants} tenants × {per_tenant} rules…");
+    let paths: Vec<&PathBuf> = rules.values().collect();
     Config {
         listen: "127.0.0.1:0".parse().expect("a socket address"),
         data_dir: data_dir.to_owned(),
-        max_instances: (tenants * seed::RULES.len() + 16) as u32,
+        // Room for every rule up to the default pool: past it, idle
+        // instances make room for the ones called.
+        max_instances: ((tenants * per_tenant + 16) as u32).min(crate::DEFAULT_BENCH_INSTANCES),
         rules: (0..tenants)
             .flat_map(|t| {
-                rules
-                    .values()
-                    .map(move |path| RuleEntry::new(format!("tenant-{t:04}"), path.clone()))
+                let paths = paths.clone();
+                (0..per_tenant).map(move |r| {
+                    let mut entry =
+                        RuleEntry::new(format!("tenant-{t:04}"), paths[r % paths.len()].clone());
+                    if r >= paths.len() {
+                        entry.name = Some(format!("rule-{r}"));
+                    }
+                    entry
+                })
             })
             .collect(),
         ..Config::default()
@@ -155,8 +218,20 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         .into_iter()
         .collect();
     let data = tempfile::tempdir()?;
-    let config = tenants_config(options.tenants, &rules, data.path());
+    let config = tenants_config(
+        options.tenants,
+        options.rules_per_tenant,
+        &rules,
+        data.path(),
+    );
+    let rule_count = config.rules.len();
     let server = Server::start(config, Arc::new(SystemClock)).await?;
+    let mut memory = Memory {
+        rules: rule_count,
+        loaded_mib: rss().0,
+        loaded_instances: server.runtime().live_instances(),
+        ..Memory::default()
+    };
     let url = format!("http://{}/v1/events", server.addr());
     let bodies = bodies(&options);
     eprintln!(
@@ -204,6 +279,12 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let cpu = process_cpu()
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
+    (memory.after_load_mib, memory.peak_mib) = rss();
+    memory.after_load_instances = server.runtime().live_instances();
+    // What the sweeper does to instances unused for their idle time.
+    server.runtime().drop_idle_instances(Duration::ZERO);
+    memory.idle_mib = rss().0;
+    memory.idle_instances = server.runtime().live_instances();
     let stats = server.engine().stats();
     let nanos = |counter: &std::sync::atomic::AtomicU64| {
         Duration::from_nanos(counter.load(Ordering::Relaxed))
@@ -218,6 +299,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         commit: nanos(&stats.commit_ns),
         publish: nanos(&stats.publish_ns),
         cpu,
+        memory,
     };
     server.stop().await?;
     Ok(report)
@@ -344,7 +426,12 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         source: Source::Kinesis(events_stream),
         state: StateBackend::Dynamodb(table),
         alerts: AlertsBackend::Kinesis(alerts_stream),
-        ..tenants_config(options.tenants, &rules, data.path())
+        ..tenants_config(
+            options.tenants,
+            options.rules_per_tenant,
+            &rules,
+            data.path(),
+        )
     };
     let catalogue_ready = tocsin::serve::load_catalogue(&config).await?;
     drop(catalogue_ready); // compiled once, cached on disk for the host below

@@ -1,7 +1,8 @@
 //! The sandbox that runs tenants' rules: one wasmtime `Engine` with fuel,
 //! epoch interruption and the pooling allocator; components compiled once and
-//! cached on disk; a healthy instance per loaded rule reused across calls and
-//! discarded after any trap.
+//! cached on disk; an instance per loaded rule created when it is first
+//! called, reused across calls, discarded after any trap and dropped when
+//! idle (see `instances`).
 //!
 //! This module knows nothing of tenants' events or where state is stored:
 //! it turns (bucket, state, typed events) into (state change, alerts) under
@@ -11,11 +12,12 @@ mod alerts;
 mod bindings;
 mod cache;
 mod error;
+mod instances;
 mod limits;
 mod sandbox;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
@@ -33,6 +35,7 @@ pub use limits::*;
 pub use sandbox::{LogLevel, LogLine};
 
 use bindings::{Rule, RulePre};
+use instances::{Instances, Slot};
 use sandbox::Sandbox;
 
 /// How often the epoch advances: the granularity of call deadlines.
@@ -72,7 +75,15 @@ pub struct RuntimeConfig {
     /// Write `/tmp/perf-PID.map` so that `perf` names compiled rule code
     /// (default: on when `TOCSIN_PERF_MAP` is set).
     pub perf_map: bool,
+    /// A rule instance unused for this long is dropped (the rule starts a
+    /// new one when next called).
+    pub idle_instance: Duration,
 }
+
+/// How long an unused rule instance is kept: a rule that sees events every
+/// few seconds keeps its instance; one quiet for a minute gives its memory
+/// back, and starting it again costs well under a millisecond.
+pub const DEFAULT_IDLE_INSTANCE: Duration = Duration::from_secs(60);
 
 /// How the sandbox bounds a call's running time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -92,6 +103,7 @@ impl Default for RuntimeConfig {
             cache_dir: cache::default_dir(),
             metering: Metering::Enforced,
             perf_map: std::env::var_os("TOCSIN_PERF_MAP").is_some(),
+            idle_instance: DEFAULT_IDLE_INSTANCE,
         }
     }
 }
@@ -102,7 +114,9 @@ pub struct Runtime {
     linker: Linker<Sandbox>,
     limits: Limits,
     cache: cache::ComponentCache,
+    instances: Arc<Instances>,
     _ticker: EpochTicker,
+    _sweeper: Sweeper,
 }
 
 /// The version of the `tocsin:rule` world this host runs.
@@ -114,6 +128,13 @@ pub struct Compiled {
     origin: String,
     content_hash: String,
     pre: RulePre<Sandbox>,
+}
+
+impl Compiled {
+    /// SHA-256 of the component bytes, hex.
+    pub fn content_hash(&self) -> &str {
+        &self.content_hash
+    }
 }
 
 /// What `tocsin rule inspect` shows.
@@ -170,17 +191,32 @@ impl Runtime {
 
         let cache = cache::ComponentCache::new(&engine, config.cache_dir);
         let ticker = EpochTicker::start(&engine);
+        let instances = Arc::new(Instances::new(n as usize, config.idle_instance));
+        let sweeper = Sweeper::start(&instances, config.idle_instance);
         Ok(Runtime {
             engine,
             linker,
             limits,
             cache,
+            instances,
             _ticker: ticker,
+            _sweeper: sweeper,
         })
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Rule instances alive now (every loaded rule has at most one).
+    pub fn live_instances(&self) -> usize {
+        self.instances.live()
+    }
+
+    /// Drop now every instance unused for at least `idle` (and not in a
+    /// call), rather than at the next sweep; how many.
+    pub fn drop_idle_instances(&self, idle: Duration) -> usize {
+        self.instances.sweep(idle)
     }
 
     /// Compile (or fetch from the cache), check imports, instantiate and read
@@ -244,6 +280,19 @@ impl Runtime {
         compiled: &Compiled,
         settings: &RuleSettings,
     ) -> Result<LoadedRule, RuleError> {
+        self.instantiate_within(tenant, compiled, settings, self.limits.clone())
+    }
+
+    /// [`instantiate`](Self::instantiate) under a tenant's own bounds per
+    /// call (its quotas); memory above the runtime's is not available.
+    pub fn instantiate_within(
+        &self,
+        tenant: &str,
+        compiled: &Compiled,
+        settings: &RuleSettings,
+        mut limits: Limits,
+    ) -> Result<LoadedRule, RuleError> {
+        limits.memory_bytes = limits.memory_bytes.min(self.limits.memory_bytes);
         let params = match &settings.params {
             Some(params) => params.to_string(),
             None => "null".to_owned(),
@@ -260,20 +309,22 @@ impl Runtime {
             content_hash: compiled.content_hash.clone(),
             manifest: None,
             pre: compiled.pre.clone(),
-            limits: self.limits.clone(),
-            instance: Mutex::new(None),
+            limits,
+            instances: self.instances.clone(),
+            slot: self.instances.slot(),
         };
         if let Some(name) = &settings.name {
             validate_name(name).map_err(|e| rule.error(Cause::BadName(e)))?;
         }
-        let (store, instance, manifest) = rule.start()?;
+        let (live, manifest) = rule.start()?;
         validate_manifest(&manifest).map_err(|e| rule.error(Cause::BadManifest(e)))?;
         if settings.name.is_none() {
             rule.name = manifest.name.clone();
         }
         rule.label = format!("{}@{}", rule.name, manifest.version);
         rule.manifest = Some(manifest);
-        *rule.instance.get_mut().expect("fresh lock") = Some((store, instance));
+        // Kept: a rule is usually called soon after it is loaded.
+        *rule.slot.instance.lock().expect("fresh lock") = Some(live);
         Ok(rule)
     }
 
@@ -426,7 +477,8 @@ pub struct LoadedRule {
     pre: RulePre<Sandbox>,
     limits: Limits,
     seed: [u8; 16],
-    instance: Mutex<Option<(Store<Sandbox>, Rule)>>,
+    instances: Arc<Instances>,
+    slot: Arc<Slot>,
 }
 
 impl std::fmt::Debug for LoadedRule {
@@ -467,6 +519,20 @@ impl LoadedRule {
 
     pub fn manifest(&self) -> &Manifest {
         self.manifest.as_ref().expect("set by Runtime::instantiate")
+    }
+
+    /// The bounds of each call.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether the rule has a live instance now.
+    pub fn is_live(&self) -> bool {
+        self.slot
+            .instance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// One `evaluate` call: one bucket's events of one batch. `position` is
@@ -546,12 +612,13 @@ impl LoadedRule {
         call: u64,
         f: impl FnOnce(&Rule, &mut Store<Sandbox>) -> wasmtime::Result<R>,
     ) -> Result<R, RuleError> {
-        let mut slot = self.instance.lock().unwrap_or_else(|p| p.into_inner());
+        self.instances.touch(&self.slot);
+        let mut slot = self.slot.instance.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            let (store, rule, _) = self.start()?;
-            *slot = Some((store, rule));
+            let (live, _) = self.start()?;
+            *slot = Some(live);
         }
-        let (store, rule) = slot.as_mut().expect("instantiated above");
+        let instances::Live { store, rule, .. } = slot.as_mut().expect("instantiated above");
         self.arm(store, now, call);
         match f(rule, store) {
             Ok(value) => Ok(value),
@@ -573,7 +640,8 @@ impl LoadedRule {
 
     /// A new instance, handed the parameters: every instance reads them
     /// once, before any other call.
-    fn start(&self) -> Result<(Store<Sandbox>, Rule, Manifest), RuleError> {
+    fn start(&self) -> Result<(instances::Live, Manifest), RuleError> {
+        self.instances.make_room();
         let mut store = Store::new(self.pre.engine(), Sandbox::new(&self.limits, self.seed));
         store.limiter(|sandbox| sandbox);
         self.arm(&mut store, 0, 0);
@@ -589,7 +657,7 @@ impl LoadedRule {
             Ok(manifest) => manifest.map_err(|e| self.error(Cause::BadParams(e)))?,
             Err(error) => return Err(trapped(&mut store, error)),
         };
-        Ok((store, rule, manifest))
+        Ok((self.instances.admit(store, rule), manifest))
     }
 
     fn error(&self, cause: Cause) -> RuleError {
@@ -678,6 +746,42 @@ impl EpochTicker {
             })
             .expect("spawn the epoch thread");
         EpochTicker { stop }
+    }
+}
+
+/// Drops idle instances a few times per idle period until the runtime is
+/// gone.
+struct Sweeper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Sweeper {
+    fn start(instances: &Arc<Instances>, idle: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let instances = Arc::downgrade(instances);
+        let flag = stop.clone();
+        let every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
+        std::thread::Builder::new()
+            .name("tocsin-idle".to_owned())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    match instances.upgrade() {
+                        Some(instances) => {
+                            instances.sweep(instances.idle);
+                        }
+                        None => break,
+                    }
+                }
+            })
+            .expect("spawn the idle-instance thread");
+        Sweeper { stop }
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -35,7 +35,7 @@ const PUBLISH_DEPTH: usize = 16;
 
 /// An event (by its line) that was not applied, and why. With `rule` set,
 /// only that rule did not apply it; the tenant's other rules did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rejected {
     pub line: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,7 +44,7 @@ pub struct Rejected {
 }
 
 /// The answer to one submission, as `POST /v1/events` returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Answer {
     /// Events every rule of their tenant applied.
     pub accepted: usize,
@@ -66,7 +66,17 @@ pub enum Refusal {
     /// Nothing of the request was applied; retrying it is safe.
     #[error("not applied, retry: {0}")]
     NotApplied(String),
+    /// The caller may not post these events: nothing was applied.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A tenant of the request is over a quota: nothing was applied.
+    #[error(transparent)]
+    Quota(#[from] crate::registry::quota::QuotaExceeded),
 }
+
+/// What may refuse a request once its events are read, before any is
+/// applied: who may post for which tenant, and their quotas.
+pub type Gate<'a> = &'a (dyn Fn(&[Incoming]) -> Result<(), Refusal> + Send + Sync);
 
 impl From<EngineError> for Refusal {
     fn from(error: EngineError) -> Self {
@@ -149,6 +159,17 @@ impl HttpIngest {
 
     /// Apply one request body; answers once its effects are durable.
     pub async fn submit(&self, body: &str, key: Option<String>) -> Result<Answer, Refusal> {
+        self.submit_gated(body, key, &|_| Ok(())).await
+    }
+
+    /// [`submit`](Self::submit), refused whole if `gate` refuses its events.
+    /// A retry of a request already answered is answered again without it.
+    pub async fn submit_gated(
+        &self,
+        body: &str,
+        key: Option<String>,
+        gate: Gate<'_>,
+    ) -> Result<Answer, Refusal> {
         let digest = hex::encode(Sha256::digest(body.as_bytes()));
         if let Some(key) = &key
             && let Some(answer) = self.answered(key, &digest).await?
@@ -166,6 +187,7 @@ impl HttpIngest {
         let arrival = self.engine.clock().now_ms();
         let parsed =
             ingest::parse(body, &self.tenant_field, &request, arrival).map_err(Refusal::BadBody)?;
+        gate(&parsed.events)?;
         if parsed.events.is_empty() && key.is_none() {
             return Ok(Answer {
                 accepted: 0,

@@ -81,7 +81,7 @@ pub struct EmbeddedStore {
 }
 
 /// The store itself, synchronous.
-pub(super) struct Embedded {
+pub(crate) struct Embedded {
     db: Database,
     /// State changes logged but not yet in `states`. Locked across each
     /// commit (before the index's waiting entries), so that reads see the
@@ -116,6 +116,11 @@ impl EmbeddedStore {
             inner: Arc::new(Embedded::open_with(path, INDEX_BATCH, true)?),
             cache: Arc::new(Mutex::new(BucketCache::new(DEFAULT_MAX_CACHED))),
         })
+    }
+
+    /// The rule registry kept in this store's file.
+    pub fn registry(&self) -> crate::registry::embedded::EmbeddedRegistry {
+        crate::registry::embedded::EmbeddedRegistry::new(self.inner.clone())
     }
 
     /// The index file of the store at `path`.
@@ -194,6 +199,10 @@ impl Embedded {
 }
 
 impl Embedded {
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
     /// Write the published cursor, if it moved, in `tx`.
     fn write_published(&self, tx: &redb::WriteTransaction) -> Result<()> {
         let mut meta = tx.open_table(META).map_err(err)?;

@@ -1,231 +1,67 @@
-//! The HTTP API of a host: ingest (with the HTTP source), alerts (list and
-//! live stream) and bucket state (with the embedded store, which keeps
-//! them), the Kinesis source's status, health and readiness.
+//! Alerts (list and live stream) and bucket state, from the embedded
+//! store's alert log.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::Json;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
+use super::{AppState, ErrorBody, error, for_tenant};
 use crate::alert::AlertRecord;
-use crate::engine::Engine;
-use crate::source::http::{HttpIngest, Refusal};
-use crate::source::shards::{ShardSettings, ShardsState};
 use crate::store::AlertLog;
 
-/// Longest `Idempotency-Key` accepted: room for a UUID and a prefix.
-const MAX_IDEMPOTENCY_KEY: usize = 200;
 /// Most alerts one `GET …/alerts` returns; page with `?after=`.
 const MAX_ALERTS_PAGE: usize = 1_000;
 
-/// What the routes serve from.
-pub struct AppState {
-    pub engine: Arc<Engine>,
-    /// With the HTTP source.
-    pub ingest: Option<Arc<HttpIngest>>,
-    /// With the Kinesis source.
-    pub shards: Option<(Arc<ShardsState>, ShardSettings)>,
-    /// With a store that keeps the alert log (the embedded one).
-    pub log: Option<Arc<dyn AlertLog>>,
-    /// DynamoDB requests made, with that store.
-    pub usage: Option<Arc<crate::aws::Usage>>,
-    pub shutdown: watch::Receiver<bool>,
-}
-
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    let mut router = Router::new()
-        .route("/v1/events", post(post_events))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready));
-    if state.log.is_some() {
-        router = router
-            .route("/v1/tenants/{tenant}/alerts", get(list_alerts))
-            .route("/v1/tenants/{tenant}/alerts/stream", get(stream_alerts))
-            .route("/v1/tenants/{tenant}/buckets", get(list_buckets));
-    }
-    if state.shards.is_some() {
-        router = router.route("/v1/status", get(status));
-    }
-    router
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
-}
-
-/// Ready while not stopping, the source runs (the HTTP lane takes
-/// requests, or the Kinesis source has joined the lease table), and the
-/// last commit and the last publish succeeded.
-async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if *state.shutdown.borrow() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "stopping");
-    }
-    if let Some(ingest) = &state.ingest
-        && !ingest.running()
-    {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the ingest lane stopped: see the host's log",
-        );
-    }
-    if let Some((shards, _)) = &state.shards
-        && !shards.joined.load(Ordering::Relaxed)
-    {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "joining the lease table");
-    }
-    let health = state.engine.health();
-    if let Some(reason) = health.commit_error {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("batches cannot be committed: {reason}"),
-        );
-    }
-    if let Some(reason) = health.publish_error {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("alerts cannot be published (they wait in the outbox): {reason}"),
-        );
-    }
-    "ready".into_response()
-}
-
-/// `POST /v1/events`: answers once the events' effects are durable.
-async fn post_events(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let Some(ingest) = &state.ingest else {
-        let stream = state
-            .shards
-            .as_ref()
-            .map(|(_, settings)| settings.stream.clone())
-            .unwrap_or_default();
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "this host reads its events from the Kinesis stream `{stream}`: put them there"
-            ),
-        );
-    };
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => match value.to_str() {
-            Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => Some(key.to_owned()),
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
-                    ),
-                );
-            }
-        },
-    };
-    let Ok(body) = std::str::from_utf8(&body) else {
-        return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
-    };
-    match ingest.submit(body, key).await {
-        Ok(answer) => Json(answer).into_response(),
-        Err(refusal @ Refusal::BadBody(_)) => error(StatusCode::BAD_REQUEST, refusal.to_string()),
-        Err(refusal @ Refusal::KeyReused(_)) => {
-            error(StatusCode::UNPROCESSABLE_ENTITY, refusal.to_string())
-        }
-        Err(refusal @ Refusal::NotApplied(_)) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, refusal.to_string())
-        }
-    }
-}
-
-/// What `GET /v1/status` reports.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Status {
-    pub host: String,
-    pub stream: String,
-    /// Shards whose lease this host holds.
-    pub shards: Vec<String>,
-    /// Shards whose worker stopped on an error retrying cannot heal, with it.
-    pub failed: std::collections::BTreeMap<String, String>,
-    pub events: u64,
-    pub alerts: u64,
-    pub batches: u64,
-    pub conflicts: u64,
-    pub rule_failures: u64,
-    pub bad_records: u64,
-    /// Events of tenants without rules.
-    pub unknown_tenant: u64,
-    /// DynamoDB requests serving events (reads, commits, outbox reads).
-    pub dynamodb_data_requests: u64,
-    /// DynamoDB requests of the lease protocol.
-    pub dynamodb_lease_requests: u64,
-}
-
-async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let Some((shards, settings)) = &state.shards else {
-        return error(StatusCode::NOT_FOUND, "this host has no Kinesis source");
-    };
-    let stats = state.engine.stats();
-    let mut held = shards.held.lock().expect("held lock").clone();
-    held.sort();
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    Json(Status {
-        host: settings.host.clone(),
-        stream: settings.stream.clone(),
-        shards: held,
-        failed: shards
-            .failed
-            .lock()
-            .expect("failed lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        events: load(&stats.events),
-        alerts: load(&stats.alerts),
-        batches: load(&shards.batches),
-        conflicts: load(&stats.conflicts),
-        rule_failures: load(&stats.rule_failures),
-        bad_records: load(&shards.bad_records),
-        unknown_tenant: load(&stats.unknown_tenant),
-        dynamodb_data_requests: state.usage.as_ref().map_or(0, |u| u.data_requests()),
-        dynamodb_lease_requests: state.usage.as_ref().map_or(0, |u| load(&u.lease_requests)),
+/// The alert log, for a tenant the caller may act for.
+fn alert_log(
+    state: &AppState,
+    headers: &HeaderMap,
+    tenant: &str,
+) -> Result<Arc<dyn AlertLog>, Response> {
+    for_tenant(state, headers, tenant)?;
+    state.log.clone().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "this host keeps no alert log (its state is in DynamoDB): read alerts from the alerts stream",
+        )
     })
-    .into_response()
 }
 
-fn alert_log(state: &AppState) -> Arc<dyn AlertLog> {
-    state
-        .log
-        .clone()
-        .expect("alert routes exist only with an alert log")
-}
-
-#[derive(Debug, Deserialize)]
-struct Page {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct Page {
     /// Only alerts after this cursor (an alert's `seq`).
     after: Option<u64>,
+    /// At most this many (and at most 1,000).
     limit: Option<usize>,
 }
 
-/// `GET /v1/tenants/{tenant}/alerts`: oldest first.
-async fn list_alerts(
+/// A tenant's alerts, oldest first (embedded store).
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/alerts", tag = "alerts",
+    params(("tenant" = String, Path), Page),
+    responses(
+        (status = 200, description = "Alerts with their `seq`", body = Vec<Object>),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No alert log on this host", body = ErrorBody),
+    ))]
+pub(super) async fn list_alerts(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     Query(page): Query<Page>,
+    headers: HeaderMap,
 ) -> Response {
     let limit = page.limit.unwrap_or(MAX_ALERTS_PAGE).min(MAX_ALERTS_PAGE);
-    let log = alert_log(&state);
+    let log = match alert_log(&state, &headers, &tenant) {
+        Ok(log) => log,
+        Err(response) => return response,
+    };
     let after = page.after.unwrap_or(0);
     match tokio::task::spawn_blocking(move || log.alerts(&tenant, after, limit)).await {
         Ok(Ok(alerts)) => Json(alerts).into_response(),
@@ -234,9 +70,16 @@ async fn list_alerts(
     }
 }
 
-/// `GET /v1/tenants/{tenant}/alerts/stream`: server-sent events, one per
-/// alert, `id` = its `seq`. Resumes after `?after=` or `Last-Event-ID`.
-async fn stream_alerts(
+/// A tenant's alerts as server-sent events, one per alert, `id` = its
+/// `seq`; resumes after `?after=` or `Last-Event-ID` (embedded store).
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/alerts/stream", tag = "alerts",
+    params(("tenant" = String, Path), Page),
+    responses(
+        (status = 200, description = "`text/event-stream` of `alert` events", content_type = "text/event-stream", body = String),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No alert log on this host", body = ErrorBody),
+    ))]
+pub(super) async fn stream_alerts(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     Query(page): Query<Page>,
@@ -247,9 +90,9 @@ async fn stream_alerts(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .or(page.after);
+    let log = alert_log(&state, &headers, &tenant)?;
     // Subscribe before reading the log, so nothing falls between the two.
     let live = state.engine.subscribe();
-    let log = alert_log(&state);
     // A live-only subscriber that falls behind catches up from here, not
     // from the start of history.
     let since = match resume {
@@ -375,17 +218,31 @@ impl AlertStream {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct BucketView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct BucketView {
     rule: String,
     bucket: String,
     /// The encoded state, hex.
     state: String,
 }
 
-/// `GET /v1/tenants/{tenant}/buckets`: every stored bucket and its state.
-async fn list_buckets(State(state): State<Arc<AppState>>, Path(tenant): Path<String>) -> Response {
-    let log = alert_log(&state);
+/// Every stored bucket of a tenant and its state (embedded store).
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/buckets", tag = "alerts",
+    params(("tenant" = String, Path)),
+    responses(
+        (status = 200, body = Vec<BucketView>),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No alert log on this host", body = ErrorBody),
+    ))]
+pub(super) async fn list_buckets(
+    State(state): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let log = match alert_log(&state, &headers, &tenant) {
+        Ok(log) => log,
+        Err(response) => return response,
+    };
     match tokio::task::spawn_blocking(move || log.buckets(&tenant)).await {
         Ok(Ok(buckets)) => Json(
             buckets
@@ -408,8 +265,14 @@ mod tests {
     use futures::StreamExt;
 
     use super::*;
+    use crate::api::router;
+    use crate::catalogue::{LiveCatalogue, StaticCatalogue};
     use crate::clock::ManualClock;
+    use crate::engine::Engine;
+    use crate::registry::Registry;
+    use crate::runtime::{Runtime, RuntimeConfig};
     use crate::sink::file::FileSink;
+    use crate::source::http::HttpIngest;
     use crate::store::embedded::EmbeddedStore;
 
     const TEST_EVENT: &str = r#"{"eventType":"test-event","clientId":"client-01"}"#;
@@ -438,8 +301,24 @@ mod tests {
             ingest.submit(TEST_EVENT, None).await.unwrap();
         }
         let (_stop, shutdown) = watch::channel(false);
+        let runtime = Runtime::new(RuntimeConfig {
+            max_instances: 4,
+            cache_dir: None,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let registry = Registry::open(
+            Arc::new(store.registry()),
+            Arc::new(runtime),
+            Arc::new(LiveCatalogue::new(StaticCatalogue::default())),
+            Default::default(),
+            None,
+        )
+        .await
+        .unwrap();
         let state = Arc::new(AppState {
             engine,
+            registry,
             ingest: Some(ingest.clone()),
             shards: None,
             log: Some(store),

@@ -1,0 +1,203 @@
+//! The rule registry: upload, list, read, activate and delete a tenant's
+//! rules.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{AppState, ErrorBody, error, for_tenant, registry_error};
+use crate::registry::{RuleView, VersionRecord};
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct Upload {
+    /// The rule's parameters, as JSON (URL-encoded); default: none, the
+    /// rule's own defaults.
+    params: Option<String>,
+    /// Whether the new version runs at once (default `true`); with `false`
+    /// it waits for `POST …/activate`.
+    activate: Option<bool>,
+}
+
+/// Upload a rule component (`application/wasm`) as rule `{rule}` of the
+/// tenant: validated (a component of this host's `tocsin:rule` world, only
+/// allowed imports, within the tenant's `component_bytes` quota, compiled
+/// within a time bound, its manifest produced from the parameters under the
+/// tenant's limits), stored by content hash, and added as a new version.
+/// Uploading what the latest version already is answers 200 with it.
+#[utoipa::path(put, path = "/v1/tenants/{tenant}/rules/{rule}", tag = "rules",
+    params(("tenant" = String, Path), ("rule" = String, Path), Upload),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses(
+        (status = 201, description = "A new version", body = VersionRecord),
+        (status = 200, description = "The latest version already is this", body = VersionRecord),
+        (status = 400, description = "Parameters are not JSON, or no body", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "Another tenant's, or over the `rules` or `component_bytes` quota", body = ErrorBody),
+        (status = 409, description = "A rule of the host's config has this name", body = ErrorBody),
+        (status = 413, description = "Over the largest upload"),
+        (status = 415, description = "Not `application/wasm`", body = ErrorBody),
+        (status = 422, description = "Not a rule this host can run: why", body = ErrorBody),
+    ))]
+pub(super) async fn put_rule(
+    State(state): State<Arc<AppState>>,
+    Path((tenant, rule)): Path<(String, String)>,
+    Query(upload): Query<Upload>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let caller = match for_tenant(&state, &headers, &tenant) {
+        Ok(caller) => caller,
+        Err(response) => return response,
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !matches!(
+        content_type,
+        "application/wasm" | "application/octet-stream"
+    ) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "send the component as `Content-Type: application/wasm` (got `{content_type}`)"
+            ),
+        );
+    }
+    if body.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "the body holds no component");
+    }
+    let params = match upload.params.as_deref() {
+        None => None,
+        Some(text) => match serde_json::from_str(text) {
+            Ok(params) => Some(params),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the parameters are not JSON: {e}"),
+                );
+            }
+        },
+    };
+    let activate = upload.activate.unwrap_or(true);
+    match state
+        .registry
+        .upload(&tenant, &rule, body.to_vec(), params, activate, &caller)
+        .await
+    {
+        Ok((record, true)) => (StatusCode::CREATED, Json(record)).into_response(),
+        Ok((record, false)) => Json(record).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+/// The tenant's rules: from the host's config, then registered.
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/rules", tag = "rules",
+    params(("tenant" = String, Path)),
+    responses(
+        (status = 200, body = Vec<RuleView>),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    ))]
+pub(super) async fn list_rules(
+    State(state): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = for_tenant(&state, &headers, &tenant) {
+        return response;
+    }
+    Json(state.registry.rules(&tenant)).into_response()
+}
+
+/// One rule: its manifest, versions (hash, size, parameters, who uploaded
+/// each and when), and the active version.
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/rules/{rule}", tag = "rules",
+    params(("tenant" = String, Path), ("rule" = String, Path)),
+    responses(
+        (status = 200, body = RuleView),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub(super) async fn get_rule(
+    State(state): State<Arc<AppState>>,
+    Path((tenant, rule)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = for_tenant(&state, &headers, &tenant) {
+        return response;
+    }
+    match state.registry.rule(&tenant, &rule) {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+/// Stop running a registered rule and forget its versions (its buckets'
+/// state stays).
+#[utoipa::path(delete, path = "/v1/tenants/{tenant}/rules/{rule}", tag = "rules",
+    params(("tenant" = String, Path), ("rule" = String, Path)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "A rule of the host's config", body = ErrorBody),
+    ))]
+pub(super) async fn delete_rule(
+    State(state): State<Arc<AppState>>,
+    Path((tenant, rule)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = for_tenant(&state, &headers, &tenant) {
+        return response;
+    }
+    match state.registry.delete(&tenant, &rule).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Activate {
+    /// The version to run.
+    version: u32,
+}
+
+/// Run another kept version (roll back or forward), on every host.
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/rules/{rule}/activate", tag = "rules",
+    params(("tenant" = String, Path), ("rule" = String, Path)),
+    request_body = Activate,
+    responses(
+        (status = 200, body = RuleView),
+        (status = 400, description = "Not `{\"version\": N}`", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No such rule or version", body = ErrorBody),
+    ))]
+pub(super) async fn activate_rule(
+    State(state): State<Arc<AppState>>,
+    Path((tenant, rule)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = for_tenant(&state, &headers, &tenant) {
+        return response;
+    }
+    let Activate { version } = match serde_json::from_slice(&body) {
+        Ok(activate) => activate,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{\"version\": N}}: {e}"),
+            );
+        }
+    };
+    match state.registry.activate(&tenant, &rule, version).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
