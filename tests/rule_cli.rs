@@ -587,3 +587,221 @@ fn a_rule_built_with_cargo_component_runs_like_the_plain_build() {
     assert_eq!(alerts(&component), alerts(&plain));
     assert_eq!(alerts(&component).len(), 14, "7 alerts per tenant");
 }
+
+/// `tocsin` with `env` set, without the test's own cache dir.
+fn tocsin_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tocsin"));
+    command
+        .args(args)
+        .env_remove("TOCSIN_TOKEN")
+        .env_remove("TOCSIN_URL");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run tocsin")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The operator issues a tenant token with the CLI; the tenant uploads,
+/// lists and activates its rule with it, and is refused another tenant's.
+#[test]
+fn the_cli_manages_a_running_hosts_rules_with_tokens() {
+    const OPERATOR: &str = "the-operator-token-of-the-cli-test-0123456789";
+    let data = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tocsin"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("TOCSIN_OPERATOR_TOKEN", OPERATOR)
+        .env("RUST_LOG", "warn");
+    let (child, base) = support::spawn_serve(&mut command);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _host = Kill(std::mem::replace(
+        &mut child,
+        Command::new("true").spawn().unwrap(),
+    ));
+
+    let token = tocsin_env(
+        &["tenant", "token", "client-01"],
+        &[("TOCSIN_URL", &base), ("TOCSIN_TOKEN", OPERATOR)],
+    );
+    assert!(token.status.success(), "{}", stderr(&token));
+    let token = stdout(&token).trim().to_owned();
+    assert!(token.starts_with("tocsin_"), "{token}");
+    let as_tenant = [
+        ("TOCSIN_URL", base.as_str()),
+        ("TOCSIN_TOKEN", token.as_str()),
+    ];
+
+    let upload = tocsin_env(
+        &[
+            "rule",
+            "upload",
+            components::TEST_EVENT,
+            "--tenant",
+            "client-01",
+            "--name",
+            "tests",
+        ],
+        &as_tenant,
+    );
+    assert!(upload.status.success(), "{}", stderr(&upload));
+    assert!(
+        stdout(&upload).starts_with("uploaded: client-01/tests version 1 (test-event@"),
+        "{}",
+        stdout(&upload)
+    );
+    let list = tocsin_env(&["rule", "list", "--tenant", "client-01"], &as_tenant);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let listed = stdout(&list);
+    let row = listed.lines().nth(1).unwrap_or_default();
+    assert!(row.starts_with("tests"), "{listed}");
+    assert!(
+        row.contains("registry") && row.contains("test-event@"),
+        "{listed}"
+    );
+
+    let activate = tocsin_env(
+        &[
+            "rule",
+            "activate",
+            "--tenant",
+            "client-01",
+            "--name",
+            "tests",
+            "--version",
+            "1",
+        ],
+        &as_tenant,
+    );
+    assert!(activate.status.success(), "{}", stderr(&activate));
+
+    let refused = tocsin_env(&["rule", "list", "--tenant", "client-02"], &as_tenant);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("403 Forbidden")
+            && stderr(&refused).contains("acts for tenant `client-01` only"),
+        "{}",
+        stderr(&refused)
+    );
+    let anonymous = tocsin_env(
+        &["rule", "list", "--tenant", "client-01"],
+        &[("TOCSIN_URL", &base)],
+    );
+    assert_eq!(anonymous.status.code(), Some(1));
+    assert!(stderr(&anonymous).contains("401"), "{}", stderr(&anonymous));
+    assert!(
+        stderr(&anonymous).contains("--token or TOCSIN_TOKEN"),
+        "{}",
+        stderr(&anonymous)
+    );
+}
+
+/// `tocsin rule new` makes a crate that builds both ways on its own and
+/// whose component passes `tocsin rule test` on its sample events at once.
+#[test]
+fn a_new_rule_crate_builds_both_ways_and_passes_rule_test() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("hot-machines");
+    let created = tocsin_env(
+        &[
+            "rule",
+            "new",
+            "hot-machines",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    for file in ["Cargo.toml", "src/lib.rs", "events.ndjson", "README.md"] {
+        assert!(dir.join(file).exists(), "{file}");
+    }
+    let again = tocsin_env(
+        &[
+            "rule",
+            "new",
+            "hot-machines",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&again).contains("exists: choose a new directory"),
+        "{}",
+        stderr(&again)
+    );
+    let bad = tocsin_env(&["rule", "new", "Hot_Machines"], &[]);
+    assert!(
+        stderr(&bad).contains("must start with a lowercase letter"),
+        "{}",
+        stderr(&bad)
+    );
+
+    // Builds share a target directory across runs of the suite.
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("rule-new");
+    let cargo = |args: &[&str]| {
+        let output = Command::new("cargo")
+            .args(args)
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "cargo {args:?}: {}",
+            stderr(&output)
+        );
+    };
+    cargo(&["test", "--quiet"]);
+    cargo(&["build", "--release", "--quiet", "--target", "wasm32-wasip2"]);
+    cargo(&["component", "build", "--release", "--quiet"]);
+    let events = dir.join("events.ndjson");
+    for built in ["wasm32-wasip2", "wasm32-wasip1"] {
+        let wasm = target.join(built).join("release/hot_machines.wasm");
+        let out = tocsin(
+            &[
+                "rule",
+                "test",
+                wasm.to_str().unwrap(),
+                "--events",
+                events.to_str().unwrap(),
+                "--now",
+                "0",
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{built}: {}", stderr(&out));
+        let alerts = alerts(&out);
+        let shapes: Vec<(String, String)> = alerts
+            .iter()
+            .map(|a| {
+                (
+                    a["key"].as_str().unwrap().to_owned(),
+                    a["status"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                ("too-hot".into(), "firing".into()),
+                ("too-hot".into(), "resolved".into())
+            ],
+            "{built}"
+        );
+        assert_eq!(alerts[0]["rule"], "hot-machines");
+    }
+}
