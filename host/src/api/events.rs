@@ -125,12 +125,13 @@ pub(super) async fn post_events(
         return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
     };
     let registry = state.registry.clone();
+    let poster = caller.clone();
     let gate = move |events: &[crate::event::Incoming]| -> Result<(), Refusal> {
         let mut per_tenant: BTreeMap<&str, usize> = BTreeMap::new();
         for event in events {
             *per_tenant.entry(event.tenant.as_str()).or_default() += 1;
         }
-        if let Caller::Tenant { tenant, .. } = &caller
+        if let Caller::Tenant { tenant, .. } = &poster
             && let Some(other) = per_tenant.keys().find(|t| **t != tenant.as_str())
         {
             let what =
@@ -151,10 +152,7 @@ pub(super) async fn post_events(
         Err(refusal @ Refusal::NotApplied(_)) => {
             error(StatusCode::SERVICE_UNAVAILABLE, refusal.to_string())
         }
-        Err(Refusal::Forbidden(what)) => {
-            let caller = super::caller(&state, &headers).unwrap_or(Caller::Operator);
-            forbidden(&caller, &what)
-        }
+        Err(Refusal::Forbidden(what)) => forbidden(&caller, &what),
         Err(Refusal::Quota(exceeded)) => quota_error(&exceeded),
     }
 }

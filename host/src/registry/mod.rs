@@ -37,9 +37,10 @@ pub const MAX_PARAMS_BYTES: usize = 8 * 1024;
 /// Longest an upload's compilation may take (the example rules compile in
 /// well under a second here).
 pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often a host asks the registry what changed: a new version is live
-/// on every host within this plus the time to load it.
-pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+/// How often a host asks the registry what changed (one strongly
+/// consistent Query, four a second): a new version is live on every host
+/// within this plus the time to fetch and compile it.
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 /// Longest tenant id the API takes (it is part of every stored key).
 pub const MAX_TENANT_BYTES: usize = 128;
 
@@ -434,9 +435,11 @@ impl Registry {
                 rules.push(rule);
                 continue;
             }
+            let started = std::time::Instant::now();
             match self.load_version(&doc, active, &quotas).await {
                 Ok(rule) => {
                     let rule = Arc::new(rule);
+                    tracing::info!(tenant, rule = %doc.name, version = active.version, took = ?started.elapsed(), "loaded");
                     self.load_errors.lock().expect("errors lock").remove(&id);
                     self.serving.lock().expect("serving lock").insert(
                         id,
@@ -448,7 +451,6 @@ impl Registry {
                             rule: rule.clone(),
                         },
                     );
-                    tracing::info!(tenant, rule = %doc.name, version = active.version, "serving");
                     rules.push(rule);
                 }
                 Err(error) => {
