@@ -25,6 +25,9 @@ fn config(data_dir: &Path) -> Config {
     }
 }
 
+/// A request body and its content type.
+type Body<'a> = (&'a str, Vec<u8>);
+
 struct Host {
     server: Server,
     base: String,
@@ -50,7 +53,7 @@ impl Host {
         token: Option<&str>,
         method: Method,
         path: &str,
-        body: Option<(&str, Vec<u8>)>,
+        body: Option<Body<'_>>,
     ) -> (StatusCode, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = token {
@@ -408,7 +411,7 @@ async fn a_tenant_token_acts_only_for_its_tenant() {
     // Everything of tenant B, asked with A's token.
     let activate = || Some(("application/json", br#"{"version": 1}"#.to_vec()));
     let wasm_body = || Some(("application/wasm", test_event.clone()));
-    let forbidden: Vec<(Method, &str, Option<(&str, Vec<u8>)>)> = vec![
+    let forbidden: Vec<(Method, &str, Option<Body>)> = vec![
         (Method::GET, "/v1/tenants/tenant-b/rules", None),
         (Method::GET, "/v1/tenants/tenant-b/rules/tests", None),
         (Method::PUT, "/v1/tenants/tenant-b/rules/tests", wasm_body()),

@@ -195,10 +195,20 @@ impl LiveCatalogue {
     }
 
     /// Replace `tenant`'s registered rules (the registry's active
-    /// versions); batches that start from now on run them.
+    /// versions); batches that start from now on run them. A registered
+    /// rule named like one of the config's (the config changed after it was
+    /// registered) is not run: one name files one rule's buckets.
     pub fn set_registered(&self, tenant: &str, mut rules: Vec<Arc<LoadedRule>>) {
         rules.sort_by(|a, b| a.name().cmp(b.name()));
-        let mut all: Vec<Arc<LoadedRule>> = self.fixed(tenant).to_vec();
+        let fixed = self.fixed(tenant);
+        rules.retain(|rule| {
+            let shadowed = fixed.iter().any(|f| f.name() == rule.name());
+            if shadowed {
+                tracing::error!(tenant, rule = rule.name(), "a rule of the config has this registered rule's name: running the config's; rename one of them");
+            }
+            !shadowed
+        });
+        let mut all: Vec<Arc<LoadedRule>> = fixed.to_vec();
         all.extend(rules);
         let mut merged = self.merged.write().expect("merged lock");
         if all.is_empty() {

@@ -13,7 +13,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use super::{AppState, ErrorBody, error, for_tenant};
+use super::{AppState, ErrorBody, Refused, error, for_tenant};
 use crate::alert::AlertRecord;
 use crate::store::AlertLog;
 
@@ -25,13 +25,12 @@ fn alert_log(
     state: &AppState,
     headers: &HeaderMap,
     tenant: &str,
-) -> Result<Arc<dyn AlertLog>, Response> {
+) -> Result<Arc<dyn AlertLog>, Refused> {
     for_tenant(state, headers, tenant)?;
-    state.log.clone().ok_or_else(|| {
-        error(
-            StatusCode::NOT_FOUND,
-            "this host keeps no alert log (its state is in DynamoDB): read alerts from the alerts stream",
-        )
+    state.log.clone().ok_or_else(|| Refused {
+        status: StatusCode::NOT_FOUND,
+        error: "this host keeps no alert log (its state is in DynamoDB): read alerts from the alerts stream"
+            .to_owned(),
     })
 }
 
@@ -60,7 +59,7 @@ pub(super) async fn list_alerts(
     let limit = page.limit.unwrap_or(MAX_ALERTS_PAGE).min(MAX_ALERTS_PAGE);
     let log = match alert_log(&state, &headers, &tenant) {
         Ok(log) => log,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let after = page.after.unwrap_or(0);
     match tokio::task::spawn_blocking(move || log.alerts(&tenant, after, limit)).await {
@@ -90,7 +89,7 @@ pub(super) async fn stream_alerts(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .or(page.after);
-    let log = alert_log(&state, &headers, &tenant)?;
+    let log = alert_log(&state, &headers, &tenant).map_err(IntoResponse::into_response)?;
     // Subscribe before reading the log, so nothing falls between the two.
     let live = state.engine.subscribe();
     // A live-only subscriber that falls behind catches up from here, not
@@ -241,7 +240,7 @@ pub(super) async fn list_buckets(
 ) -> Response {
     let log = match alert_log(&state, &headers, &tenant) {
         Ok(log) => log,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     match tokio::task::spawn_blocking(move || log.buckets(&tenant)).await {
         Ok(Ok(buckets)) => Json(

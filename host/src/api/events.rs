@@ -92,7 +92,7 @@ pub(super) async fn post_events(
 ) -> Response {
     let caller = match caller(&state, &headers) {
         Ok(caller) => caller,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let Some(ingest) = &state.ingest else {
         let stream = state
@@ -152,7 +152,7 @@ pub(super) async fn post_events(
         Err(refusal @ Refusal::NotApplied(_)) => {
             error(StatusCode::SERVICE_UNAVAILABLE, refusal.to_string())
         }
-        Err(Refusal::Forbidden(what)) => forbidden(&caller, &what),
+        Err(Refusal::Forbidden(what)) => forbidden(&caller, &what).into_response(),
         Err(Refusal::Quota(exceeded)) => quota_error(&exceeded),
     }
 }
@@ -188,8 +188,8 @@ pub struct Status {
         (status = 404, description = "This host has no Kinesis source", body = ErrorBody),
     ))]
 pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(response) = operator(&state, &headers, "read the host's status") {
-        return response;
+    if let Err(refused) = operator(&state, &headers, "read the host's status") {
+        return refused.into_response();
     }
     let Some((shards, settings)) = &state.shards else {
         return error(StatusCode::NOT_FOUND, "this host has no Kinesis source");

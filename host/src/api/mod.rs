@@ -171,8 +171,28 @@ fn quota_error(exceeded: &crate::registry::quota::QuotaExceeded) -> Response {
     response
 }
 
+/// A request refused before its handler's work: 401 or 403 with the reason.
+#[derive(Debug)]
+struct Refused {
+    status: StatusCode,
+    error: String,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let mut response = error(self.status, self.error);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
 /// Who is calling, or the 401 that says why nobody is.
-fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Response> {
+fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Refused> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         if state.registry.has_operator_token() {
             return Err(unauthorized(
@@ -195,17 +215,15 @@ fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Response> {
         .ok_or_else(|| unauthorized("the token is unknown or revoked"))
 }
 
-fn unauthorized(message: &str) -> Response {
-    let mut response = error(StatusCode::UNAUTHORIZED, message);
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    response
+fn unauthorized(message: &str) -> Refused {
+    Refused {
+        status: StatusCode::UNAUTHORIZED,
+        error: message.to_owned(),
+    }
 }
 
 /// The caller, if it may act for `tenant`.
-fn for_tenant(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Caller, Response> {
+fn for_tenant(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Caller, Refused> {
     let caller = caller(state, headers)?;
     if !caller.may_act_for(tenant) {
         return Err(forbidden(&caller, &format!("act for tenant `{tenant}`")));
@@ -214,7 +232,7 @@ fn for_tenant(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Cal
 }
 
 /// The caller, if it is the operator.
-fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Caller, Response> {
+fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Caller, Refused> {
     let caller = caller(state, headers)?;
     if caller != Caller::Operator {
         return Err(forbidden(&caller, what));
@@ -222,12 +240,15 @@ fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Caller,
     Ok(caller)
 }
 
-fn forbidden(caller: &Caller, what: &str) -> Response {
+fn forbidden(caller: &Caller, what: &str) -> Refused {
     let message = match caller {
         Caller::Operator => format!("the operator may not {what}"),
         Caller::Tenant { tenant, token } => {
             format!("token `{token}` acts for tenant `{tenant}` only: it may not {what}")
         }
     };
-    error(StatusCode::FORBIDDEN, message)
+    Refused {
+        status: StatusCode::FORBIDDEN,
+        error: message,
+    }
 }

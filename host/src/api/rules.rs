@@ -52,7 +52,7 @@ pub(super) async fn put_rule(
 ) -> Response {
     let caller = match for_tenant(&state, &headers, &tenant) {
         Ok(caller) => caller,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -108,8 +108,8 @@ pub(super) async fn list_rules(
     Path(tenant): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = for_tenant(&state, &headers, &tenant) {
-        return response;
+    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
+        return refused.into_response();
     }
     Json(state.registry.rules(&tenant)).into_response()
 }
@@ -128,8 +128,8 @@ pub(super) async fn get_rule(
     Path((tenant, rule)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = for_tenant(&state, &headers, &tenant) {
-        return response;
+    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
+        return refused.into_response();
     }
     match state.registry.rule(&tenant, &rule) {
         Ok(view) => Json(view).into_response(),
@@ -152,8 +152,8 @@ pub(super) async fn delete_rule(
     Path((tenant, rule)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = for_tenant(&state, &headers, &tenant) {
-        return response;
+    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
+        return refused.into_response();
     }
     match state.registry.delete(&tenant, &rule).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -184,8 +184,8 @@ pub(super) async fn activate_rule(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(response) = for_tenant(&state, &headers, &tenant) {
-        return response;
+    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
+        return refused.into_response();
     }
     let Activate { version } = match serde_json::from_slice(&body) {
         Ok(activate) => activate,

@@ -38,7 +38,7 @@ pub(super) async fn create_token(
 ) -> Response {
     let caller = match operator(&state, &headers, "issue tokens") {
         Ok(caller) => caller,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     if let Err(e) = validate_tenant(&tenant) {
         return registry_error(e);
@@ -63,8 +63,8 @@ pub(super) async fn list_tokens(
     Path(tenant): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = for_tenant(&state, &headers, &tenant) {
-        return response;
+    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
+        return refused.into_response();
     }
     Json(state.registry.tokens(&tenant)).into_response()
 }
@@ -82,8 +82,8 @@ pub(super) async fn revoke_token(
     Path((tenant, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers, "revoke tokens") {
-        return response;
+    if let Err(refused) = operator(&state, &headers, "revoke tokens") {
+        return refused.into_response();
     }
     match state.registry.revoke_token(&tenant, &id).await {
         Ok(view) => Json(view).into_response(),
@@ -103,8 +103,8 @@ pub(super) async fn get_quotas(
     Path(tenant): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = for_tenant(&state, &headers, &tenant) {
-        return response;
+    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
+        return refused.into_response();
     }
     Json(state.registry.quotas(&tenant)).into_response()
 }
@@ -126,8 +126,8 @@ pub(super) async fn put_quotas(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(response) = operator(&state, &headers, "set quotas") {
-        return response;
+    if let Err(refused) = operator(&state, &headers, "set quotas") {
+        return refused.into_response();
     }
     if let Err(e) = validate_tenant(&tenant) {
         return registry_error(e);
