@@ -13,7 +13,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use super::{AppState, ErrorBody, Refused, error, for_tenant};
+use super::{ApiError, AppState, ErrorBody, error, for_tenant};
 use crate::alert::AlertRecord;
 use crate::store::AlertLog;
 
@@ -25,12 +25,13 @@ fn alert_log(
     state: &AppState,
     headers: &HeaderMap,
     tenant: &str,
-) -> Result<Arc<dyn AlertLog>, Refused> {
+) -> Result<Arc<dyn AlertLog>, ApiError> {
     for_tenant(state, headers, tenant)?;
-    state.log.clone().ok_or_else(|| Refused {
-        status: StatusCode::NOT_FOUND,
-        error: "this host keeps no alert log (its state is in DynamoDB): read alerts from the alerts stream"
-            .to_owned(),
+    state.log.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this host keeps no alert log (its state is in DynamoDB): read alerts from the alerts stream",
+        )
     })
 }
 

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{AppState, ErrorBody, caller, error, forbidden, operator, quota_error};
+use super::{ApiError, AppState, ErrorBody, caller, error, forbidden, operator};
 use crate::registry::auth::Caller;
 use crate::source::http::{Answer, Refusal};
 
@@ -153,7 +153,7 @@ pub(super) async fn post_events(
             error(StatusCode::SERVICE_UNAVAILABLE, refusal.to_string())
         }
         Err(Refusal::Forbidden(what)) => forbidden(&caller, &what).into_response(),
-        Err(Refusal::Quota(exceeded)) => quota_error(&exceeded),
+        Err(Refusal::Quota(exceeded)) => ApiError::from(&exceeded).into_response(),
     }
 }
 

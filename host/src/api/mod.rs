@@ -30,6 +30,7 @@ use utoipa_axum::routes;
 
 use crate::engine::Engine;
 use crate::registry::auth::Caller;
+use crate::registry::quota::QuotaExceeded;
 use crate::registry::{Registry, RegistryError};
 use crate::source::http::HttpIngest;
 use crate::source::shards::{ShardSettings, ShardsState};
@@ -128,71 +129,80 @@ pub struct ErrorBody {
     pub quota: Option<String>,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(ErrorBody {
-            error: message.into(),
-            quota: None,
-        }),
-    )
-        .into_response()
-}
-
-fn registry_error(error: RegistryError) -> Response {
-    match error {
-        RegistryError::NotFound(message) => self::error(StatusCode::NOT_FOUND, message),
-        RegistryError::Invalid(message) => self::error(StatusCode::UNPROCESSABLE_ENTITY, message),
-        RegistryError::Conflict(message) => self::error(StatusCode::CONFLICT, message),
-        RegistryError::Quota(exceeded) => quota_error(&exceeded),
-        RegistryError::Store(e) => self::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
-}
-
-fn quota_error(exceeded: &crate::registry::quota::QuotaExceeded) -> Response {
-    let status = if exceeded.retry {
-        StatusCode::TOO_MANY_REQUESTS
-    } else {
-        StatusCode::FORBIDDEN
-    };
-    let mut response = (
-        status,
-        Json(ErrorBody {
-            error: exceeded.to_string(),
-            quota: Some(exceeded.quota.to_owned()),
-        }),
-    )
-        .into_response();
-    if exceeded.retry {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    }
-    response
-}
-
-/// A request refused before its handler's work: 401 or 403 with the reason.
+/// An error answer: its status and [`ErrorBody`]. Handlers return it with
+/// `?`; 401 carries `WWW-Authenticate`, 429 `Retry-After`.
 #[derive(Debug)]
-struct Refused {
+struct ApiError {
     status: StatusCode,
-    error: String,
+    body: ErrorBody,
 }
 
-impl IntoResponse for Refused {
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: message.into(),
+                quota: None,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = error(self.status, self.error);
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
+        let status = self.status;
+        let mut response = (status, Json(self.body)).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         response
     }
 }
 
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        let status = match &error {
+            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RegistryError::Conflict(_) => StatusCode::CONFLICT,
+            RegistryError::Quota(exceeded) => return exceeded.into(),
+            RegistryError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
+
+impl From<&QuotaExceeded> for ApiError {
+    fn from(exceeded: &QuotaExceeded) -> Self {
+        let status = if exceeded.retry {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: exceeded.to_string(),
+                quota: Some(exceeded.quota.to_owned()),
+            },
+        }
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    ApiError::new(status, message).into_response()
+}
+
 /// Who is calling, or the 401 that says why nobody is.
-fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Refused> {
+fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         if state.registry.has_operator_token() {
             return Err(unauthorized(
@@ -215,15 +225,12 @@ fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Refused> {
         .ok_or_else(|| unauthorized("the token is unknown or revoked"))
 }
 
-fn unauthorized(message: &str) -> Refused {
-    Refused {
-        status: StatusCode::UNAUTHORIZED,
-        error: message.to_owned(),
-    }
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, message)
 }
 
 /// The caller, if it may act for `tenant`.
-fn for_tenant(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Caller, Refused> {
+fn for_tenant(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Caller, ApiError> {
     let caller = caller(state, headers)?;
     if !caller.may_act_for(tenant) {
         return Err(forbidden(&caller, &format!("act for tenant `{tenant}`")));
@@ -232,7 +239,7 @@ fn for_tenant(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Cal
 }
 
 /// The caller, if it is the operator.
-fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Caller, Refused> {
+fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Caller, ApiError> {
     let caller = caller(state, headers)?;
     if caller != Caller::Operator {
         return Err(forbidden(&caller, what));
@@ -240,15 +247,12 @@ fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Caller,
     Ok(caller)
 }
 
-fn forbidden(caller: &Caller, what: &str) -> Refused {
+fn forbidden(caller: &Caller, what: &str) -> ApiError {
     let message = match caller {
         Caller::Operator => format!("the operator may not {what}"),
         Caller::Tenant { tenant, token } => {
             format!("token `{token}` acts for tenant `{tenant}` only: it may not {what}")
         }
     };
-    Refused {
-        status: StatusCode::FORBIDDEN,
-        error: message,
-    }
+    ApiError::new(StatusCode::FORBIDDEN, message)
 }

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{AppState, ErrorBody, error, for_tenant, registry_error};
+use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::registry::{RuleView, VersionRecord};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -49,11 +49,8 @@ pub(super) async fn put_rule(
     Query(upload): Query<Upload>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    let caller = match for_tenant(&state, &headers, &tenant) {
-        Ok(caller) => caller,
-        Err(refused) => return refused.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let caller = for_tenant(&state, &headers, &tenant)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -62,38 +59,41 @@ pub(super) async fn put_rule(
         content_type,
         "application/wasm" | "application/octet-stream"
     ) {
-        return error(
+        return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(
                 "send the component as `Content-Type: application/wasm` (got `{content_type}`)"
             ),
-        );
+        ));
     }
     if body.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "the body holds no component");
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body holds no component",
+        ));
     }
-    let params = match upload.params.as_deref() {
-        None => None,
-        Some(text) => match serde_json::from_str(text) {
-            Ok(params) => Some(params),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the parameters are not JSON: {e}"),
-                );
-            }
-        },
-    };
+    let params = upload
+        .params
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the parameters are not JSON: {e}"),
+            )
+        })?;
     let activate = upload.activate.unwrap_or(true);
-    match state
+    let (record, created) = state
         .registry
         .upload(&tenant, &rule, body.to_vec(), params, activate, &caller)
-        .await
-    {
-        Ok((record, true)) => (StatusCode::CREATED, Json(record)).into_response(),
-        Ok((record, false)) => Json(record).into_response(),
-        Err(e) => registry_error(e),
-    }
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record)).into_response())
 }
 
 /// The tenant's rules: from the host's config, then registered.
@@ -107,11 +107,9 @@ pub(super) async fn list_rules(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
-        return refused.into_response();
-    }
-    Json(state.registry.rules(&tenant)).into_response()
+) -> Result<Json<Vec<RuleView>>, ApiError> {
+    for_tenant(&state, &headers, &tenant)?;
+    Ok(Json(state.registry.rules(&tenant)))
 }
 
 /// One rule: its manifest, versions (hash, size, parameters, who uploaded
@@ -127,14 +125,9 @@ pub(super) async fn get_rule(
     State(state): State<Arc<AppState>>,
     Path((tenant, rule)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
-        return refused.into_response();
-    }
-    match state.registry.rule(&tenant, &rule) {
-        Ok(view) => Json(view).into_response(),
-        Err(e) => registry_error(e),
-    }
+) -> Result<Json<RuleView>, ApiError> {
+    for_tenant(&state, &headers, &tenant)?;
+    Ok(Json(state.registry.rule(&tenant, &rule)?))
 }
 
 /// Stop running a registered rule and forget its versions (its buckets'
@@ -151,14 +144,10 @@ pub(super) async fn delete_rule(
     State(state): State<Arc<AppState>>,
     Path((tenant, rule)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
-        return refused.into_response();
-    }
-    match state.registry.delete(&tenant, &rule).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => registry_error(e),
-    }
+) -> Result<StatusCode, ApiError> {
+    for_tenant(&state, &headers, &tenant)?;
+    state.registry.delete(&tenant, &rule).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -183,21 +172,15 @@ pub(super) async fn activate_rule(
     Path((tenant, rule)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
-        return refused.into_response();
-    }
-    let Activate { version } = match serde_json::from_slice(&body) {
-        Ok(activate) => activate,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be {{\"version\": N}}: {e}"),
-            );
-        }
-    };
-    match state.registry.activate(&tenant, &rule, version).await {
-        Ok(view) => Json(view).into_response(),
-        Err(e) => registry_error(e),
-    }
+) -> Result<Json<RuleView>, ApiError> {
+    for_tenant(&state, &headers, &tenant)?;
+    let Activate { version } = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be {{\"version\": N}}: {e}"),
+        )
+    })?;
+    Ok(Json(
+        state.registry.activate(&tenant, &rule, version).await?,
+    ))
 }

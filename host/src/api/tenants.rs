@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{AppState, ErrorBody, error, for_tenant, operator, registry_error};
+use super::{ApiError, AppState, ErrorBody, for_tenant, operator};
 use crate::registry::quota::Quotas;
 use crate::registry::{TokenView, validate_tenant};
 
@@ -35,20 +35,11 @@ pub(super) async fn create_token(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    let caller = match operator(&state, &headers, "issue tokens") {
-        Ok(caller) => caller,
-        Err(refused) => return refused.into_response(),
-    };
-    if let Err(e) = validate_tenant(&tenant) {
-        return registry_error(e);
-    }
-    match state.registry.create_token(&tenant, &caller).await {
-        Ok((record, token)) => {
-            (StatusCode::CREATED, Json(NewToken { token, record })).into_response()
-        }
-        Err(e) => registry_error(e),
-    }
+) -> Result<Response, ApiError> {
+    let caller = operator(&state, &headers, "issue tokens")?;
+    validate_tenant(&tenant)?;
+    let (record, token) = state.registry.create_token(&tenant, &caller).await?;
+    Ok((StatusCode::CREATED, Json(NewToken { token, record })).into_response())
 }
 
 /// The tenant's tokens, revoked ones too; never their secrets.
@@ -62,11 +53,9 @@ pub(super) async fn list_tokens(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
-        return refused.into_response();
-    }
-    Json(state.registry.tokens(&tenant)).into_response()
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    for_tenant(&state, &headers, &tenant)?;
+    Ok(Json(state.registry.tokens(&tenant)))
 }
 
 /// Revoke a token (operator): refused on every host from then on.
@@ -81,14 +70,9 @@ pub(super) async fn revoke_token(
     State(state): State<Arc<AppState>>,
     Path((tenant, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = operator(&state, &headers, "revoke tokens") {
-        return refused.into_response();
-    }
-    match state.registry.revoke_token(&tenant, &id).await {
-        Ok(view) => Json(view).into_response(),
-        Err(e) => registry_error(e),
-    }
+) -> Result<Json<TokenView>, ApiError> {
+    operator(&state, &headers, "revoke tokens")?;
+    Ok(Json(state.registry.revoke_token(&tenant, &id).await?))
 }
 
 /// The tenant's quotas.
@@ -102,11 +86,9 @@ pub(super) async fn get_quotas(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = for_tenant(&state, &headers, &tenant) {
-        return refused.into_response();
-    }
-    Json(state.registry.quotas(&tenant)).into_response()
+) -> Result<Json<Quotas>, ApiError> {
+    for_tenant(&state, &headers, &tenant)?;
+    Ok(Json(state.registry.quotas(&tenant)))
 }
 
 /// Set the tenant's quotas (operator); fields left out take the host's
@@ -125,34 +107,25 @@ pub(super) async fn put_quotas(
     Path(tenant): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(refused) = operator(&state, &headers, "set quotas") {
-        return refused.into_response();
-    }
-    if let Err(e) = validate_tenant(&tenant) {
-        return registry_error(e);
-    }
+) -> Result<Json<Quotas>, ApiError> {
+    operator(&state, &headers, "set quotas")?;
+    validate_tenant(&tenant)?;
+    let bad = |reason: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("not a quotas object: {reason}"),
+        )
+    };
     // Over the defaults, so a field left out is the default.
     let mut quotas = serde_json::to_value(state.registry.default_quotas()).expect("quotas");
     let given = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Object(given)) => given,
-        Ok(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "not a quotas object: send a JSON object",
-            );
-        }
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a quotas object: {e}")),
+        Ok(_) => return Err(bad("send a JSON object".to_owned())),
+        Err(e) => return Err(bad(e.to_string())),
     };
     if let serde_json::Value::Object(merged) = &mut quotas {
         merged.extend(given);
     }
-    let quotas: Quotas = match serde_json::from_value(quotas) {
-        Ok(quotas) => quotas,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a quotas object: {e}")),
-    };
-    match state.registry.set_quotas(&tenant, quotas).await {
-        Ok(quotas) => Json(quotas).into_response(),
-        Err(e) => registry_error(e),
-    }
+    let quotas: Quotas = serde_json::from_value(quotas).map_err(|e| bad(e.to_string()))?;
+    Ok(Json(state.registry.set_quotas(&tenant, quotas).await?))
 }
