@@ -187,6 +187,9 @@ struct BenchArgs {
     /// Rules per tenant (the three seed components, under names of their own past three).
     #[arg(long, default_value_t = 3)]
     rules_per_tenant: usize,
+    /// Instance slots of the sandbox's pool [default: one per rule, up to 4000].
+    #[arg(long)]
+    max_instances: Option<u32>,
     /// Measure one host of the distributed engine instead: load the events onto a new
     /// Kinesis stream, then time the host catching up (needs AWS or `scripts/emulators`).
     #[arg(long)]
@@ -441,6 +444,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_size: args.batch_size,
                 connections: args.connections,
                 rules_per_tenant: args.rules_per_tenant,
+                max_instances: args.max_instances,
             };
             if args.distributed {
                 println!(

@@ -29,6 +29,10 @@ pub struct Options {
     /// Rules per tenant: the seed's three components, under names of
     /// their own when more (each rule its own instance and buckets).
     pub rules_per_tenant: usize,
+    /// Instance slots of the sandbox's pool [default: one per rule, up to
+    /// the service's default]: fewer than the rules running makes them
+    /// take turns.
+    pub max_instances: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +66,9 @@ pub struct Memory {
     /// Once every instance has gone idle and been dropped.
     pub idle_mib: f64,
     pub idle_instances: usize,
+    /// The same, once the allocator has returned freed pages (jemalloc
+    /// gives back dirty pages after about ten seconds).
+    pub settled_mib: f64,
 }
 
 /// `VmRSS` and `VmHWM` of this process, MiB (Linux).
@@ -133,7 +140,7 @@ impl std::fmt::Display for Report {
         let m = &self.memory;
         write!(
             f,
-            "memory with {} rules (RSS of the whole process): loaded {:.0} MiB ({} live instances); after the load {:.0} MiB ({} live), peak {:.0} MiB; all idle {:.0} MiB ({} live)",
+            "memory with {} rules (RSS of the whole process): loaded {:.0} MiB ({} live instances); after the load {:.0} MiB ({} live), peak {:.0} MiB; all idle {:.0} MiB ({} live), {:.0} MiB 12 s later",
             m.rules,
             m.loaded_mib,
             m.loaded_instances,
@@ -141,7 +148,8 @@ impl std::fmt::Display for Report {
             m.after_load_instances,
             m.peak_mib,
             m.idle_mib,
-            m.idle_instances
+            m.idle_instances,
+            m.settled_mib
         )
     }
 }
@@ -183,6 +191,7 @@ fn bodies(options: &Options) -> Vec<String> {
 fn tenants_config(
     tenants: usize,
     per_tenant: usize,
+    max_instances: Option<u32>,
     rules: &BTreeMap<String, PathBuf>,
     data_dir: &Path,
 ) -> Config {
@@ -194,7 +203,8 @@ fn tenants_config(
         data_dir: data_dir.to_owned(),
         // Room for every rule up to the default pool: past it, idle
         // instances make room for the ones called.
-        max_instances: ((tenants * per_tenant + 16) as u32).min(crate::DEFAULT_BENCH_INSTANCES),
+        max_instances: max_instances
+            .unwrap_or(((tenants * per_tenant + 16) as u32).min(crate::DEFAULT_BENCH_INSTANCES)),
         rules: (0..tenants)
             .flat_map(|t| {
                 let paths = paths.clone();
@@ -221,6 +231,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let config = tenants_config(
         options.tenants,
         options.rules_per_tenant,
+        options.max_instances,
         &rules,
         data.path(),
     );
@@ -285,6 +296,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     server.runtime().drop_idle_instances(Duration::ZERO);
     memory.idle_mib = rss().0;
     memory.idle_instances = server.runtime().live_instances();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    memory.settled_mib = rss().0;
     let stats = server.engine().stats();
     let nanos = |counter: &std::sync::atomic::AtomicU64| {
         Duration::from_nanos(counter.load(Ordering::Relaxed))
@@ -429,6 +442,7 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         ..tenants_config(
             options.tenants,
             options.rules_per_tenant,
+            options.max_instances,
             &rules,
             data.path(),
         )

@@ -45,6 +45,16 @@ pub(crate) struct Live {
 
 struct Counted(Arc<AtomicUsize>);
 
+impl Counted {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        Counted(live.clone())
+    }
+}
+
+/// A pool slot taken for an instance being created.
+pub(crate) struct Reservation(Counted);
+
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -76,22 +86,36 @@ impl Instances {
         slot
     }
 
-    /// Count a new instance in (call [`make_room`](Self::make_room) first).
-    pub(crate) fn admit(&self, store: Store<Sandbox>, rule: Rule) -> Live {
-        self.live.fetch_add(1, Ordering::Relaxed);
+    /// Reserve a pool slot for an instance about to be created, first
+    /// dropping idle instances if the pool is full. Counted before the
+    /// instance exists, so that threads creating instances at once never
+    /// take more slots than there are; dropping the reservation (a failed
+    /// instantiation, or the instance's end) gives the slot back.
+    pub(crate) fn reserve(&self) -> Reservation {
+        let reserved = Counted::new(&self.live);
+        if self.live.load(Ordering::Relaxed) > self.capacity {
+            self.make_room();
+        }
+        Reservation(reserved)
+    }
+
+    /// The live instance that took `reservation`'s slot.
+    pub(crate) fn admit(
+        &self,
+        reservation: Reservation,
+        store: Store<Sandbox>,
+        rule: Rule,
+    ) -> Live {
         Live {
             store,
             rule,
-            _counted: Counted(self.live.clone()),
+            _counted: reservation.0,
         }
     }
 
-    /// Make room for one more instance: when the pool is full, drop the
-    /// least recently used instances not in a call.
-    pub(crate) fn make_room(&self) {
-        if self.live.load(Ordering::Relaxed) < self.capacity {
-            return;
-        }
+    /// When the pool is over full, drop the least recently used instances
+    /// not in a call, down to nine tenths of it.
+    fn make_room(&self) {
         let mut candidates: Vec<(u64, Arc<Slot>)> = {
             let mut slots = self.slots.lock().expect("slots lock");
             slots.retain(|s| s.strong_count() > 0);

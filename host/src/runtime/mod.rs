@@ -641,7 +641,7 @@ impl LoadedRule {
     /// A new instance, handed the parameters: every instance reads them
     /// once, before any other call.
     fn start(&self) -> Result<(instances::Live, Manifest), RuleError> {
-        self.instances.make_room();
+        let reservation = self.instances.reserve();
         let mut store = Store::new(self.pre.engine(), Sandbox::new(&self.limits, self.seed));
         store.limiter(|sandbox| sandbox);
         self.arm(&mut store, 0, 0);
@@ -657,7 +657,7 @@ impl LoadedRule {
             Ok(manifest) => manifest.map_err(|e| self.error(Cause::BadParams(e)))?,
             Err(error) => return Err(trapped(&mut store, error)),
         };
-        Ok((self.instances.admit(store, rule), manifest))
+        Ok((self.instances.admit(reservation, store, rule), manifest))
     }
 
     fn error(&self, cause: Cause) -> RuleError {
