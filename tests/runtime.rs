@@ -469,3 +469,50 @@ fn rules_outnumbering_the_instance_pool_all_run_and_idle_instances_are_dropped()
     );
     assert_eq!(runtime.live_instances(), 1);
 }
+
+/// Threads starting instances at once never take more slots than the pool
+/// has: each reserves its slot before it creates the instance. (Checking
+/// for room first and counting after let two threads take the last slot,
+/// and one call trapped with "maximum concurrent limit … reached".)
+#[test]
+fn rules_started_on_many_threads_at_once_share_a_full_pool() {
+    let runtime = Runtime::new(RuntimeConfig {
+        max_instances: 4,
+        cache_dir: None,
+        idle_instance: std::time::Duration::from_secs(3600),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let wasm = std::fs::read(components::TEST_EVENT).unwrap();
+    let compiled = runtime.compile("test-event", &wasm).unwrap();
+    let rules: Vec<LoadedRule> = (0..16)
+        .map(|t| {
+            runtime
+                .instantiate(&format!("tenant-{t}"), &compiled, &Default::default())
+                .unwrap()
+        })
+        .collect();
+    let event = Incoming::parse(
+        r#"{"eventType":"test-event","clientId":"t"}"#,
+        "clientId",
+        0,
+    )
+    .unwrap();
+    std::thread::scope(|scope| {
+        // As many threads as slots: each holds at most one in a call.
+        for worker in 0..4 {
+            let (rules, event) = (&rules, &event);
+            scope.spawn(move || {
+                for round in 0..40 {
+                    let rule = &rules[(worker * 7 + round * 3) % rules.len()];
+                    let run =
+                        pipeline::run_rule(rule, &[event], 0, |_| Ok::<_, ()>(None::<Vec<u8>>))
+                            .unwrap();
+                    if let Err(error) = &run.buckets[0].result {
+                        panic!("worker {worker}, round {round}: {error}");
+                    }
+                }
+            });
+        }
+    });
+}
