@@ -91,6 +91,30 @@ async fn a_lone_host_holds_every_shard_reads_nothing_in_steady_state_and_release
         requests as f64 * 1000.0 / more.len() as f64,
     );
 
+    // The metrics name both shards' lag behind the tip and the two leases.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tocsin_leases 2\n"), "{metrics}");
+    for shard in &after_first.shards {
+        assert!(
+            metrics.contains(&format!(
+                "tocsin_source_lag_milliseconds{{shard=\"{shard}\"}} "
+            )),
+            "{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(&format!(
+            "tocsin_events_total {}\n",
+            seed.len() + more.len()
+        )),
+        "{metrics}"
+    );
+
     // A graceful stop releases every lease.
     host.stop().await.unwrap();
     let leases = Leases::new(

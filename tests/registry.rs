@@ -642,6 +642,7 @@ async fn the_openapi_document_describes_every_route() {
         "GET /healthz",
         "GET /readyz",
         "GET /v1/status",
+        "GET /metrics",
         "POST /v1/events",
         "GET /v1/tenants/{tenant}/alerts",
         "GET /v1/tenants/{tenant}/alerts/stream",

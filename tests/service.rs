@@ -425,3 +425,66 @@ async fn a_looping_rule_with_fuel_to_spare_is_stopped_by_the_deadline() {
     );
     server.stop().await.unwrap();
 }
+
+/// `GET /metrics` in the Prometheus text format: per tenant and rule what
+/// was applied and what failed and why; host-wide batches and commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_each_rules_events_alerts_and_failures_by_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config
+        .rules
+        .push(RuleEntry::new("client-04", support::components::HOSTILE));
+    let server = Server::start(config, Arc::new(ManualClock::new(1_000)))
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr());
+    let body = [
+        r#"{"eventType":"test-event","clientId":"client-01"}"#,
+        r#"{"eventType":"test-event","clientId":"client-01"}"#,
+        r#"{"clientId":"client-04","attack":"fail"}"#,
+        r#"{"clientId":"client-04"}"#,
+        r#"{"eventType":"test-event","clientId":"client-99"}"#,
+    ]
+    .join("\n");
+    assert_eq!(post(&base, &body, None).await.0, 200);
+    let response = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+    };
+    let client_01 = r#"{tenant="client-01",rule="test-event"}"#;
+    assert_eq!(value(&format!("tocsin_rule_events_total{client_01}")), 2.0);
+    assert_eq!(value(&format!("tocsin_rule_alerts_total{client_01}")), 2.0);
+    assert!(value(&format!("tocsin_rule_fuel_total{client_01}")) > 0.0);
+    assert_eq!(
+        value(&format!("tocsin_rule_batch_seconds_count{client_01}")),
+        1.0
+    );
+    // One bucket of client-04's rule failed on request: both its events
+    // are rejected, nothing applied.
+    assert_eq!(
+        value(r#"tocsin_rule_failures_total{tenant="client-04",rule="hostile",cause="failed"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"tocsin_rule_events_total{tenant="client-04",rule="hostile"}"#),
+        0.0
+    );
+    assert_eq!(value("tocsin_events_total"), 5.0);
+    assert_eq!(value("tocsin_unknown_tenant_events_total"), 1.0);
+    assert_eq!(value("tocsin_batch_seconds_count"), 1.0);
+    assert_eq!(value("tocsin_commit_seconds_count"), 1.0);
+    assert_eq!(value("tocsin_registered_rules"), 4.0);
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    server.stop().await.unwrap();
+}

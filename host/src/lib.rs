@@ -20,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod event;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod serve;

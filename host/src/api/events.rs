@@ -221,3 +221,36 @@ pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMa
     })
     .into_response()
 }
+
+/// Prometheus (OpenMetrics) text: per tenant and rule, events, alerts,
+/// fuel, time per batch and failures by cause; host-wide batch and commit
+/// time, events, live instances, rules, and with Kinesis each shard's lag
+/// and the leases held (operator: it names every tenant).
+#[utoipa::path(get, path = "/metrics", tag = "host",
+    responses(
+        (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    ))]
+pub(super) async fn metrics(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    operator(&state, &headers, "read the host's metrics")?;
+    let leases = state
+        .shards
+        .as_ref()
+        .map(|(shards, _)| shards.held.lock().expect("held lock").len());
+    let text = state.engine.metrics().encode(
+        state.registry.runtime().live_instances(),
+        state.registry.serving_count(),
+        leases,
+    );
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}

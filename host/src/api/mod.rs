@@ -95,6 +95,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .routes(routes!(events::healthz))
         .routes(routes!(events::ready))
         .routes(routes!(events::status))
+        .routes(routes!(events::metrics))
         .routes(routes!(alerts::list_alerts))
         .routes(routes!(alerts::stream_alerts))
         .routes(routes!(alerts::list_buckets))

@@ -31,6 +31,7 @@ use crate::alert::AlertRecord;
 use crate::catalogue::Catalogue;
 use crate::clock::Clock;
 use crate::event::Incoming;
+use crate::metrics::{Metrics, RuleTally};
 use crate::runtime::StateChange;
 use crate::sink::{AlertSink, SinkError};
 use crate::store::{
@@ -173,6 +174,10 @@ pub struct Computed {
     failures: u64,
     batch: u64,
     generation: u64,
+    /// Per rule, recorded in the metrics once the batch commits.
+    tallies: Vec<RuleTally>,
+    unknown_tenant: u64,
+    started: Instant,
 }
 
 impl Computed {
@@ -212,6 +217,7 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     live: broadcast::Sender<Arc<AlertRecord>>,
     stats: Stats,
+    metrics: Metrics,
     health: Mutex<Health>,
 }
 
@@ -229,6 +235,7 @@ impl Engine {
             clock,
             live: broadcast::channel(LIVE_ALERTS).0,
             stats: Stats::default(),
+            metrics: Metrics::new(),
             health: Mutex::default(),
         }
     }
@@ -254,6 +261,11 @@ impl Engine {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// What `GET /metrics` reports.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn health(&self) -> Health {
@@ -353,8 +365,10 @@ impl Engine {
             .iter()
             .map(|(tenant, _)| self.catalogue.rules(tenant))
             .collect();
+        let mut unknown_tenant = 0;
         for ((tenant, indices), rules) in tenants.iter().zip(&rule_sets) {
             if rules.is_none() {
+                unknown_tenant += indices.len() as u64;
                 self.stats
                     .unknown_tenant
                     .fetch_add(indices.len() as u64, Ordering::Relaxed);
@@ -436,15 +450,23 @@ impl Engine {
 
         // Run: tenants in parallel, each tenant's rules in turn.
         let max_state = self.store.max_state_bytes();
-        let outcomes: Vec<(Vec<BucketWrite>, Vec<Rejection>, u64)> = routed
+        type TenantOutcome = (Vec<BucketWrite>, Vec<Rejection>, u64, Vec<RuleTally>);
+        let outcomes: Vec<TenantOutcome> = routed
             .into_par_iter()
             .map(|rules| {
                 let mut writes = Vec::new();
                 let mut rejected = Vec::new();
                 let mut failures = 0;
+                let mut tallies = Vec::new();
                 for r in rules {
                     let name = r.rule.name();
                     let tenant = r.rule.tenant();
+                    let mut tally = RuleTally {
+                        tenant: tenant.to_owned(),
+                        rule: name.to_owned(),
+                        ..RuleTally::default()
+                    };
+                    let rule_started = Instant::now();
                     for bad in &r.unroutable {
                         rejected.push(Rejection {
                             index: r.indices[bad.index],
@@ -461,14 +483,17 @@ impl Engine {
                         now,
                         r.priors,
                     );
+                    tally.elapsed = rule_started.elapsed();
                     for bucket in run.buckets {
                         let failure = match bucket.result {
                             Ok(outcome) => {
+                                tally.fuel += outcome.fuel;
                                 for line in &outcome.log {
                                     tracing::info!(tenant, rule = %name, bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
                                 }
                                 match &outcome.state {
                                     StateChange::Set(bytes) if bytes.len() > max_state => {
+                                        tally.failures.push("state_too_large");
                                         Some(format!(
                                             "rule error: the state of bucket `{}` is {} bytes, over the state store's limit of {max_state}; the bucket keeps its previous state",
                                             bucket.key,
@@ -476,6 +501,8 @@ impl Engine {
                                         ))
                                     }
                                     _ => {
+                                        tally.events += bucket.members.len() as u64;
+                                        tally.alerts += outcome.alerts.len() as u64;
                                         writes.push(BucketWrite {
                                             id: std::mem::replace(
                                                 &mut ids[bucket.index],
@@ -494,7 +521,10 @@ impl Engine {
                                     }
                                 }
                             }
-                            Err(error) => Some(error.to_string()),
+                            Err(error) => {
+                                tally.failures.push(error.cause.kind());
+                                Some(error.to_string())
+                            }
                         };
                         if let Some(reason) = failure {
                             // The bucket keeps its state; other buckets go on.
@@ -509,8 +539,9 @@ impl Engine {
                             }
                         }
                     }
+                    tallies.push(tally);
                 }
-                (writes, rejected, failures)
+                (writes, rejected, failures, tallies)
             })
             .collect();
         // Routing and running, not the state reads counted above.
@@ -521,10 +552,12 @@ impl Engine {
 
         let mut writes = Vec::new();
         let mut failures = 0;
-        for (tenant_writes, tenant_rejected, tenant_failures) in outcomes {
+        let mut tallies = Vec::new();
+        for (tenant_writes, tenant_rejected, tenant_failures, tenant_tallies) in outcomes {
             writes.extend(tenant_writes);
             rejected.extend(tenant_rejected);
             failures += tenant_failures;
+            tallies.extend(tenant_tallies);
         }
         rejected.sort_by_key(|r| r.index);
 
@@ -553,6 +586,9 @@ impl Engine {
             failures,
             batch: batch_no,
             generation,
+            tallies,
+            unknown_tenant,
+            started,
         })
     }
 
@@ -568,6 +604,9 @@ impl Engine {
             failures,
             batch,
             generation,
+            tallies,
+            unknown_tenant,
+            started: batch_started,
         } = computed;
         if lane.overlay.lock().expect("overlay lock").generation != generation {
             return Err(EngineError::Stale);
@@ -592,6 +631,13 @@ impl Engine {
         };
         self.set_health(|h| h.commit_error = None);
         add_elapsed(&self.stats.commit_ns, started);
+        self.metrics.committed(
+            &tallies,
+            events as u64,
+            unknown_tenant,
+            batch_started.elapsed(),
+            started.elapsed(),
+        );
         lane.overlay
             .lock()
             .expect("overlay lock")

@@ -283,6 +283,16 @@ impl Registry {
         Ok(registry)
     }
 
+    /// The sandbox the registry loads rules into.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Rules this host serves, from the config and the registry.
+    pub fn serving_count(&self) -> usize {
+        self.catalogue.rule_count()
+    }
+
     pub fn has_operator_token(&self) -> bool {
         self.operator_token.is_some()
     }

@@ -90,6 +90,30 @@ impl std::fmt::Display for Output {
 }
 
 impl Cause {
+    /// A fixed name for the kind of failure, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Cause::InvalidComponent(_) => "invalid_component",
+            Cause::ForbiddenImport { .. } => "forbidden_import",
+            Cause::WrongVersion { .. } => "wrong_version",
+            Cause::BadName(_) => "bad_name",
+            Cause::BadParams(_) => "bad_params",
+            Cause::BadManifest(_) => "bad_manifest",
+            Cause::OutOfFuel { .. } => "out_of_fuel",
+            Cause::OutOfMemory { .. } => "out_of_memory",
+            Cause::StackOverflow { .. } => "stack_overflow",
+            Cause::Deadline { .. } => "deadline",
+            Cause::OutputTooLarge { .. } => "output_too_large",
+            Cause::Blocked { .. } => "blocked",
+            Cause::Panic { .. } => "panic",
+            Cause::Trap(_) => "trap",
+            Cause::BadEvent { .. } => "bad_event",
+            Cause::BadState(_) => "bad_state",
+            Cause::Failed(_) => "failed",
+            Cause::BadOutput(_) => "bad_output",
+        }
+    }
+
     /// Whether the sandbox stopped the call midway: the instance is then
     /// discarded and never entered again. (Oversized state and alerts are
     /// refused after the guest returned, so they are not traps.)

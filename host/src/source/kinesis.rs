@@ -60,6 +60,8 @@ pub struct Poll {
     pub records: Vec<Record>,
     /// The shard is closed and these were its last records.
     pub end: bool,
+    /// How far behind the stream's tip the read was (`MillisBehindLatest`).
+    pub behind_ms: Option<i64>,
 }
 
 /// Reads one shard from a checkpoint on.
@@ -120,6 +122,7 @@ impl ShardReader {
             return Ok(Poll {
                 records: Vec::new(),
                 end: true,
+                behind_ms: None,
             });
         };
         let mut attempt = 0;
@@ -145,6 +148,7 @@ impl ShardReader {
                     self.iterator = output.next_shard_iterator().map(str::to_owned);
                     return Ok(Poll {
                         end: self.iterator.is_none(),
+                        behind_ms: output.millis_behind_latest(),
                         records,
                     });
                 }

@@ -358,6 +358,9 @@ async fn work(
                     continue 'reopen;
                 }
             };
+            if let Some(behind) = poll.behind_ms {
+                engine.metrics().source_lag(&fence.shard, behind);
+            }
             if poll.records.is_empty() && !poll.end {
                 continue;
             }
@@ -422,6 +425,7 @@ async fn work(
             }
         }
     }
+    engine.metrics().shard_released(&fence.shard);
     if !lost.load(Ordering::Relaxed) {
         match leases.release(&fence.shard, &fence.owner, epoch).await {
             Ok(_) => tracing::info!(shard = %fence.shard, "lease released"),
