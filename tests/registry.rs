@@ -81,8 +81,12 @@ impl Host {
     ) -> (StatusCode, Value) {
         let mut path = format!("/v1/tenants/{tenant}/rules/{rule}");
         if let Some(params) = params {
-            let encoded: String = url_encode(&params.to_string());
-            path.push_str(&format!("?params={encoded}"));
+            let mut query = reqwest::Url::parse("http://host/").unwrap();
+            query
+                .query_pairs_mut()
+                .append_pair("params", &params.to_string());
+            path.push('?');
+            path.push_str(query.query().unwrap());
         }
         self.call(
             Some(token),
@@ -140,17 +144,6 @@ async fn sorted_keys(host: &Host) -> Vec<String> {
     let mut keys = host.alert_keys(OPERATOR, "client-07").await;
     keys.sort();
     keys
-}
-
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn wasm(path: &str) -> Vec<u8> {

@@ -216,6 +216,16 @@ impl HostArgs {
     }
 }
 
+/// One rule of one tenant on a host.
+#[derive(Args)]
+struct RuleRef {
+    #[arg(long)]
+    tenant: String,
+    /// The name the tenant runs it under.
+    #[arg(long)]
+    name: String,
+}
+
 #[derive(Subcommand)]
 enum TenantCommand {
     /// Issue a token for a tenant; prints the token (shown only once).
@@ -281,19 +291,15 @@ enum RuleCommand {
     },
     /// Show one rule of a tenant with its versions, as JSON.
     Show {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        rule: RuleRef,
         #[command(flatten)]
         host: HostArgs,
     },
     /// Run another kept version of a tenant's rule (roll back or forward).
     Activate {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        rule: RuleRef,
         #[arg(long)]
         version: u32,
         #[command(flatten)]
@@ -301,10 +307,8 @@ enum RuleCommand {
     },
     /// Stop running a tenant's registered rule and forget its versions.
     Delete {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        rule: RuleRef,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -690,7 +694,10 @@ async fn manage_rules(command: RuleCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        RuleCommand::Show { tenant, name, host } => {
+        RuleCommand::Show {
+            rule: RuleRef { tenant, name },
+            host,
+        } => {
             let (_, rule) = host
                 .client()
                 .call(Method::GET, &rule_path(&tenant, Some(&name)), |r| r)
@@ -698,8 +705,7 @@ async fn manage_rules(command: RuleCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rule)?);
         }
         RuleCommand::Activate {
-            tenant,
-            name,
+            rule: RuleRef { tenant, name },
             version,
             host,
         } => {
@@ -711,7 +717,10 @@ async fn manage_rules(command: RuleCommand) -> anyhow::Result<()> {
                 .await?;
             println!("{tenant}/{name}: version {version} is active");
         }
-        RuleCommand::Delete { tenant, name, host } => {
+        RuleCommand::Delete {
+            rule: RuleRef { tenant, name },
+            host,
+        } => {
             host.client()
                 .call(Method::DELETE, &rule_path(&tenant, Some(&name)), |r| r)
                 .await?;
@@ -731,7 +740,7 @@ async fn manage_tenants(command: TenantCommand) -> anyhow::Result<()> {
         TenantCommand::Token { tenant, host } => {
             let (_, token) = host
                 .client()
-                .call(Method::POST, &tenant_path(&tenant, "tokens"), |r| r)
+                .call(Method::POST, &tenant_path(&tenant, &["tokens"]), |r| r)
                 .await?;
             eprintln!(
                 "token `{}` for tenant `{tenant}`: keep it secret; it is not shown again",
@@ -742,7 +751,7 @@ async fn manage_tenants(command: TenantCommand) -> anyhow::Result<()> {
         TenantCommand::Tokens { tenant, host } => {
             let (_, tokens) = host
                 .client()
-                .call(Method::GET, &tenant_path(&tenant, "tokens"), |r| r)
+                .call(Method::GET, &tenant_path(&tenant, &["tokens"]), |r| r)
                 .await?;
             for token in tokens.as_array().into_iter().flatten() {
                 println!(
@@ -760,7 +769,7 @@ async fn manage_tenants(command: TenantCommand) -> anyhow::Result<()> {
             host.client()
                 .call(
                     Method::DELETE,
-                    &tenant_path(&tenant, &format!("tokens/{id}")),
+                    &tenant_path(&tenant, &["tokens", &id]),
                     |r| r,
                 )
                 .await?;

@@ -13,7 +13,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use super::{ApiError, AppState, ErrorBody, error, for_tenant};
+use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::alert::AlertRecord;
 use crate::store::AlertLog;
 
@@ -33,6 +33,24 @@ fn alert_log(
             "this host keeps no alert log (its state is in DynamoDB): read alerts from the alerts stream",
         )
     })
+}
+
+/// `read` on the alert log, on a blocking thread.
+async fn read<T: Send + 'static>(
+    log: Arc<dyn AlertLog>,
+    read: impl FnOnce(&dyn AlertLog) -> crate::store::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(move || read(log.as_ref())).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -56,18 +74,13 @@ pub(super) async fn list_alerts(
     Path(tenant): Path<String>,
     Query(page): Query<Page>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Json<Vec<AlertRecord>>, ApiError> {
     let limit = page.limit.unwrap_or(MAX_ALERTS_PAGE).min(MAX_ALERTS_PAGE);
-    let log = match alert_log(&state, &headers, &tenant) {
-        Ok(log) => log,
-        Err(refused) => return refused.into_response(),
-    };
+    let log = alert_log(&state, &headers, &tenant)?;
     let after = page.after.unwrap_or(0);
-    match tokio::task::spawn_blocking(move || log.alerts(&tenant, after, limit)).await {
-        Ok(Ok(alerts)) => Json(alerts).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    Ok(Json(
+        read(log, move |log| log.alerts(&tenant, after, limit)).await?,
+    ))
 }
 
 /// A tenant's alerts as server-sent events, one per alert, `id` = its
@@ -97,14 +110,11 @@ pub(super) async fn stream_alerts(
     // from the start of history.
     let since = match resume {
         Some(_) => None,
-        None => {
-            let log = log.clone();
-            match tokio::task::spawn_blocking(move || log.last_seq()).await {
-                Ok(Ok(seq)) => Some(seq),
-                Ok(Err(e)) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-                Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-            }
-        }
+        None => Some(
+            read(log.clone(), |log| log.last_seq())
+                .await
+                .map_err(IntoResponse::into_response)?,
+        ),
     };
     let stream = AlertStream {
         tenant,
@@ -238,26 +248,19 @@ pub(super) async fn list_buckets(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    let log = match alert_log(&state, &headers, &tenant) {
-        Ok(log) => log,
-        Err(refused) => return refused.into_response(),
-    };
-    match tokio::task::spawn_blocking(move || log.buckets(&tenant)).await {
-        Ok(Ok(buckets)) => Json(
-            buckets
-                .into_iter()
-                .map(|(id, bytes)| BucketView {
-                    rule: id.rule,
-                    bucket: id.bucket,
-                    state: hex::encode(bytes),
-                })
-                .collect::<Vec<_>>(),
-        )
-        .into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+) -> Result<Json<Vec<BucketView>>, ApiError> {
+    let log = alert_log(&state, &headers, &tenant)?;
+    let buckets = read(log, move |log| log.buckets(&tenant)).await?;
+    Ok(Json(
+        buckets
+            .into_iter()
+            .map(|(id, bytes)| BucketView {
+                rule: id.rule,
+                bucket: id.bucket,
+                state: hex::encode(bytes),
+            })
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

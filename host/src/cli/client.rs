@@ -62,29 +62,28 @@ impl Client {
     }
 }
 
-fn segment(text: &str) -> String {
-    // Tenant ids may hold any character; the path must keep them whole.
-    let mut out = String::new();
-    for byte in text.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
+/// The URL path of `segments`, each percent-encoded as a path segment
+/// (tenant ids may hold any character).
+fn path(segments: &[&str]) -> String {
+    let mut url = reqwest::Url::parse("http://host/").expect("a base URL");
+    url.path_segments_mut()
+        .expect("an http URL has a path")
+        .extend(segments);
+    url.path().to_owned()
 }
 
 pub fn rule_path(tenant: &str, rule: Option<&str>) -> String {
     match rule {
-        Some(rule) => format!("/v1/tenants/{}/rules/{}", segment(tenant), segment(rule)),
-        None => format!("/v1/tenants/{}/rules", segment(tenant)),
+        Some(rule) => path(&["v1", "tenants", tenant, "rules", rule]),
+        None => path(&["v1", "tenants", tenant, "rules"]),
     }
 }
 
-pub fn tenant_path(tenant: &str, rest: &str) -> String {
-    format!("/v1/tenants/{}/{rest}", segment(tenant))
+/// `/v1/tenants/{tenant}/…` with `rest` (segments of their own).
+pub fn tenant_path(tenant: &str, rest: &[&str]) -> String {
+    let mut segments = vec!["v1", "tenants", tenant];
+    segments.extend(rest);
+    path(&segments)
 }
 
 /// One line about a version record.

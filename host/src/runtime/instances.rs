@@ -116,15 +116,11 @@ impl Instances {
     /// When the pool is over full, drop the least recently used instances
     /// not in a call, down to nine tenths of it.
     fn make_room(&self) {
-        let mut candidates: Vec<(u64, Arc<Slot>)> = {
-            let mut slots = self.slots.lock().expect("slots lock");
-            slots.retain(|s| s.strong_count() > 0);
-            slots
-                .iter()
-                .filter_map(Weak::upgrade)
-                .map(|s| (s.last_used.load(Ordering::Relaxed), s))
-                .collect()
-        };
+        let mut candidates: Vec<(u64, Arc<Slot>)> = self
+            .slots()
+            .into_iter()
+            .map(|s| (s.last_used.load(Ordering::Relaxed), s))
+            .collect();
         candidates.sort_unstable_by_key(|(used, _)| *used);
         let target = self.capacity - self.capacity.div_ceil(EVICT_FRACTION);
         for (_, slot) in candidates {
@@ -143,13 +139,8 @@ impl Instances {
     pub fn sweep(&self, idle: Duration) -> usize {
         let now = self.now();
         let idle_ms = idle.as_millis() as u64;
-        let slots: Vec<Arc<Slot>> = {
-            let mut slots = self.slots.lock().expect("slots lock");
-            slots.retain(|s| s.strong_count() > 0);
-            slots.iter().filter_map(Weak::upgrade).collect()
-        };
         let mut dropped = 0;
-        for slot in slots {
+        for slot in self.slots() {
             if now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) < idle_ms {
                 continue;
             }
@@ -160,6 +151,13 @@ impl Instances {
             }
         }
         dropped
+    }
+
+    /// Every rule's slot (forgetting those of rules dropped).
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        let mut slots = self.slots.lock().expect("slots lock");
+        slots.retain(|s| s.strong_count() > 0);
+        slots.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Instances alive now.
