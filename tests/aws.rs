@@ -326,7 +326,7 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
         &aws.config,
         &names.events,
         &names.table,
-        Some(&names.alerts),
+        &[&names.alerts, &names.dead_letters],
         1,
     )
     .await
@@ -648,6 +648,7 @@ async fn a_host_without_its_stream_says_what_is_missing() {
     let missing = Names {
         events: format!("{}-missing", names.events),
         alerts: names.alerts.clone(),
+        dead_letters: names.dead_letters.clone(),
         table: names.table.clone(),
     };
     let data = tempfile::tempdir().unwrap();
@@ -809,7 +810,7 @@ async fn readiness_says_why_alerts_wait_in_the_outbox_until_they_can_be_publishe
     );
 
     // Once the stream exists, the next batch publishes both, in order.
-    tocsin::aws::init(&aws.config, &names.events, &names.table, Some(&later), 1)
+    tocsin::aws::init(&aws.config, &names.events, &names.table, &[&later], 1)
         .await
         .unwrap();
     post(r#"{"eventType":"test-event","clientId":"client-01"}"#).await;

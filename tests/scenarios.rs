@@ -86,7 +86,9 @@ impl Deployment {
                 .arg("--state")
                 .arg(format!("dynamodb:{}", names.table))
                 .arg("--alerts")
-                .arg(format!("kinesis:{}", names.alerts));
+                .arg(format!("kinesis:{}", names.alerts))
+                .arg("--dead-letters")
+                .arg(format!("kinesis:{}", names.dead_letters));
         }
         for (tenant, path) in &self.rules {
             command.arg("--rule").arg(format!("{tenant}={path}"));
@@ -158,6 +160,65 @@ impl Deployment {
         }
     }
 
+    /// Every dead letter kept so far, each id once: the host's file, or the
+    /// dead-letter stream.
+    async fn dead_letters(&self) -> Vec<Value> {
+        let letters: Vec<Value> = match &self.aws {
+            Some((aws, names)) => read_stream(aws, &names.dead_letters).await,
+            None => {
+                let path = self.data.path().join("dead-letters.ndjson");
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                text.lines()
+                    .map(|line| serde_json::from_str(line).unwrap())
+                    .collect()
+            }
+        };
+        let mut seen = std::collections::HashSet::new();
+        letters
+            .into_iter()
+            .filter(|l| seen.insert(l["id"].as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    /// The dead letters once there are `count` (or after 90 s).
+    async fn dead_letters_when(&self, count: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let letters = self.dead_letters().await;
+            if letters.len() >= count || Instant::now() > deadline {
+                return letters;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The longest batch so far, from `GET /metrics`: the upper bound of
+    /// the first `tocsin_batch_seconds` bucket that holds every batch.
+    async fn worst_batch(&self) -> String {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tocsin_batch_seconds_count "))
+            .unwrap_or("0")
+            .to_owned();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("tocsin_batch_seconds_bucket{le=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .find(|(_, n)| *n == count)
+            .map_or_else(
+                || "?".to_owned(),
+                |(le, _)| format!("≤ {le} s over {count} batches"),
+            )
+    }
+
     /// Every stored bucket's state.
     async fn states(&self) -> BTreeMap<BucketId, Vec<u8>> {
         match &self.aws {
@@ -196,11 +257,30 @@ impl Deployment {
     /// Wait until the alerts and states are what `want` says (the Kinesis
     /// host works behind the producer), then assert they are.
     async fn settles_at(&self, want: &(Vec<AlertShape>, BTreeMap<BucketId, Vec<u8>>), what: &str) {
+        self.settles_at_except(want, None, what).await;
+    }
+
+    /// [`settles_at`](Self::settles_at), leaving out the alerts and states
+    /// of tenant `except`.
+    async fn settles_at_except(
+        &self,
+        want: &(Vec<AlertShape>, BTreeMap<BucketId, Vec<u8>>),
+        except: Option<&str>,
+        what: &str,
+    ) {
         let want_alerts = by_bucket(want.0.clone());
         let deadline = Instant::now() + Duration::from_secs(90);
+        let kept = |tenant: &str| Some(tenant) != except;
         loop {
-            let alerts = by_bucket(self.alerts().await.iter().map(shape));
-            let states = self.states().await;
+            let alerts = by_bucket(
+                self.alerts()
+                    .await
+                    .iter()
+                    .filter(|a| kept(&a.tenant))
+                    .map(shape),
+            );
+            let mut states = self.states().await;
+            states.retain(|id, _| kept(&id.tenant));
             if (alerts == want_alerts && states == want.1) || Instant::now() > deadline {
                 assert_eq!(alerts, want_alerts, "{:?}: {what}: alerts", self.backends);
                 assert_eq!(states, want.1, "{:?}: {what}: states", self.backends);
@@ -323,6 +403,100 @@ async fn bad_input_never_blocks_good_events(backends: Backends) {
         assert_eq!(status.bad_records, 3, "not JSON, no tenant, not an object");
         assert_eq!(status.unknown_tenant, 1);
     }
+    // Over HTTP the producer was told; from a stream nobody can be, so
+    // each bad record is kept with the reason.
+    let letters = match backends {
+        Backends::Embedded => deployment.dead_letters().await,
+        Backends::Aws => deployment.dead_letters_when(4).await,
+    };
+    let mut causes: Vec<(&str, &str)> = letters
+        .iter()
+        .map(|l| (l["cause"].as_str().unwrap(), l["event"].as_str().unwrap()))
+        .collect();
+    causes.sort();
+    let expected: Vec<(&str, &str)> = match backends {
+        Backends::Embedded => Vec::new(),
+        Backends::Aws => vec![
+            ("malformed", r#"["an","array"]"#),
+            ("malformed", "not json"),
+            ("no_tenant", r#"{"eventType":"test-event"}"#),
+            (
+                "unknown_tenant",
+                r#"{"eventType":"test-event","clientId":"client-99"}"#,
+            ),
+        ],
+    };
+    assert_eq!(causes, expected, "{letters:?}");
+    for letter in &letters {
+        assert!(
+            letter["reason"].as_str().unwrap().len() > 10,
+            "a reason: {letter}"
+        );
+        assert_eq!(letter["rule"], Value::Null);
+    }
+}
+
+/// A tenant whose rule attacks its sandbox in every way, its events mixed
+/// into the same batches as the seed's: the other tenants' alerts and
+/// states are exactly the seed's; each attack that fails is dead-lettered
+/// alone with its cause (bisected out of its batch); the hostile tenant's
+/// healthy events beside them are applied.
+async fn a_hostile_tenant_changes_nothing_for_the_others(backends: Backends) {
+    let healthy = seed_rules();
+    let mut rules = healthy.clone();
+    rules.push(("evil".to_owned(), support::components::HOSTILE.to_owned()));
+    let deployment = Deployment::start(backends, rules).await;
+    let good = support::seed_events();
+    let mut lines = Vec::new();
+    let mut failing = Vec::new();
+    for (i, line) in good.iter().enumerate() {
+        lines.push(line.clone());
+        let (attack, cause) = support::HOSTILE_ATTACKS[i % support::HOSTILE_ATTACKS.len()];
+        lines.push(support::hostile_event(attack));
+        lines.push(support::hostile_event("none"));
+        if let Some(cause) = cause {
+            failing.push(cause);
+        }
+    }
+    for (n, chunk) in lines.chunks(24).enumerate() {
+        deployment.send(&format!("zoo-{n}"), chunk).await.unwrap();
+    }
+    deployment
+        .settles_at_except(
+            &want(&healthy, &good),
+            Some("evil"),
+            "the seed's alerts and states, as without the hostile tenant",
+        )
+        .await;
+    let letters = deployment.dead_letters_when(failing.len()).await;
+    let mut causes: Vec<&str> = letters
+        .iter()
+        .map(|l| l["cause"].as_str().unwrap())
+        .collect();
+    causes.sort();
+    failing.sort();
+    assert_eq!(causes, failing, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["tenant"], "evil", "{letter}");
+        assert_eq!(letter["rule"], "hostile", "{letter}");
+        let event: Value = serde_json::from_str(letter["event"].as_str().unwrap()).unwrap();
+        assert_ne!(event["attack"], "none", "{letter}");
+    }
+    let healthy_alerts = deployment
+        .alerts()
+        .await
+        .into_iter()
+        .filter(|a| a.tenant == "evil" && a.title == "healthy")
+        .count();
+    let nones = lines
+        .iter()
+        .filter(|l| l.contains(r#""attack":"none""#))
+        .count();
+    assert_eq!(healthy_alerts, nones, "every healthy event applied");
+    eprintln!(
+        "{backends:?}: worst batch {}",
+        deployment.worst_batch().await
+    );
 }
 
 macro_rules! on_both_backends {
@@ -351,4 +525,5 @@ on_both_backends!(
     a_restart_midway,
     kill_9_mid_run,
     bad_input_never_blocks_good_events,
+    a_hostile_tenant_changes_nothing_for_the_others,
 );

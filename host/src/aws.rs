@@ -118,13 +118,13 @@ pub async fn init(
     config: &aws_config::SdkConfig,
     events: &str,
     table: &str,
-    alerts: Option<&str>,
+    outputs: &[&str],
     shards: i32,
 ) -> anyhow::Result<Vec<String>> {
     let kinesis = aws_sdk_kinesis::Client::new(config);
     let dynamodb = aws_sdk_dynamodb::Client::new(config);
     let mut done = Vec::new();
-    for stream in std::iter::once(events).chain(alerts) {
+    for stream in std::iter::once(events).chain(outputs.iter().copied()) {
         if create_stream(&kinesis, stream, shards).await? {
             done.push(format!(
                 "created Kinesis stream `{stream}` with {shards} shards"

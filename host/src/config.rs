@@ -54,6 +54,14 @@ pub struct Config {
     /// Where alerts go: `file` (`alerts.ndjson` in the data directory) or
     /// `kinesis:<stream>`.
     pub alerts: AlertsBackend,
+    /// Where events accepted but not applied go, with the reason:
+    /// `file` (`dead-letters.ndjson` in the data directory, read by
+    /// `GET /v1/tenants/{tenant}/dead-letters`) or `kinesis:<stream>`.
+    pub dead_letters: DeadLettersBackend,
+    /// Largest event, in bytes: larger ones are rejected over HTTP and
+    /// dead-lettered from a stream. The default is the Kinesis record
+    /// limit (1 MiB), so an event any source takes fits every other.
+    pub max_event_bytes: usize,
     /// With the Kinesis source: a lease whose holder has not renewed it for
     /// this long is taken over by another host, in milliseconds.
     pub lease_ms: u64,
@@ -89,6 +97,14 @@ pub enum StateBackend {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub enum AlertsBackend {
+    File,
+    Kinesis(String),
+}
+
+/// Where dead letters go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum DeadLettersBackend {
     File,
     Kinesis(String),
 }
@@ -141,6 +157,16 @@ impl std::str::FromStr for AlertsBackend {
     }
 }
 
+impl std::str::FromStr for DeadLettersBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match backend("dead letters", s, "file", "kinesis")? {
+            None => DeadLettersBackend::File,
+            Some(stream) => DeadLettersBackend::Kinesis(stream.to_owned()),
+        })
+    }
+}
+
 macro_rules! try_from_string {
     ($($t:ty),*) => {$(
         impl TryFrom<String> for $t {
@@ -151,7 +177,7 @@ macro_rules! try_from_string {
         }
     )*};
 }
-try_from_string!(Source, StateBackend, AlertsBackend);
+try_from_string!(Source, StateBackend, AlertsBackend, DeadLettersBackend);
 
 /// One `[[rules]]` table: a rule component run for one tenant, the same
 /// assignment `--rule` gives.
@@ -178,6 +204,8 @@ impl Default for Config {
             source: Source::Http,
             state: StateBackend::Embedded,
             alerts: AlertsBackend::File,
+            dead_letters: DeadLettersBackend::File,
+            max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
             lease_ms: DEFAULT_LEASE_MS,
             rules: Vec::new(),
             operator_token: None,
@@ -228,9 +256,13 @@ impl Config {
         if self.tenant_field.is_empty() {
             return Err("tenant_field must not be empty".to_owned());
         }
-        if self.max_batch_events == 0 || self.max_body_bytes == 0 || self.max_instances == 0 {
+        if self.max_batch_events == 0
+            || self.max_body_bytes == 0
+            || self.max_instances == 0
+            || self.max_event_bytes == 0
+        {
             return Err(
-                "max_batch_events, max_body_bytes and max_instances must be positive".to_owned(),
+                "max_batch_events, max_body_bytes, max_event_bytes and max_instances must be positive".to_owned(),
             );
         }
         match (&self.source, &self.state) {

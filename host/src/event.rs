@@ -26,6 +26,8 @@ pub struct Incoming {
     /// them (Kinesis): buckets remember the last one they applied, so a
     /// replayed event is not applied twice.
     pub seq: Option<SeqNo>,
+    /// Apply it to this rule of its tenant only (a dead letter run again).
+    pub only_rule: Option<String>,
 }
 
 /// A sequence number of a stream shard: decimal digits, ordered numerically
@@ -78,7 +80,24 @@ pub enum EventError {
     MissingTenant(String),
     #[error("field `{0}` must be a non-empty string naming the tenant")]
     BadTenant(String),
+    #[error("{bytes} bytes, over the {limit}-byte limit of one event")]
+    TooLarge { bytes: usize, limit: usize },
 }
+
+impl EventError {
+    /// A fixed name for the kind, as dead letters and metrics name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventError::Json(_) | EventError::NotAnObject => "malformed",
+            EventError::MissingTenant(_) | EventError::BadTenant(_) => "no_tenant",
+            EventError::TooLarge { .. } => "too_large",
+        }
+    }
+}
+
+/// Largest event: the Kinesis record limit, so an event any source takes
+/// fits every other.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// The value of a top-level field. Strings, objects and arrays borrow the
 /// event's text.
@@ -163,7 +182,24 @@ enum Stored {
 impl Incoming {
     /// Parse one event. The tenant comes from `tenant_field`.
     pub fn parse(text: &str, tenant_field: &str, arrival: i64) -> Result<Self, EventError> {
-        let raw: Box<str> = text.trim().into();
+        Self::parse_within(text, tenant_field, arrival, usize::MAX)
+    }
+
+    /// [`parse`](Self::parse), refusing an event of more than `max_bytes`.
+    pub fn parse_within(
+        text: &str,
+        tenant_field: &str,
+        arrival: i64,
+        max_bytes: usize,
+    ) -> Result<Self, EventError> {
+        let text = text.trim();
+        if text.len() > max_bytes {
+            return Err(EventError::TooLarge {
+                bytes: text.len(),
+                limit: max_bytes,
+            });
+        }
+        let raw: Box<str> = text.into();
         let fields = read_fields(&raw).map_err(|error| {
             // Tell a line that is not JSON from JSON that is not an object.
             match serde_json::from_str::<IgnoredAny>(&raw) {
@@ -179,6 +215,7 @@ impl Incoming {
             arrival,
             position: String::new(),
             seq: None,
+            only_rule: None,
         };
         event.tenant = match event.field(tenant_field) {
             None => return Err(EventError::MissingTenant(tenant_field.to_owned())),

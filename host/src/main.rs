@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use std::sync::Arc;
 
 use tocsin::clock::{Clock, ManualClock, SystemClock};
-use tocsin::config::{AlertsBackend, Config, Source, StateBackend};
+use tocsin::config::{AlertsBackend, Config, DeadLettersBackend, Source, StateBackend};
 use tocsin::event::DEFAULT_TENANT_FIELD;
 mod cli;
 
@@ -82,7 +82,7 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct ReplayArgs {
-    /// Events, one JSON object per line; `-` reads standard input.
+    /// Events, one JSON object per line; `-` reads standard input. Dead letters (as `dead-letters.ndjson` and the API hold them) run again, each against the rule that did not apply it.
     #[arg(long)]
     events: PathBuf,
     /// TOML config file (its rules, tenant field, limits and batch size).
@@ -91,7 +91,7 @@ struct ReplayArgs {
     /// Run a rule for a tenant: TENANT[/NAME]=PATH.wasm[?PARAMS], PARAMS a JSON value or @FILE (repeatable; adds to the config's rules).
     #[arg(long = "rule", value_name = "TENANT[/NAME]=PATH[?PARAMS]")]
     rules: Vec<tocsin::catalogue::Assignment>,
-    /// Keep state here (it accumulates over replays) [default: a new temporary directory].
+    /// Keep state here (it accumulates over replays; a stopped host's data directory, whose registered rules run too) [default: a new temporary directory].
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Events per batch [default: the config's max_batch_events].
@@ -110,6 +110,9 @@ struct BackendArgs {
     /// Where alerts go: `file` or `kinesis:<stream>` [default: file].
     #[arg(long)]
     alerts: Option<AlertsBackend>,
+    /// Where events not applied go, with the reason: `file` or `kinesis:<stream>` [default: file].
+    #[arg(long)]
+    dead_letters: Option<DeadLettersBackend>,
 }
 
 impl BackendArgs {
@@ -122,6 +125,9 @@ impl BackendArgs {
         }
         if let Some(alerts) = self.alerts {
             config.alerts = alerts;
+        }
+        if let Some(dead_letters) = self.dead_letters {
+            config.dead_letters = dead_letters;
         }
     }
 }
@@ -240,6 +246,15 @@ enum TenantCommand {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Print a tenant's dead letters as NDJSON (`tocsin replay --events` runs them again).
+    DeadLetters {
+        tenant: String,
+        /// Only those after this `seq`.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        host: HostArgs,
+    },
     /// Revoke a tenant's token by its id.
     Revoke {
         tenant: String,
@@ -307,6 +322,20 @@ enum RuleCommand {
     },
     /// Stop running a tenant's registered rule and forget its versions.
     Delete {
+        #[command(flatten)]
+        rule: RuleRef,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Print a rule's recent log lines on a host (what it wrote, and why its calls failed), oldest first.
+    Logs {
+        #[command(flatten)]
+        rule: RuleRef,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Lift a quarantined rule's quarantine on every host (operator).
+    Resume {
         #[command(flatten)]
         rule: RuleRef,
         #[command(flatten)]
@@ -502,7 +531,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         None => Config::default(),
     };
     config.rules.extend(args.rules);
-    if config.rules.is_empty() {
+    if config.rules.is_empty() && args.data_dir.is_none() {
         bail!("no rules: give --rule TENANT=PATH.wasm or a config file with [[rules]]");
     }
     if let Some(size) = args.batch_size {
@@ -567,12 +596,15 @@ async fn aws(command: AwsCommand) -> anyhow::Result<()> {
     else {
         bail!("`tocsin aws init` needs --source kinesis:<stream> and --state dynamodb:<table>");
     };
-    let alerts = match &config.alerts {
-        AlertsBackend::Kinesis(stream) => Some(stream.as_str()),
-        AlertsBackend::File => None,
-    };
+    let mut outputs = Vec::new();
+    if let AlertsBackend::Kinesis(stream) = &config.alerts {
+        outputs.push(stream.as_str());
+    }
+    if let DeadLettersBackend::Kinesis(stream) = &config.dead_letters {
+        outputs.push(stream.as_str());
+    }
     let aws = tocsin::aws::sdk_config().await;
-    for line in tocsin::aws::init(&aws, events, table, alerts, shards).await? {
+    for line in tocsin::aws::init(&aws, events, table, &outputs, shards).await? {
         println!("{line}");
     }
     Ok(())
@@ -726,6 +758,41 @@ async fn manage_rules(command: RuleCommand) -> anyhow::Result<()> {
                 .await?;
             println!("{tenant}/{name}: deleted");
         }
+        RuleCommand::Logs {
+            rule: RuleRef { tenant, name },
+            host,
+        } => {
+            let path = format!("{}/logs", rule_path(&tenant, Some(&name)));
+            let (_, lines) = host.client().call(Method::GET, &path, |r| r).await?;
+            for line in lines.as_array().into_iter().flatten() {
+                let at = line["at"].as_i64().unwrap_or(0);
+                let bucket = line["bucket"].as_str().unwrap_or("");
+                println!(
+                    "{} {:<6} {:<4} {}{}",
+                    tocsin::engine::contain::rfc3339(at),
+                    line["level"].as_str().unwrap_or("?"),
+                    line["source"].as_str().unwrap_or("?"),
+                    if bucket.is_empty() {
+                        String::new()
+                    } else {
+                        format!("[{bucket}] ")
+                    },
+                    line["message"].as_str().unwrap_or(""),
+                );
+            }
+        }
+        RuleCommand::Resume {
+            rule: RuleRef { tenant, name },
+            host,
+        } => {
+            let path = format!("{}/resume", rule_path(&tenant, Some(&name)));
+            let (_, answer) = host.client().call(Method::POST, &path, |r| r).await?;
+            if answer["was_quarantined"].as_bool() == Some(true) {
+                println!("{tenant}/{name}: resumed");
+            } else {
+                println!("{tenant}/{name}: resumed (it was not quarantined on this host)");
+            }
+        }
         RuleCommand::Test(_) | RuleCommand::Inspect { .. } | RuleCommand::New { .. } => {
             unreachable!("run without a host")
         }
@@ -747,6 +814,25 @@ async fn manage_tenants(command: TenantCommand) -> anyhow::Result<()> {
                 token["id"].as_str().unwrap_or("?")
             );
             println!("{}", token["token"].as_str().unwrap_or_default());
+        }
+        TenantCommand::DeadLetters {
+            tenant,
+            mut after,
+            host,
+        } => {
+            let client = host.client();
+            loop {
+                let path = format!("{}?after={after}", tenant_path(&tenant, &["dead-letters"]));
+                let (_, page) = client.call(Method::GET, &path, |r| r).await?;
+                let letters = page.as_array().cloned().unwrap_or_default();
+                let Some(last) = letters.last().and_then(|l| l["seq"].as_u64()) else {
+                    break;
+                };
+                for letter in &letters {
+                    println!("{letter}");
+                }
+                after = last;
+            }
         }
         TenantCommand::Tokens { tenant, host } => {
             let (_, tokens) = host

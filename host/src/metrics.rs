@@ -2,7 +2,9 @@
 //! encoded by `prometheus-client`).
 //!
 //! Per tenant and rule: events applied, alerts raised, fuel used, the time
-//! a rule took over one batch (histogram), and failed bucket calls by cause.
+//! a rule took over one batch (histogram), events it failed on by cause,
+//! events dead-lettered, and whether it is quarantined. Host-wide, dead
+//! letters by cause.
 //! Host-wide: batch latency (histogram), commit time (histogram), events,
 //! events of unknown tenants, live rule instances, registered rules, and
 //! with the Kinesis source each held shard's lag behind the stream's tip
@@ -58,6 +60,11 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 17))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: String,
+}
+
 /// What one rule did in one committed batch.
 #[derive(Debug, Clone, Default)]
 pub struct RuleTally {
@@ -67,8 +74,18 @@ pub struct RuleTally {
     pub alerts: u64,
     pub fuel: u64,
     pub elapsed: Duration,
-    /// The cause of each failed bucket call.
+    /// The cause of each event the rule failed on.
     pub failures: Vec<&'static str>,
+    /// Calls that succeeded and that failed (bisecting makes several per
+    /// bucket).
+    pub applied_calls: u32,
+    pub failed_calls: u32,
+    /// The last failure's reason.
+    pub last_failure: Option<String>,
+    /// Quarantined: not called in this batch.
+    pub quarantined: bool,
+    /// Lines for the rule's log.
+    pub log: Vec<crate::engine::contain::LogEntry>,
 }
 
 pub struct Metrics {
@@ -78,6 +95,9 @@ pub struct Metrics {
     rule_fuel: Family<RuleLabels, Counter>,
     rule_seconds: Family<RuleLabels, Histogram, fn() -> Histogram>,
     rule_failures: Family<FailureLabels, Counter>,
+    rule_dead_letters: Family<RuleLabels, Counter>,
+    rule_quarantined: Family<RuleLabels, Gauge>,
+    dead_letters: Family<CauseLabels, Counter>,
     batch_seconds: Histogram,
     commit_seconds: Histogram,
     events: Counter,
@@ -104,6 +124,9 @@ impl Metrics {
             rule_fuel: Family::default(),
             rule_seconds: Family::new_with_constructor(seconds_histogram),
             rule_failures: Family::default(),
+            rule_dead_letters: Family::default(),
+            rule_quarantined: Family::default(),
+            dead_letters: Family::default(),
             batch_seconds: seconds_histogram(),
             commit_seconds: seconds_histogram(),
             events: Counter::default(),
@@ -137,8 +160,23 @@ impl Metrics {
         );
         registry.register(
             "rule_failures",
-            "Bucket calls that failed, per tenant, rule and cause (the bucket kept its state)",
+            "Events a rule failed on (each dead-lettered), per tenant, rule and cause",
             metrics.rule_failures.clone(),
+        );
+        registry.register(
+            "rule_dead_letters",
+            "Events a rule did not apply, dead-lettered, per tenant and rule",
+            metrics.rule_dead_letters.clone(),
+        );
+        registry.register(
+            "rule_quarantined",
+            "1 while a rule is quarantined on this host (its events are dead-lettered without calling it)",
+            metrics.rule_quarantined.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Dead letters kept, by cause (a rule's failure kind, quarantined, or for records from a stream: malformed, no_tenant, too_large, unknown_tenant, event_time, bucket_key)",
+            metrics.dead_letters.clone(),
         );
         registry.register(
             "batch_seconds",
@@ -207,6 +245,7 @@ impl Metrics {
     pub fn committed(
         &self,
         tallies: &[RuleTally],
+        dead_letters: &[crate::sink::dead_letters::DeadLetter],
         events: u64,
         unknown_tenant: u64,
         batch: Duration,
@@ -229,6 +268,21 @@ impl Metrics {
                     })
                     .inc();
             }
+        }
+        let mut per_rule: std::collections::HashMap<(&str, &str), u64> = Default::default();
+        for letter in dead_letters {
+            self.dead_letters
+                .get_or_create(&CauseLabels {
+                    cause: letter.cause.clone(),
+                })
+                .inc();
+            if let (Some(tenant), Some(rule)) = (&letter.tenant, &letter.rule) {
+                *per_rule.entry((tenant, rule)).or_default() += 1;
+            }
+        }
+        for ((tenant, rule), count) in per_rule {
+            let labels = self.labels(tenant, rule);
+            self.rule_dead_letters.get_or_create(&labels).inc_by(count);
         }
         self.events.inc_by(events);
         self.unknown_tenant.inc_by(unknown_tenant);
@@ -258,7 +312,14 @@ impl Metrics {
         live_instances: usize,
         registered_rules: usize,
         leases: Option<usize>,
+        quarantined: &[(String, String)],
     ) -> String {
+        self.rule_quarantined.clear();
+        for (tenant, rule) in quarantined {
+            self.rule_quarantined
+                .get_or_create(&self.labels(tenant, rule))
+                .set(1);
+        }
         self.live_instances.set(live_instances as i64);
         self.registered_rules.set(registered_rules as i64);
         self.leases.set(leases.unwrap_or(0) as i64);
@@ -284,15 +345,16 @@ mod tests {
                 ..RuleTally::default()
             })
             .collect();
-        metrics.committed(&tallies, 0, 0, Duration::ZERO, Duration::ZERO);
+        metrics.committed(&tallies, &[], 0, 0, Duration::ZERO, Duration::ZERO);
         metrics.committed(
             &tallies[MAX_RULE_SERIES..],
+            &[],
             0,
             0,
             Duration::ZERO,
             Duration::ZERO,
         );
-        let text = metrics.encode(0, 0, None);
+        let text = metrics.encode(0, 0, None, &[]);
         assert!(text.contains("tocsin_rule_events_total{tenant=\"t0\",rule=\"r\"} 1\n"));
         assert!(
             text.contains("tocsin_rule_events_total{tenant=\"_other\",rule=\"_other\"} 2\n"),

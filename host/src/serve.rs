@@ -14,19 +14,19 @@ use tokio::task::JoinHandle;
 use crate::api::{self, AppState};
 use crate::catalogue::{LiveCatalogue, StaticCatalogue};
 use crate::clock::Clock;
-use crate::config::{AlertsBackend, Config, Source, StateBackend};
+use crate::config::{AlertsBackend, Config, DeadLettersBackend, Source, StateBackend};
 use crate::engine::{Engine, Lane};
 use crate::registry::store::RegistryStore;
 use crate::registry::{FOLLOW_EVERY, Registry};
 use crate::runtime::{Metering, Runtime, RuntimeConfig};
 use crate::sink::AlertSink;
+use crate::sink::dead_letters::{DeadLetterFile, DeadLetterSink, KinesisDeadLetters};
 use crate::sink::file::FileSink;
 use crate::sink::kinesis::{KinesisSink, SdkWriter};
 use crate::source::file::FileSource;
 use crate::source::http::HttpIngest;
 use crate::source::leases::Leases;
 use crate::source::shards::{ShardSettings, Shards, ShardsState};
-use crate::store::StateStore;
 use crate::store::dynamo::DynamoStore;
 use crate::store::embedded::EmbeddedStore;
 
@@ -102,6 +102,22 @@ pub async fn open_sink(config: &Config) -> anyhow::Result<Arc<dyn AlertSink>> {
     })
 }
 
+/// The configured dead-letter sink.
+pub async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn DeadLetterSink>> {
+    Ok(match &config.dead_letters {
+        DeadLettersBackend::File => Arc::new(DeadLetterFile::open(
+            &config.data_dir.join("dead-letters.ndjson"),
+        )?),
+        DeadLettersBackend::Kinesis(stream) => {
+            let aws = crate::aws::sdk_config().await;
+            Arc::new(KinesisDeadLetters::new(
+                SdkWriter(aws_sdk_kinesis::Client::new(&aws)),
+                stream,
+            ))
+        }
+    })
+}
+
 /// A running host, whichever its backends.
 pub struct Server {
     addr: SocketAddr,
@@ -144,11 +160,16 @@ impl Server {
                 )
                 .await?;
                 let sink = open_sink(&config).await?;
-                let engine = Arc::new(Engine::new(catalogue, store.clone(), sink, clock));
+                let engine = Arc::new(
+                    Engine::new(catalogue, store.clone(), sink, clock)
+                        .with_dead_letters(open_dead_letters(&config).await?),
+                );
+                registry.on_resume(engine.clone());
                 let (ingest, lane) = HttpIngest::start(
                     engine.clone(),
                     &config.tenant_field,
                     config.max_batch_events,
+                    config.max_event_bytes,
                 )
                 .await?;
                 let state = AppState {
@@ -168,6 +189,9 @@ impl Server {
                 if let AlertsBackend::Kinesis(alerts) = &config.alerts {
                     streams.push(alerts);
                 }
+                if let DeadLettersBackend::Kinesis(dead_letters) = &config.dead_letters {
+                    streams.push(dead_letters);
+                }
                 crate::aws::check_exists(&aws, &streams, table).await?;
                 let table = crate::aws::Table::new(aws_sdk_dynamodb::Client::new(&aws), table);
                 let usage = table.usage.clone();
@@ -182,7 +206,11 @@ impl Server {
                 )
                 .await?;
                 let sink = open_sink(&config).await?;
-                let engine = Arc::new(Engine::new(catalogue, store.clone(), sink, clock));
+                let engine = Arc::new(
+                    Engine::new(catalogue, store.clone(), sink, clock)
+                        .with_dead_letters(open_dead_letters(&config).await?),
+                );
+                registry.on_resume(engine.clone());
                 let settings = ShardSettings {
                     stream: stream.clone(),
                     host: format!(
@@ -193,6 +221,7 @@ impl Server {
                     ),
                     lease_duration: Duration::from_millis(config.lease_ms),
                     tenant_field: config.tenant_field.clone(),
+                    max_event_bytes: config.max_event_bytes,
                 };
                 let shards = Shards::start(
                     engine.clone(),
@@ -333,9 +362,23 @@ pub async fn replay(
     alerts: Arc<dyn AlertSink>,
     mut report: impl FnMut(usize, Option<&str>, &str),
 ) -> anyhow::Result<ReplaySummary> {
-    let (_runtime, catalogue) = load_catalogue(config).await?;
-    let store: Arc<dyn StateStore> =
-        Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+    let (runtime, catalogue) = load_catalogue(config).await?;
+    let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+    // The rules uploaded to this data directory's registry run too.
+    let (_stop, stopped) = watch::channel(false);
+    open_registry(
+        config,
+        Arc::new(store.registry()),
+        runtime,
+        catalogue.clone(),
+        false,
+        stopped,
+    )
+    .await?;
+    anyhow::ensure!(
+        catalogue.rule_count() > 0,
+        "no rules: give --rule TENANT=PATH.wasm, a config file with [[rules]], or a --data-dir whose registry holds rules"
+    );
     let engine = Arc::new(Engine::new(catalogue, store, alerts, clock.clone()));
     let lane = Arc::new(Lane::new("file"));
     let mut source = FileSource::new(input, name, &config.tenant_field, config.max_batch_events);

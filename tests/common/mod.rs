@@ -18,7 +18,7 @@ use serde_json::Value;
 use tocsin::alert::AlertRecord;
 use tocsin::api::Status;
 use tocsin::catalogue::{Assignment, Catalogue, StaticCatalogue};
-use tocsin::config::{AlertsBackend, Config, RuleEntry, Source, StateBackend};
+use tocsin::config::{AlertsBackend, Config, DeadLettersBackend, RuleEntry, Source, StateBackend};
 use tocsin::engine::run;
 use tocsin::event::Incoming;
 use tocsin::runtime::{Runtime, RuntimeConfig, StateChange};
@@ -52,6 +52,7 @@ pub async fn aws() -> Aws {
 pub struct Names {
     pub events: String,
     pub alerts: String,
+    pub dead_letters: String,
     pub table: String,
 }
 
@@ -60,13 +61,14 @@ pub async fn setup(aws: &Aws, shards: i32) -> Names {
     let names = Names {
         events: format!("events-{id}"),
         alerts: format!("alerts-{id}"),
+        dead_letters: format!("dead-letters-{id}"),
         table: format!("tocsin-{id}"),
     };
     tocsin::aws::init(
         &aws.config,
         &names.events,
         &names.table,
-        Some(&names.alerts),
+        &[&names.alerts, &names.dead_letters],
         shards,
     )
     .await
@@ -82,6 +84,7 @@ pub fn config(names: &Names, data_dir: &Path, rules: &[(String, String)]) -> Con
         source: Source::Kinesis(names.events.clone()),
         state: StateBackend::Dynamodb(names.table.clone()),
         alerts: AlertsBackend::Kinesis(names.alerts.clone()),
+        dead_letters: DeadLettersBackend::Kinesis(names.dead_letters.clone()),
         rules: rules
             .iter()
             .map(|(tenant, path)| RuleEntry::new(tenant.clone(), path))

@@ -55,10 +55,10 @@ async fn read<T: Send + 'static>(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub(super) struct Page {
-    /// Only alerts after this cursor (an alert's `seq`).
-    after: Option<u64>,
+    /// Only records after this cursor (their `seq`).
+    pub(super) after: Option<u64>,
     /// At most this many (and at most 1,000).
-    limit: Option<usize>,
+    pub(super) limit: Option<usize>,
 }
 
 /// A tenant's alerts, oldest first (embedded store).
@@ -296,7 +296,7 @@ mod tests {
             )
             .with_live_capacity(2),
         );
-        let (ingest, _lane) = HttpIngest::start(engine.clone(), "clientId", 1_000)
+        let (ingest, _lane) = HttpIngest::start(engine.clone(), "clientId", 1_000, 1 << 20)
             .await
             .unwrap();
         // History the subscriber did not ask for.

@@ -240,7 +240,7 @@ pub(super) async fn metrics(
         .shards
         .as_ref()
         .map(|(shards, _)| shards.held.lock().expect("held lock").len());
-    let text = state.engine.metrics().encode(
+    let text = state.engine.encode_metrics(
         state.registry.runtime().live_instances(),
         state.registry.serving_count(),
         leases,

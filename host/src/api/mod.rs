@@ -12,6 +12,7 @@
 //! loopback and treats callers without a token as the operator.
 
 mod alerts;
+mod dead_letters;
 mod events;
 mod rules;
 mod tenants;
@@ -105,6 +106,9 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
         )
         .routes(routes!(rules::activate_rule))
+        .routes(routes!(rules::rule_logs))
+        .routes(routes!(rules::resume_rule))
+        .routes(routes!(dead_letters::list_dead_letters))
         .routes(routes!(tenants::create_token, tenants::list_tokens))
         .routes(routes!(tenants::revoke_token))
         .routes(routes!(tenants::get_quotas, tenants::put_quotas))

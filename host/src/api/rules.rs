@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{ApiError, AppState, ErrorBody, for_tenant};
+use crate::engine::contain::LogEntry;
 use crate::registry::{RuleView, VersionRecord};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -182,5 +183,51 @@ pub(super) async fn activate_rule(
     })?;
     Ok(Json(
         state.registry.activate(&tenant, &rule, version).await?,
+    ))
+}
+
+/// The rule's recent log lines on this host, oldest first: what it wrote
+/// (its `log` import, stdout and stderr, as `source: "rule"`) and why its
+/// calls failed or it was quarantined (`source: "host"`). The newest 200
+/// lines (32 KiB) per rule are kept.
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/rules/{rule}/logs", tag = "rules",
+    params(("tenant" = String, Path), ("rule" = String, Path)),
+    responses(
+        (status = 200, body = Vec<LogEntry>),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub(super) async fn rule_logs(
+    State(state): State<Arc<AppState>>,
+    Path((tenant, rule)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<LogEntry>>, ApiError> {
+    for_tenant(&state, &headers, &tenant)?;
+    state.registry.rule(&tenant, &rule)?;
+    Ok(Json(state.engine.rule_logs(&tenant, &rule)))
+}
+
+/// Lift the rule's quarantine now, on every host (operator only): it runs
+/// on its next events instead of waiting out its backoff.
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/rules/{rule}/resume", tag = "rules",
+    params(("tenant" = String, Path), ("rule" = String, Path)),
+    responses(
+        (status = 200, description = "Resumed; `was_quarantined` says whether this host had it quarantined", body = Object),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub(super) async fn resume_rule(
+    State(state): State<Arc<AppState>>,
+    Path((tenant, rule)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = super::operator(&state, &headers, "resume a quarantined rule")?;
+    state.registry.rule(&tenant, &rule)?;
+    let was = state
+        .registry
+        .resume(&tenant, &rule, &caller.name())
+        .await?;
+    Ok(Json(
+        serde_json::json!({ "resumed": true, "was_quarantined": was }),
     ))
 }

@@ -401,7 +401,7 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         format!("bench-alerts-{id}"),
         format!("bench-{id}"),
     );
-    tocsin::aws::init(&aws, &events_stream, &table, Some(&alerts_stream), shards).await?;
+    tocsin::aws::init(&aws, &events_stream, &table, &[&alerts_stream], shards).await?;
     let kinesis = aws_sdk_kinesis::Client::new(&aws);
     let lines: Vec<String> = bodies(&Options {
         batch_size: 1,

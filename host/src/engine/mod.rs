@@ -17,6 +17,7 @@
 //! Nothing here names a backend: the catalogue, the state store and the
 //! alert sink are traits.
 
+pub mod contain;
 pub mod route;
 pub mod run;
 
@@ -33,10 +34,12 @@ use crate::clock::Clock;
 use crate::event::Incoming;
 use crate::metrics::{Metrics, RuleTally};
 use crate::runtime::StateChange;
+use crate::sink::dead_letters::{DeadLetter, DeadLetterSink, dead_letter_id};
 use crate::sink::{AlertSink, SinkError};
 use crate::store::{
     BucketId, BucketWrite, Commit, Outbox, Prior, Progress, State, StateStore, StoreError,
 };
+use contain::{LogEntry, Quarantine, Quarantines, RuleLogs};
 
 /// Alerts kept for live subscribers that fall behind; past this they catch
 /// up from the alert log.
@@ -51,6 +54,25 @@ pub struct Batch {
     pub events: Arc<[Incoming]>,
     /// What the commit records of the source's position.
     pub progress: Progress,
+    /// Records of the batch that are not events (a stream's bad records):
+    /// dead-lettered with it.
+    pub bad: Vec<DeadLetter>,
+    /// The source answers nobody (a stream): events at fault themselves
+    /// (unknown tenant, unreadable event time) are dead-lettered, not only
+    /// rejected. Events a rule failed on are dead-lettered from any source.
+    pub unanswered: bool,
+}
+
+impl Batch {
+    /// A batch of a source that answers its producers (HTTP, a file).
+    pub fn new(events: impl Into<Arc<[Incoming]>>, progress: Progress) -> Self {
+        Batch {
+            events: events.into(),
+            progress,
+            bad: Vec::new(),
+            unanswered: false,
+        }
+    }
 }
 
 /// An event (by its index in the batch) that was not applied, and why. With
@@ -59,7 +81,18 @@ pub struct Batch {
 pub struct Rejection {
     pub index: usize,
     pub rule: Option<String>,
+    /// A fixed name for the kind (`out_of_fuel`, `quarantined`,
+    /// `unknown_tenant`, `event_time`, …).
+    pub cause: &'static str,
     pub reason: String,
+}
+
+impl Rejection {
+    /// The event is at fault, not a rule: no rule of its tenant could take
+    /// it.
+    pub fn is_bad_event(&self) -> bool {
+        matches!(self.cause, "unknown_tenant" | "event_time" | "bucket_key")
+    }
 }
 
 /// Why a batch was not committed; nothing of it was applied.
@@ -79,6 +112,9 @@ pub enum EngineError {
     /// Running the rules panicked (a host bug, not a rule's failure).
     #[error("processing the batch failed: {0}")]
     Panicked(String),
+    /// The batch's dead letters could not be kept, so it was not committed.
+    #[error("cannot keep the batch's dead letters: {0}")]
+    DeadLetters(SinkError),
 }
 
 impl EngineError {
@@ -86,7 +122,7 @@ impl EngineError {
     pub fn retryable(&self) -> bool {
         match self {
             EngineError::Store(e) => e.retryable(),
-            EngineError::Publish(e) => e.retryable(),
+            EngineError::Publish(e) | EngineError::DeadLetters(e) => e.retryable(),
             EngineError::Stale | EngineError::Panicked(_) => true,
         }
     }
@@ -176,6 +212,8 @@ pub struct Computed {
     generation: u64,
     /// Per rule, recorded in the metrics once the batch commits.
     tallies: Vec<RuleTally>,
+    /// Kept before the commit.
+    dead_letters: Vec<DeadLetter>,
     unknown_tenant: u64,
     started: Instant,
 }
@@ -214,10 +252,13 @@ pub struct Engine {
     catalogue: Arc<dyn Catalogue>,
     store: Arc<dyn StateStore>,
     sink: Arc<dyn AlertSink>,
+    dead_letters: Option<Arc<dyn DeadLetterSink>>,
     clock: Arc<dyn Clock>,
     live: broadcast::Sender<Arc<AlertRecord>>,
     stats: Stats,
     metrics: Metrics,
+    quarantines: Quarantines,
+    logs: RuleLogs,
     health: Mutex<Health>,
 }
 
@@ -232,12 +273,69 @@ impl Engine {
             catalogue,
             store,
             sink,
+            dead_letters: None,
             clock,
             live: broadcast::channel(LIVE_ALERTS).0,
             stats: Stats::default(),
             metrics: Metrics::new(),
+            quarantines: Quarantines::default(),
+            logs: RuleLogs::default(),
             health: Mutex::default(),
         }
+    }
+
+    /// Keep dead letters in `sink`. Without one, the events not applied
+    /// are only reported to the caller (the rejections of each batch), as
+    /// `tocsin rule test` and `tocsin replay` do.
+    pub fn with_dead_letters(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
+        self.dead_letters = Some(sink);
+        self
+    }
+
+    pub fn dead_letters(&self) -> Option<&dyn DeadLetterSink> {
+        self.dead_letters.as_deref()
+    }
+
+    /// The rule's quarantine on this host, current or awaiting probation.
+    pub fn quarantine(&self, tenant: &str, rule: &str) -> Option<Quarantine> {
+        self.quarantines.get(tenant, rule)
+    }
+
+    /// Lift the rule's quarantine on this host; whether it had one.
+    pub fn resume(&self, tenant: &str, rule: &str) -> bool {
+        let had = self.quarantines.resume(tenant, rule);
+        if had {
+            tracing::info!(tenant, rule, "quarantine lifted");
+            self.logs.append(
+                tenant,
+                rule,
+                vec![LogEntry::new(
+                    self.clock.now_ms(),
+                    "info",
+                    "host",
+                    "",
+                    "quarantine lifted by an operator",
+                )],
+            );
+        }
+        had
+    }
+
+    /// The rule's recent log lines on this host, oldest first.
+    pub fn rule_logs(&self, tenant: &str, rule: &str) -> Vec<LogEntry> {
+        self.logs.lines(tenant, rule)
+    }
+
+    /// What `GET /metrics` reports, with the gauges read now.
+    pub fn encode_metrics(
+        &self,
+        live_instances: usize,
+        registered_rules: usize,
+        leases: Option<usize>,
+    ) -> String {
+        let quarantined = self.quarantines.quarantined(self.clock.now_ms());
+        self.metrics
+            .encode(live_instances, registered_rules, leases, &quarantined)
     }
 
     /// Keep `alerts` for live subscribers that fall behind (default 16k):
@@ -376,6 +474,7 @@ impl Engine {
                     rejected.push(Rejection {
                         index,
                         rule: None,
+                        cause: "unknown_tenant",
                         reason: format!(
                             "unknown tenant `{tenant}`: no rules are configured for it"
                         ),
@@ -391,11 +490,28 @@ impl Engine {
                     return Vec::new();
                 };
                 let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
+                let restricted = tenant_events.iter().any(|e| e.only_rule.is_some());
                 rules
                     .iter()
                     .map(|rule| {
-                        let (buckets, unroutable) = route::route(rule.manifest(), &tenant_events);
                         let name = rule.name();
+                        let (mut buckets, mut unroutable) =
+                            route::route(rule.manifest(), &tenant_events);
+                        if restricted {
+                            // Dead letters run again: each for its rule only.
+                            let mine = |i: usize| {
+                                tenant_events[i]
+                                    .only_rule
+                                    .as_deref()
+                                    .is_none_or(|r| r == name)
+                            };
+                            buckets = buckets
+                                .iter()
+                                .map(|b| route::rebuild(rule.manifest(), &tenant_events, b, mine))
+                                .filter(|b| !b.members.is_empty())
+                                .collect();
+                            unroutable.retain(|u| mine(u.index));
+                        }
                         let ids = buckets
                             .iter()
                             .map(|b| BucketId {
@@ -471,73 +587,118 @@ impl Engine {
                         rejected.push(Rejection {
                             index: r.indices[bad.index],
                             rule: Some(name.to_owned()),
+                            cause: bad.cause,
                             reason: bad.reason.clone(),
                         });
                     }
-                    let mut ids = r.ids;
-                    let run = run::run_buckets(
-                        r.rule,
-                        &r.events,
-                        r.buckets,
-                        r.unroutable,
-                        now,
-                        r.priors,
-                    );
-                    tally.elapsed = rule_started.elapsed();
-                    for bucket in run.buckets {
-                        let failure = match bucket.result {
-                            Ok(outcome) => {
-                                tally.fuel += outcome.fuel;
-                                for line in &outcome.log {
-                                    tracing::info!(tenant, rule = %name, bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
-                                }
-                                match &outcome.state {
-                                    StateChange::Set(bytes) if bytes.len() > max_state => {
-                                        tally.failures.push("state_too_large");
-                                        Some(format!(
-                                            "rule error: the state of bucket `{}` is {} bytes, over the state store's limit of {max_state}; the bucket keeps its previous state",
-                                            bucket.key,
-                                            bytes.len()
-                                        ))
-                                    }
-                                    _ => {
-                                        tally.events += bucket.members.len() as u64;
-                                        tally.alerts += outcome.alerts.len() as u64;
-                                        writes.push(BucketWrite {
-                                            id: std::mem::replace(
-                                                &mut ids[bucket.index],
-                                                BucketId {
-                                                    tenant: String::new(),
-                                                    rule: String::new(),
-                                                    bucket: String::new(),
-                                                },
-                                            ),
-                                            state: outcome.state,
-                                            timer: outcome.timer,
-                                            alerts: outcome.alerts,
-                                            ttl_ms: outcome.state_ttl_ms,
-                                        });
-                                        None
-                                    }
-                                }
-                            }
-                            Err(error) => {
-                                tally.failures.push(error.cause.kind());
-                                Some(error.to_string())
-                            }
-                        };
-                        if let Some(reason) = failure {
-                            // The bucket keeps its state; other buckets go on.
-                            failures += 1;
-                            tracing::warn!(tenant, rule = %name, bucket = %bucket.key, events = bucket.members.len(), "{reason}");
+                    if let Some(quarantine) = self.quarantines.active(tenant, name, now) {
+                        // Not called: its events wait in the dead letters.
+                        let reason = format!(
+                            "rule `{name}` of tenant `{tenant}` is quarantined until {} after {} failing batches in a row (last: {}); an operator can resume it",
+                            quarantine.until, quarantine.failing_batches, quarantine.reason
+                        );
+                        for bucket in &r.buckets {
                             for &member in &bucket.members {
                                 rejected.push(Rejection {
                                     index: r.indices[member],
                                     rule: Some(name.to_owned()),
+                                    cause: "quarantined",
                                     reason: reason.clone(),
                                 });
                             }
                         }
+                        tally.quarantined = true;
+                        tallies.push(tally);
+                        continue;
+                    }
+                    let mut ids = r.ids;
+                    let run = run::run_contained(r.rule, &r.events, r.buckets, now, r.priors);
+                    tally.elapsed = rule_started.elapsed();
+                    tally.failed_calls = run.failed_calls;
+                    for bucket in run.buckets {
+                        tally.applied_calls += bucket.calls - bucket.failed_calls;
+                        let mut failed: Vec<(usize, &'static str, String)> = bucket
+                            .failed
+                            .into_iter()
+                            .map(|(member, error)| {
+                                tally.failures.push(error.cause.kind());
+                                (member, error.cause.kind(), error.to_string())
+                            })
+                            .collect();
+                        if let Some(outcome) = bucket.outcome {
+                            tally.fuel += outcome.fuel;
+                            for line in &outcome.log {
+                                tracing::debug!(tenant, rule = %name, bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
+                                tally.log.push(LogEntry::new(
+                                    now,
+                                    line.level.name(),
+                                    "rule",
+                                    &bucket.key,
+                                    &line.message,
+                                ));
+                            }
+                            match &outcome.state {
+                                StateChange::Set(bytes) if bytes.len() > max_state => {
+                                    tally.failures.push("state_too_large");
+                                    let reason = format!(
+                                        "rule error: the state of bucket `{}` is {} bytes, over the state store's limit of {max_state}; the bucket keeps its previous state",
+                                        bucket.key,
+                                        bytes.len()
+                                    );
+                                    failed.extend(
+                                        bucket
+                                            .applied
+                                            .iter()
+                                            .map(|&m| (m, "state_too_large", reason.clone())),
+                                    );
+                                }
+                                _ => {
+                                    tally.events += bucket.applied.len() as u64;
+                                    tally.alerts += outcome.alerts.len() as u64;
+                                    writes.push(BucketWrite {
+                                        id: std::mem::replace(
+                                            &mut ids[bucket.index],
+                                            BucketId {
+                                                tenant: String::new(),
+                                                rule: String::new(),
+                                                bucket: String::new(),
+                                            },
+                                        ),
+                                        state: outcome.state,
+                                        timer: outcome.timer,
+                                        alerts: outcome.alerts,
+                                        ttl_ms: outcome.state_ttl_ms,
+                                    });
+                                }
+                            }
+                        }
+                        if failed.is_empty() {
+                            continue;
+                        }
+                        // The bucket keeps its state; other buckets go on.
+                        failures += 1;
+                        failed.sort_by_key(|(member, _, _)| *member);
+                        let mut last_reason: Option<&str> = None;
+                        for (member, cause, reason) in &failed {
+                            if last_reason != Some(reason.as_str()) {
+                                tracing::warn!(tenant, rule = %name, bucket = %bucket.key, position = %r.events[*member].position, "{reason}");
+                                tally.log.push(LogEntry::new(
+                                    now,
+                                    "error",
+                                    "host",
+                                    &bucket.key,
+                                    reason,
+                                ));
+                                last_reason = Some(reason.as_str());
+                            }
+                            rejected.push(Rejection {
+                                index: r.indices[*member],
+                                rule: Some(name.to_owned()),
+                                cause: *cause,
+                                reason: reason.clone(),
+                            });
+                        }
+                        tally.last_failure = failed.last().map(|(_, _, reason)| reason.clone());
                     }
                     tallies.push(tally);
                 }
@@ -560,6 +721,27 @@ impl Engine {
             tallies.extend(tenant_tallies);
         }
         rejected.sort_by_key(|r| r.index);
+
+        // What was accepted but not applied is kept with the reason.
+        let mut dead_letters = batch.bad;
+        for rejection in &rejected {
+            if rejection.is_bad_event() && !batch.unanswered {
+                continue;
+            }
+            let event = &events[rejection.index];
+            dead_letters.push(DeadLetter {
+                id: dead_letter_id(&lane.partition, &event.position, rejection.rule.as_deref()),
+                seq: None,
+                at: now,
+                tenant: Some(event.tenant.clone()),
+                rule: rejection.rule.clone(),
+                source: lane.partition.clone(),
+                position: event.position.clone(),
+                cause: rejection.cause.to_owned(),
+                reason: rejection.reason.clone(),
+                event: event.raw.to_string(),
+            });
+        }
 
         // The lane's next batch runs on these states before they commit.
         let mut overlay = lane.overlay.lock().expect("overlay lock");
@@ -587,6 +769,7 @@ impl Engine {
             batch: batch_no,
             generation,
             tallies,
+            dead_letters,
             unknown_tenant,
             started,
         })
@@ -604,24 +787,43 @@ impl Engine {
             failures,
             batch,
             generation,
-            tallies,
+            mut tallies,
+            dead_letters,
             unknown_tenant,
             started: batch_started,
         } = computed;
         if lane.overlay.lock().expect("overlay lock").generation != generation {
             return Err(EngineError::Stale);
         }
+        // The overlay holds states of this batch and of any computed on top
+        // of it: if this one does not commit, none of them is durable.
+        let drop_overlay = || {
+            let mut overlay = lane.overlay.lock().expect("overlay lock");
+            overlay.generation += 1;
+            overlay.states.clear();
+        };
+        if !dead_letters.is_empty() {
+            match &self.dead_letters {
+                Some(sink) => {
+                    if let Err(error) = sink.send(&dead_letters).await {
+                        drop_overlay();
+                        return Err(EngineError::DeadLetters(error));
+                    }
+                }
+                None => {
+                    for letter in &dead_letters {
+                        tracing::warn!(source = %letter.source, position = %letter.position, tenant = ?letter.tenant, rule = ?letter.rule, "not applied: {}", letter.reason);
+                    }
+                }
+            }
+        }
         let started = Instant::now();
         let outbox = match self.store.commit(commit).await {
             Ok(outbox) => outbox,
             Err(error) => {
-                // The overlay holds states of this batch and of any
-                // computed on top of it: none of them is durable now. Part
-                // of a commit may have been (a split one): catch up first.
-                let mut overlay = lane.overlay.lock().expect("overlay lock");
-                overlay.generation += 1;
-                overlay.states.clear();
-                drop(overlay);
+                // Part of a commit may have been (a split one): catch up
+                // first.
+                drop_overlay();
                 lane.behind.store(true, Ordering::Relaxed);
                 if !matches!(error, StoreError::Conflict(_) | StoreError::Fenced(_)) {
                     self.set_health(|h| h.commit_error = Some(error.to_string()));
@@ -631,8 +833,36 @@ impl Engine {
         };
         self.set_health(|h| h.commit_error = None);
         add_elapsed(&self.stats.commit_ns, started);
+        let now = self.clock.now_ms();
+        for tally in &mut tallies {
+            if !tally.quarantined
+                && let Some(quarantine) = self.quarantines.observe(
+                    &tally.tenant,
+                    &tally.rule,
+                    tally.applied_calls,
+                    tally.failed_calls,
+                    tally.last_failure.as_deref(),
+                    now,
+                )
+            {
+                tracing::warn!(tenant = %tally.tenant, rule = %tally.rule, until = %quarantine.until, "rule quarantined after {} failing batches in a row: {}", quarantine.failing_batches, quarantine.reason);
+                tally.log.push(LogEntry::new(
+                    now,
+                    "error",
+                    "host",
+                    "",
+                    &format!(
+                        "quarantined until {} after {} failing batches in a row; its events are dead-lettered until then",
+                        quarantine.until, quarantine.failing_batches
+                    ),
+                ));
+            }
+            self.logs
+                .append(&tally.tenant, &tally.rule, std::mem::take(&mut tally.log));
+        }
         self.metrics.committed(
             &tallies,
+            &dead_letters,
             events as u64,
             unknown_tenant,
             batch_started.elapsed(),

@@ -43,6 +43,8 @@ pub const MAX_BUCKET_KEY_BYTES: usize = 1024;
 #[error("event #{index}: {reason}")]
 pub struct Unroutable {
     pub index: usize,
+    /// `event_time` or `bucket_key`, as dead letters name the cause.
+    pub cause: &'static str,
     pub reason: String,
 }
 
@@ -122,6 +124,7 @@ pub fn event_time(manifest: &Manifest, index: usize, event: &Incoming) -> Result
     };
     let bad = |reason: &str| Unroutable {
         index,
+        cause: "event_time",
         reason: format!("event-time field `{field}` {reason}"),
     };
     match event.field(field) {
@@ -161,6 +164,7 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Unr
         if key.len() > MAX_BUCKET_KEY_BYTES {
             unroutable.push(Unroutable {
                 index,
+                cause: "bucket_key",
                 reason: format!(
                     "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
                     key.len()
@@ -307,6 +311,7 @@ mod tests {
             unroutable,
             [Unroutable {
                 index: 1,
+                cause: "bucket_key",
                 reason: format!(
                     "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
                     long.len()

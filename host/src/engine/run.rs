@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use super::route::{self, Bucket, Unroutable};
 use crate::alert::{AlertRecord, Origin};
 use crate::event::Incoming;
-use crate::runtime::{LoadedRule, LogLine, RuleError, StateChange, TimerChange};
+use crate::event::SeqNo;
+use crate::runtime::{Cause, LoadedRule, LogLine, RuleError, StateChange, TimerChange};
 use crate::store::Prior;
 
 /// What one bucket's call produced.
@@ -109,53 +110,12 @@ pub fn run_buckets(
         unroutable,
     };
     let mut priors = priors.into_iter();
-    for (index, mut bucket) in buckets.into_iter().enumerate() {
-        let Prior {
-            state: stored,
-            applied,
-        } = priors.next().unwrap_or_default();
-        if let Some(applied) = applied {
-            let seen = |&i: &usize| events[i].seq.as_ref().is_some_and(|seq| *seq <= applied);
-            if bucket.members.iter().any(seen) {
-                bucket = route::rebuild(manifest, events, &bucket, |i| !seen(&i));
-                if bucket.members.is_empty() {
-                    continue;
-                }
-            }
-        }
-        let last = *bucket.members.last().expect("a bucket has events");
-        let result = rule
-            .evaluate(
-                &bucket.key,
-                stored.as_deref(),
-                &bucket.batch,
-                now,
-                &events[last].position,
-            )
-            .map(|output| {
-                let origin = Origin {
-                    tenant: rule.tenant(),
-                    rule: rule.name(),
-                    bucket: &bucket.key,
-                    position: &events[last].position,
-                };
-                let alerts = output
-                    .alerts
-                    .iter()
-                    .enumerate()
-                    .map(|(seq, alert)| {
-                        AlertRecord::new(origin, &manifest.version, alert, seq, now)
-                    })
-                    .collect();
-                BucketOutcome {
-                    state: output.state,
-                    timer: output.timer,
-                    alerts,
-                    fuel: output.fuel,
-                    log: output.log,
-                    state_ttl_ms: manifest.state_ttl_ms,
-                }
-            });
+    for (index, bucket) in buckets.into_iter().enumerate() {
+        let prior = priors.next().unwrap_or_default();
+        let Some(bucket) = unapplied(manifest, events, bucket, prior.applied.as_ref()) else {
+            continue;
+        };
+        let result = call(rule, events, &bucket, prior.state.as_deref(), now);
         run.buckets.push(BucketRun {
             key: bucket.key,
             index,
@@ -164,6 +124,233 @@ pub fn run_buckets(
         });
     }
     run
+}
+
+/// `bucket` without the events its prior already applied (a shard read
+/// again after a crash); `None` if that leaves none.
+fn unapplied(
+    manifest: &crate::runtime::Manifest,
+    events: &[&Incoming],
+    bucket: Bucket,
+    applied: Option<&SeqNo>,
+) -> Option<Bucket> {
+    let Some(applied) = applied else {
+        return Some(bucket);
+    };
+    let seen = |&i: &usize| events[i].seq.as_ref().is_some_and(|seq| seq <= applied);
+    if !bucket.members.iter().any(seen) {
+        return Some(bucket);
+    }
+    let rebuilt = route::rebuild(manifest, events, &bucket, |i| !seen(&i));
+    (!rebuilt.members.is_empty()).then_some(rebuilt)
+}
+
+/// One `evaluate` call over `bucket`, its alerts made records. Their ids
+/// derive from the position of the call's last event.
+fn call(
+    rule: &LoadedRule,
+    events: &[&Incoming],
+    bucket: &Bucket,
+    stored: Option<&[u8]>,
+    now: i64,
+) -> Result<BucketOutcome, RuleError> {
+    let manifest = rule.manifest();
+    let last = *bucket.members.last().expect("a bucket has events");
+    let output = rule.evaluate(
+        &bucket.key,
+        stored,
+        &bucket.batch,
+        now,
+        &events[last].position,
+    )?;
+    let origin = Origin {
+        tenant: rule.tenant(),
+        rule: rule.name(),
+        bucket: &bucket.key,
+        position: &events[last].position,
+    };
+    let alerts = output
+        .alerts
+        .iter()
+        .enumerate()
+        .map(|(seq, alert)| AlertRecord::new(origin, &manifest.version, alert, seq, now))
+        .collect();
+    Ok(BucketOutcome {
+        state: output.state,
+        timer: output.timer,
+        alerts,
+        fuel: output.fuel,
+        log: output.log,
+        state_ttl_ms: manifest.state_ttl_ms,
+    })
+}
+
+/// Failed calls one rule may make over one batch while bisecting before
+/// the rest of its buckets are failed without a call: a rule that fails on
+/// everything then costs a bounded number of calls (each bounded by fuel
+/// and the deadline) instead of two per event.
+pub const MAX_FAILED_CALLS: u32 = 32;
+
+/// One bucket's calls when failures are bisected.
+#[derive(Debug, Clone)]
+pub struct ContainedBucket {
+    pub key: String,
+    /// The bucket's place among the buckets the rule was run over.
+    pub index: usize,
+    /// What the calls that succeeded produced, in order, as one outcome;
+    /// `None` if none did (the bucket keeps its state).
+    pub outcome: Option<BucketOutcome>,
+    /// Indices (into the routed events) of the events applied.
+    pub applied: Vec<usize>,
+    /// Events not applied, each with the failure that left it out.
+    pub failed: Vec<(usize, RuleError)>,
+    pub calls: u32,
+    /// Of `calls`, those that failed.
+    pub failed_calls: u32,
+}
+
+/// One rule over one batch, failures bisected.
+#[derive(Debug, Clone, Default)]
+pub struct ContainedRun {
+    pub buckets: Vec<ContainedBucket>,
+    pub failed_calls: u32,
+}
+
+/// [`run_buckets`], except that a failed call is bisected (as Lambda's
+/// bisect-on-error does) to find the events the rule fails on: the bucket's
+/// events are split in halves run in order, each on the state the one
+/// before it left, down to single events; the events it fails on alone are
+/// left out with the failure, everything else is applied. A rule that
+/// names the event it rejects (`bad-event`) has just that one left out. A
+/// bucket whose stored state the rule cannot read is not bisected (no event
+/// would succeed). Past [`MAX_FAILED_CALLS`] failed calls a failing call's
+/// events are all left out, and the buckets not yet called are failed
+/// without a call with the last failure.
+pub fn run_contained(
+    rule: &LoadedRule,
+    events: &[&Incoming],
+    buckets: Vec<Bucket>,
+    now: i64,
+    priors: impl IntoIterator<Item = Prior>,
+) -> ContainedRun {
+    let manifest = rule.manifest();
+    let mut run = ContainedRun::default();
+    let mut priors = priors.into_iter();
+    for (index, bucket) in buckets.into_iter().enumerate() {
+        let prior = priors.next().unwrap_or_default();
+        let Some(bucket) = unapplied(manifest, events, bucket, prior.applied.as_ref()) else {
+            continue;
+        };
+        let mut contained = ContainedBucket {
+            key: bucket.key.clone(),
+            index,
+            outcome: None,
+            applied: Vec::new(),
+            failed: Vec::new(),
+            calls: 0,
+            failed_calls: 0,
+        };
+        let mut calls = Calls {
+            rule,
+            events,
+            state: prior.state,
+            out: &mut contained,
+            failed_calls: &mut run.failed_calls,
+        };
+        calls.run(bucket, now);
+        run.buckets.push(contained);
+    }
+    run
+}
+
+struct Calls<'a> {
+    rule: &'a LoadedRule,
+    events: &'a [&'a Incoming],
+    /// The bucket's state as the calls so far left it.
+    state: Option<crate::store::State>,
+    out: &'a mut ContainedBucket,
+    failed_calls: &'a mut u32,
+}
+
+impl Calls<'_> {
+    fn run(&mut self, bucket: Bucket, now: i64) {
+        if *self.failed_calls >= MAX_FAILED_CALLS {
+            let error = self.give_up_error();
+            self.fail(&bucket.members, error);
+            return;
+        }
+        self.out.calls += 1;
+        let error = match call(self.rule, self.events, &bucket, self.state.as_deref(), now) {
+            Ok(outcome) => return self.apply(&bucket.members, outcome),
+            Err(error) => error,
+        };
+        *self.failed_calls += 1;
+        self.out.failed_calls += 1;
+        let manifest = self.rule.manifest();
+        let n = bucket.members.len();
+        match &error.cause {
+            Cause::BadState(_) => self.fail(&bucket.members, error),
+            _ if n == 1 || *self.failed_calls >= MAX_FAILED_CALLS => {
+                self.fail(&bucket.members, error)
+            }
+            Cause::BadEvent { index, .. } if (*index as usize) < n => {
+                let bad = bucket.members[*index as usize];
+                self.fail(&[bad], error);
+                let rest = route::rebuild(manifest, self.events, &bucket, |i| i != bad);
+                self.run(rest, now);
+            }
+            _ => {
+                let half: Vec<usize> = bucket.members[..n / 2].to_vec();
+                let first = route::rebuild(manifest, self.events, &bucket, |i| {
+                    half.binary_search(&i).is_ok()
+                });
+                let second = route::rebuild(manifest, self.events, &bucket, |i| {
+                    half.binary_search(&i).is_err()
+                });
+                self.run(first, now);
+                self.run(second, now);
+            }
+        }
+    }
+
+    fn give_up_error(&self) -> RuleError {
+        let last = self.out.failed.last().map(|(_, e)| e.clone());
+        last.unwrap_or_else(|| RuleError {
+            tenant: self.rule.tenant().to_owned(),
+            rule: self.rule.name().to_owned(),
+            cause: Cause::Failed(format!(
+                "not run: the rule failed {MAX_FAILED_CALLS} calls in this batch"
+            )),
+        })
+    }
+
+    fn fail(&mut self, members: &[usize], error: RuleError) {
+        self.out
+            .failed
+            .extend(members.iter().map(|&m| (m, error.clone())));
+    }
+
+    fn apply(&mut self, members: &[usize], outcome: BucketOutcome) {
+        self.out.applied.extend_from_slice(members);
+        match &outcome.state {
+            StateChange::Unchanged => {}
+            StateChange::Set(bytes) => self.state = Some(bytes.as_slice().into()),
+            StateChange::Delete => self.state = None,
+        }
+        let Some(total) = &mut self.out.outcome else {
+            self.out.outcome = Some(outcome);
+            return;
+        };
+        if !matches!(outcome.state, StateChange::Unchanged) {
+            total.state = outcome.state;
+        }
+        if !matches!(outcome.timer, TimerChange::Keep) {
+            total.timer = outcome.timer;
+        }
+        total.alerts.extend(outcome.alerts);
+        total.fuel += outcome.fuel;
+        total.log.extend(outcome.log);
+    }
 }
 
 /// Each tenant's events in arrival order, with their indices in `events`;

@@ -126,10 +126,7 @@ const TEST_EVENT: &str = r#"{"eventType":"test-event","clientId":"client-01"}"#;
 fn batch(position: &str) -> Batch {
     let mut event = Incoming::parse(TEST_EVENT, "clientId", 1).unwrap();
     event.position = position.to_owned();
-    Batch {
-        events: Arc::from(vec![event]),
-        progress: Progress::Nothing,
-    }
+    Batch::new(vec![event], Progress::Nothing)
 }
 
 fn keys(sink: &Collected) -> Vec<String> {
@@ -176,7 +173,7 @@ async fn a_failed_commit_fails_the_batch_computed_on_top_of_it_and_retries_apply
 }
 
 async fn ingest(f: &Fixture) -> Arc<HttpIngest> {
-    HttpIngest::start(f.engine.clone(), "clientId", 1_000)
+    HttpIngest::start(f.engine.clone(), "clientId", 1_000, 1 << 20)
         .await
         .unwrap()
         .0

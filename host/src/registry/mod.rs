@@ -163,6 +163,9 @@ pub struct RuleView {
     pub serving: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_error: Option<String>,
+    /// Quarantined on this host: its events are dead-lettered until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<crate::engine::contain::Quarantine>,
 }
 
 /// A tenant token as listed: never its secret.
@@ -255,6 +258,8 @@ pub struct Registry {
     /// Serialises following the registry.
     refreshing: tokio::sync::Mutex<()>,
     rates: EventRates,
+    /// The engine whose quarantines a resume lifts.
+    engine: std::sync::OnceLock<std::sync::Weak<crate::engine::Engine>>,
 }
 
 impl Registry {
@@ -278,9 +283,44 @@ impl Registry {
             compiled: Mutex::default(),
             refreshing: tokio::sync::Mutex::new(()),
             rates: EventRates::default(),
+            engine: std::sync::OnceLock::new(),
         });
         registry.load_all().await?;
         Ok(registry)
+    }
+
+    /// Lift quarantines in `engine` when a resume is written (here or on
+    /// another host) and when a rule's served version changes.
+    pub fn on_resume(&self, engine: Arc<crate::engine::Engine>) {
+        let _ = self.engine.set(Arc::downgrade(&engine));
+    }
+
+    fn lift_quarantine(&self, tenant: &str, rule: &str) -> bool {
+        self.engine
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|engine| engine.resume(tenant, rule))
+    }
+
+    /// Lift `tenant`'s `rule` quarantine on every host: on this one at once,
+    /// on the others when they next follow the registry. Whether this host
+    /// had it quarantined.
+    pub async fn resume(&self, tenant: &str, rule: &str, by: &str) -> Result<bool, RegistryError> {
+        validate_tenant(tenant)?;
+        let key = format!("resume/{tenant}/{rule}");
+        let record = serde_json::json!({ "by": by, "at": now_rfc3339() });
+        loop {
+            let expect = match self.store.get(&key).await? {
+                Some(doc) => Expect::At(doc.revision),
+                None => Expect::Absent,
+            };
+            match self.store.write(&key, Some(&encode(&record)), expect).await {
+                Ok(_) => break,
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.lift_quarantine(tenant, rule))
     }
 
     /// The sandbox the registry loads rules into.
@@ -393,6 +433,13 @@ impl Registry {
                         view.tokens.remove(id);
                     }
                 }
+            } else if let Some(rest) = key.strip_prefix("resume/") {
+                drop(view);
+                if doc.is_some()
+                    && let Some((tenant, rule)) = rest.split_once('/')
+                {
+                    self.lift_quarantine(tenant, rule);
+                }
             } else if let Some(tenant) = key.strip_prefix("quota/") {
                 match doc {
                     Some(doc) => {
@@ -450,6 +497,8 @@ impl Registry {
                 Ok(rule) => {
                     let rule = Arc::new(rule);
                     tracing::info!(tenant, rule = %doc.name, version = active.version, took = ?started.elapsed(), "loaded");
+                    // Another version is another rule: it starts healthy.
+                    self.lift_quarantine(tenant, &doc.name);
                     self.load_errors.lock().expect("errors lock").remove(&id);
                     self.serving.lock().expect("serving lock").insert(
                         id,
@@ -914,7 +963,7 @@ impl Registry {
             .catalogue
             .fixed(tenant)
             .iter()
-            .map(|rule| fixed_view(rule))
+            .map(|rule| self.config_view(rule))
             .collect();
         let names: Vec<String> = {
             let view = self.view.read().expect("view lock");
@@ -935,7 +984,7 @@ impl Registry {
             .iter()
             .find(|r| r.name() == name)
         {
-            return Ok(fixed_view(rule));
+            return Ok(self.config_view(rule));
         }
         let id = (tenant.to_owned(), name.to_owned());
         let doc = self
@@ -967,7 +1016,24 @@ impl Registry {
             versions: doc.versions.clone(),
             serving,
             load_error,
+            quarantine: self.quarantine_of(&doc.tenant, &doc.name),
         })
+    }
+
+    fn config_view(&self, rule: &LoadedRule) -> RuleView {
+        RuleView {
+            quarantine: self.quarantine_of(rule.tenant(), rule.name()),
+            ..fixed_view(rule)
+        }
+    }
+
+    fn quarantine_of(
+        &self,
+        tenant: &str,
+        rule: &str,
+    ) -> Option<crate::engine::contain::Quarantine> {
+        let engine = self.engine.get()?.upgrade()?;
+        engine.quarantine(tenant, rule)
     }
 }
 
@@ -993,6 +1059,7 @@ fn fixed_view(rule: &LoadedRule) -> RuleView {
         versions: Vec::new(),
         serving: None,
         load_error: None,
+        quarantine: None,
     }
 }
 

@@ -8,7 +8,10 @@ use std::sync::Mutex;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{DEFAULT_FUEL_PER_CALL, DEFAULT_MEMORY_BYTES, Limits};
+use crate::runtime::{
+    DEFAULT_DEADLINE, DEFAULT_FUEL_PER_CALL, DEFAULT_MAX_ALERT_BYTES, DEFAULT_MAX_LOG_BYTES,
+    DEFAULT_MEMORY_BYTES, Limits,
+};
 
 /// Rules one tenant may register: enough for a team's alerting, few enough
 /// that 1,000 tenants fit one host's catalogue.
@@ -37,6 +40,13 @@ pub struct Quotas {
     /// Events per second the tenant may post over HTTP (a request over it
     /// is refused whole, with 429).
     pub events_per_second: u32,
+    /// Wall-clock time one call may take, in milliseconds: the backstop
+    /// for time outside fuel accounting.
+    pub deadline_ms: u64,
+    /// Bytes of alerts (keys, titles, details) one call may return.
+    pub alert_bytes: u64,
+    /// Log bytes (its `log` import, stdout and stderr) one call may write.
+    pub log_bytes: u64,
 }
 
 impl Default for Quotas {
@@ -47,17 +57,24 @@ impl Default for Quotas {
             fuel_per_call: DEFAULT_FUEL_PER_CALL,
             memory_bytes: DEFAULT_MEMORY_BYTES as u64,
             events_per_second: DEFAULT_EVENTS_PER_SECOND,
+            deadline_ms: DEFAULT_DEADLINE.as_millis() as u64,
+            alert_bytes: DEFAULT_MAX_ALERT_BYTES as u64,
+            log_bytes: DEFAULT_MAX_LOG_BYTES as u64,
         }
     }
 }
 
 impl Quotas {
     /// The call bounds of a rule of this tenant: the host's, with the
-    /// tenant's fuel and memory.
+    /// tenant's fuel, memory (at most the host's: the pool's slots are that
+    /// large), deadline, alert bytes and log bytes.
     pub fn limits(&self, host: &Limits) -> Limits {
         Limits {
             fuel_per_call: self.fuel_per_call,
             memory_bytes: (self.memory_bytes as usize).min(host.memory_bytes),
+            deadline_ms: self.deadline_ms,
+            max_alert_bytes: usize::try_from(self.alert_bytes).unwrap_or(usize::MAX),
+            max_log_bytes: usize::try_from(self.log_bytes).unwrap_or(usize::MAX),
             ..host.clone()
         }
     }
@@ -67,9 +84,12 @@ impl Quotas {
             || self.fuel_per_call == 0
             || self.memory_bytes == 0
             || self.events_per_second == 0
+            || self.deadline_ms == 0
+            || self.alert_bytes == 0
+            || self.log_bytes == 0
         {
             return Err(
-                "component_bytes, fuel_per_call, memory_bytes and events_per_second must be positive"
+                "component_bytes, fuel_per_call, memory_bytes, events_per_second, deadline_ms, alert_bytes and log_bytes must be positive"
                     .to_owned(),
             );
         }

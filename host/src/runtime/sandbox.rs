@@ -40,6 +40,20 @@ pub enum LogLevel {
     Output,
 }
 
+impl LogLevel {
+    /// Its name as logs show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+            LogLevel::Output => "stdout",
+        }
+    }
+}
+
 /// The rule log of the current call, shared with the captured stdio streams.
 #[derive(Debug, Default)]
 pub(crate) struct RuleLog {

@@ -2,6 +2,7 @@
 //! only alerts already committed to the store's outbox, so a crash between
 //! commit and publish republishes the same alerts (same ids), never new ones.
 
+pub mod dead_letters;
 pub mod file;
 pub mod kinesis;
 pub mod writer;

@@ -1,14 +1,27 @@
 //! An NDJSON file (or standard input) as a source, for `tocsin replay`:
 //! its lines in batches of a fixed size, in order, each event positioned
 //! by its line. A line that is not an event is handed back with its number
-//! and reason; the good lines around it go on.
+//! and reason; the good lines around it go on. A line that is a dead letter
+//! (as the dead-letter file and API hold them) is its event, for the rule
+//! that did not apply it only.
 
 use std::io::BufRead;
-use std::sync::Arc;
 
 use crate::engine::Batch;
-use crate::event::Incoming;
+use crate::event::{EventError, Incoming};
+use crate::sink::dead_letters::DeadLetter;
 use crate::store::Progress;
+
+/// A dead letter's event, to run again against the rule that did not
+/// apply it (every rule of its tenant if it names none), at its first
+/// position, so the alerts it raises now have the ids they would have had.
+fn dead_letter(line: &str, tenant_field: &str, arrival: i64) -> Option<Incoming> {
+    let letter: DeadLetter = serde_json::from_str(line).ok()?;
+    let mut event = Incoming::parse(&letter.event, tenant_field, arrival).ok()?;
+    event.position = letter.position;
+    event.only_rule = letter.rule;
+    Some(event)
+}
 
 /// A line that is not an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,9 +75,18 @@ impl<R: BufRead> FileSource<R> {
             if line.trim().is_empty() {
                 continue;
             }
-            match Incoming::parse(line, &self.tenant_field, arrival) {
+            let parsed = match Incoming::parse(line, &self.tenant_field, arrival) {
                 Ok(mut event) => {
                     event.position = format!("{}:{}", self.name, self.line);
+                    Ok(event)
+                }
+                Err(error @ EventError::MissingTenant(_)) => {
+                    dead_letter(line, &self.tenant_field, arrival).ok_or(error)
+                }
+                Err(error) => Err(error),
+            };
+            match parsed {
+                Ok(event) => {
                     events.push(event);
                     lines.push(self.line);
                 }
@@ -78,10 +100,7 @@ impl<R: BufRead> FileSource<R> {
             return Ok(None);
         }
         Ok(Some(FileBatch {
-            batch: Batch {
-                events: Arc::from(events),
-                progress: Progress::Nothing,
-            },
+            batch: Batch::new(events, Progress::Nothing),
             lines,
             bad,
         }))

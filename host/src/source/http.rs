@@ -119,6 +119,7 @@ pub struct HttpIngest {
     queue: mpsc::Sender<Submission>,
     inflight: Mutex<HashMap<String, Inflight>>,
     tenant_field: String,
+    max_event_bytes: usize,
     /// Distinguishes requests without an idempotency key.
     instance: String,
     requests: AtomicU64,
@@ -131,6 +132,7 @@ impl HttpIngest {
         engine: Arc<Engine>,
         tenant_field: &str,
         max_batch_events: usize,
+        max_event_bytes: usize,
     ) -> Result<(Arc<HttpIngest>, JoinHandle<()>), EngineError> {
         let lane = Arc::new(Lane::new(PARTITION));
         engine.flush(&lane).await?;
@@ -141,6 +143,7 @@ impl HttpIngest {
             queue,
             inflight: Mutex::default(),
             tenant_field: tenant_field.to_owned(),
+            max_event_bytes,
             instance: format!("r{:x}", rand::random::<u64>()),
             requests: AtomicU64::new(0),
         });
@@ -185,8 +188,14 @@ impl HttpIngest {
             ),
         };
         let arrival = self.engine.clock().now_ms();
-        let parsed =
-            ingest::parse(body, &self.tenant_field, &request, arrival).map_err(Refusal::BadBody)?;
+        let parsed = ingest::parse(
+            body,
+            &self.tenant_field,
+            &request,
+            arrival,
+            self.max_event_bytes,
+        )
+        .map_err(Refusal::BadBody)?;
         gate(&parsed.events)?;
         if parsed.events.is_empty() && key.is_none() {
             return Ok(Answer {
@@ -308,10 +317,7 @@ impl HttpIngest {
             starts.push(events.len());
             events.append(&mut submission.events);
         }
-        let batch = Batch {
-            events: Arc::from(events),
-            progress: Progress::Nothing,
-        };
+        let batch = Batch::new(events, Progress::Nothing);
         let mut computed = match self.engine.compute(&self.lane, batch).await {
             Ok(computed) => computed,
             Err(error) => {

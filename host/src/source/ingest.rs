@@ -23,6 +23,7 @@ pub fn parse(
     tenant_field: &str,
     request: &str,
     arrival: i64,
+    max_event_bytes: usize,
 ) -> Result<Parsed, String> {
     let mut parsed = Parsed::default();
     let mut accept = |line: usize, result: Result<Incoming, String>| match result {
@@ -41,7 +42,7 @@ pub fn parse(
         let items: Vec<Box<serde_json::value::RawValue>> =
             serde_json::from_str(body).map_err(|e| format!("body is not a JSON array: {e}"))?;
         for (i, item) in items.iter().enumerate() {
-            let result = Incoming::parse(item.get(), tenant_field, arrival);
+            let result = Incoming::parse_within(item.get(), tenant_field, arrival, max_event_bytes);
             accept(i + 1, result.map_err(|e| e.to_string()));
         }
     } else {
@@ -51,7 +52,8 @@ pub fn parse(
             }
             accept(
                 i + 1,
-                Incoming::parse(line, tenant_field, arrival).map_err(|e| e.to_string()),
+                Incoming::parse_within(line, tenant_field, arrival, max_event_bytes)
+                    .map_err(|e| e.to_string()),
             );
         }
     }

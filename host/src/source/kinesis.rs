@@ -9,6 +9,7 @@ use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 
 use crate::aws::error_text as err;
 use crate::event::{Incoming, SeqNo};
+use crate::sink::dead_letters::{DeadLetter, dead_letter_id};
 
 /// Kinesis allows 5 GetRecords calls per second per shard; this leaves room
 /// for a second reader during a handover.
@@ -175,28 +176,46 @@ impl ShardReader {
 
 /// A record's events: one JSON object, or several as NDJSON. Positions are
 /// `{shard}:{sequence}` (`:{line}` for each line of a multi-line record).
-/// Lines that are not events are returned as errors beside.
+/// Lines that are not events (or larger than `max_event_bytes`) are
+/// returned beside, as dead letters naming why.
 pub fn events(
     shard: &str,
     record: &Record,
     tenant_field: &str,
     arrival: i64,
-) -> (Vec<Incoming>, Vec<String>) {
+    max_event_bytes: usize,
+) -> (Vec<Incoming>, Vec<DeadLetter>) {
     let seq = SeqNo::new(record.sequence_number());
     let arrival = record
         .approximate_arrival_timestamp()
         .and_then(|t| t.to_millis().ok())
         .unwrap_or(arrival);
     let mut events = Vec::new();
-    let mut errors = Vec::new();
-    let text = match std::str::from_utf8(record.data().as_ref()) {
+    let mut bad = Vec::new();
+    let letter = |position: String, cause: &str, reason: String, text: &str| DeadLetter {
+        id: dead_letter_id(shard, &position, None),
+        seq: None,
+        at: arrival,
+        tenant: None,
+        rule: None,
+        source: shard.to_owned(),
+        position,
+        cause: cause.to_owned(),
+        reason,
+        event: text.to_owned(),
+    };
+    let data = record.data().as_ref();
+    let text = match std::str::from_utf8(data) {
         Ok(text) => text,
         Err(e) => {
-            errors.push(format!(
-                "record {shard}:{}: not UTF-8: {e}",
-                record.sequence_number()
+            let position = format!("{shard}:{}", record.sequence_number());
+            bad.push(letter(
+                position.clone(),
+                "malformed",
+                format!("record {position}: not UTF-8: {e}"),
+                &String::from_utf8_lossy(data),
             ));
-            return (events, errors);
+            return (events, bad);
         }
     };
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -206,14 +225,17 @@ pub fn events(
         } else {
             format!("{shard}:{}:{}", record.sequence_number(), n + 1)
         };
-        match Incoming::parse(line, tenant_field, arrival) {
+        match Incoming::parse_within(line, tenant_field, arrival, max_event_bytes) {
             Ok(mut event) => {
                 event.position = position;
                 event.seq = seq.clone();
                 events.push(event);
             }
-            Err(e) => errors.push(format!("record {position}: {e}")),
+            Err(e) => {
+                let reason = format!("record {position}: {e}");
+                bad.push(letter(position, e.kind(), reason, line));
+            }
         }
     }
-    (events, errors)
+    (events, bad)
 }

@@ -42,6 +42,8 @@ pub struct ShardSettings {
     /// A lease whose heartbeat has not moved for this long is taken over.
     pub lease_duration: Duration,
     pub tenant_field: String,
+    /// Larger records are dead-lettered.
+    pub max_event_bytes: usize,
 }
 
 /// What the source knows of itself, for `GET /v1/status` and `/readyz`.
@@ -53,7 +55,8 @@ pub struct ShardsState {
     pub failed: std::sync::Mutex<HashMap<String, String>>,
     /// The lease table was read once: the host has joined.
     pub joined: AtomicBool,
-    /// Records that were not events (bad JSON, no tenant): logged, skipped.
+    /// Records that were not events (bad JSON, no tenant, too large):
+    /// dead-lettered.
     pub bad_records: AtomicU64,
     /// Polls processed (each one batch).
     pub batches: AtomicU64,
@@ -366,13 +369,22 @@ async fn work(
             }
             let now = engine.clock().now_ms();
             let mut events = Vec::with_capacity(poll.records.len());
+            let mut bad_records = Vec::new();
             for record in &poll.records {
-                let (good, bad) =
-                    kinesis::events(&fence.shard, record, &settings.tenant_field, now);
-                for error in bad {
-                    state.bad_records.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("{error}; skipped");
+                let (good, bad) = kinesis::events(
+                    &fence.shard,
+                    record,
+                    &settings.tenant_field,
+                    now,
+                    settings.max_event_bytes,
+                );
+                for letter in &bad {
+                    tracing::warn!("{}; dead-lettered", letter.reason);
                 }
+                state
+                    .bad_records
+                    .fetch_add(bad.len() as u64, Ordering::Relaxed);
+                bad_records.extend(bad);
                 events.extend(good);
             }
             let last = poll
@@ -391,12 +403,14 @@ async fn work(
                     last: last.unwrap_or_else(|| SeqNo::new("0").expect("zero")),
                     checkpoint: next.clone(),
                 },
+                bad: bad_records,
+                unanswered: true,
             };
             match engine.process(&lane, &batch).await {
                 Ok(committed) => {
                     state.batches.fetch_add(1, Ordering::Relaxed);
                     for rejection in &committed.rejected {
-                        tracing::debug!(shard = %fence.shard, position = %batch.events[rejection.index].position, rule = ?rejection.rule, "event not applied: {}", rejection.reason);
+                        tracing::debug!(shard = %fence.shard, position = %batch.events[rejection.index].position, rule = ?rejection.rule, "event not applied, dead-lettered: {}", rejection.reason);
                     }
                     attempt = 0;
                     match next {

@@ -107,6 +107,35 @@ pub const SEED_RULES: [(&str, &str); 3] = [
     ("client-02", "any-machine-stopped"),
 ];
 
+/// Every attack of the hostile component (`tests/components/hostile`), by
+/// the `attack` field that picks it, with the cause its event is
+/// dead-lettered under; `None`: the call succeeds (it only reads what the
+/// sandbox shows it).
+pub const HOSTILE_ATTACKS: [(&str, Option<&str>); 17] = [
+    ("loop", Some("out_of_fuel")),
+    ("memory", Some("out_of_memory")),
+    ("recursion", Some("stack_overflow")),
+    ("panic", Some("panic")),
+    ("alerts", Some("output_too_large")),
+    ("alert-bytes", Some("output_too_large")),
+    ("log", Some("output_too_large")),
+    ("print", Some("output_too_large")),
+    ("state", Some("output_too_large")),
+    ("fail", Some("failed")),
+    ("bad-index", Some("bad_event")),
+    ("sleep", Some("blocked")),
+    ("clock", None),
+    ("random", None),
+    ("peek", None),
+    ("slow", None),
+    ("none", None),
+];
+
+/// An event of tenant `evil` that makes the hostile rule `attack`.
+pub fn hostile_event(attack: &str) -> String {
+    serde_json::json!({"clientId": "evil", "eventType": "test-event", "attack": attack}).to_string()
+}
+
 /// The component path of a seed rule by name.
 pub fn seed_component(rule: &str) -> &'static str {
     match rule {

@@ -18,7 +18,7 @@ impl Rule for Hostile {
     type State = Vec<u8>;
 
     fn manifest((): &()) -> Manifest {
-        Manifest::new("hostile", "0.1.0").fields(["attack"])
+        Manifest::new("hostile", "0.1.0").fields(["attack", "spin"])
     }
 
     fn evaluate(
@@ -46,6 +46,19 @@ impl Rule for Hostile {
                     black_box(recurse(black_box(1)));
                 }
                 "panic" => panic!("boom on purpose"),
+                // Slow but legal: `spin` rounds of work (default 10⁶),
+                // within the fuel of one call; ends healthy.
+                "slow" => {
+                    let rounds = event.i64("spin").unwrap_or(1_000_000).max(0) as u64;
+                    let mut n = 0u64;
+                    for i in 0..rounds {
+                        n = black_box(n.wrapping_mul(31).wrapping_add(i));
+                    }
+                    ctx.emit(
+                        Alert::firing(format!("slow-{}", event.index()), "slow")
+                            .detail(json!({"n": n})),
+                    );
+                }
                 // One more than the host's default bound.
                 "alerts" => {
                     for n in 0..10_001 {
