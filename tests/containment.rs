@@ -178,7 +178,7 @@ async fn a_hostile_tenant_changes_nothing_of_what_the_others_get() {
     let mut expected = Vec::new();
     for (n, chunk) in seed.chunks(10).enumerate() {
         for k in 0..2 {
-            let (name, cause) = ZOO[(2 * n + k) % ZOO.len()];
+            let (_, cause) = ZOO[(2 * n + k) % ZOO.len()];
             if let Some(cause) = cause {
                 let line = chunk.len() + 1 + k;
                 expected.push((format!("key:seed-{n}:{line}"), cause.to_owned()));
@@ -435,5 +435,48 @@ async fn the_events_around_a_poison_one_apply_in_order_on_the_state_they_leave()
         .map(|a| a["key"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(keys, ["ok-0", "ok-1", "ok-2", "ok-3"]);
+    host.server.stop().await.unwrap();
+}
+
+/// Many poison events in one batch: each is found and dead-lettered under
+/// its own cause and every healthy one beside them applied; past the
+/// bisecting budget the rest are dead-lettered as `too_many_failures`,
+/// never under a failure they may not cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_poison_events_in_one_batch_are_each_found_within_a_bounded_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::start(config(dir.path(), true)).await;
+    let mut lines = Vec::new();
+    for _ in 0..40 {
+        lines.push(attack("fail"));
+        lines.push(attack("none"));
+    }
+    let answer = host.post(&lines, "dense").await;
+    let rejected = answer["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 40, "{answer}");
+    assert!(
+        rejected.iter().all(|r| r["line"].as_u64().unwrap() % 2 == 1
+            && r["error"]
+                .as_str()
+                .unwrap()
+                .ends_with("failed: refusing on purpose")),
+        "{answer}"
+    );
+
+    // Over the budget: the healthy event at the end is not blamed.
+    let mut lines: Vec<String> = (0..300).map(|_| attack("fail")).collect();
+    lines.push(attack("none"));
+    host.post(&lines, "flood").await;
+    let letters = host.dead_letters("evil").await;
+    let last = letters.last().unwrap();
+    assert_eq!(last["position"], "key:flood:301");
+    assert_eq!(last["cause"], "too_many_failures", "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("not run: the rule failed 128 calls in this batch already"),
+        "{last}"
+    );
     host.server.stop().await.unwrap();
 }

@@ -470,16 +470,21 @@ async fn metrics_count_each_rules_events_alerts_and_failures_by_cause() {
         value(&format!("tocsin_rule_batch_seconds_count{client_01}")),
         1.0
     );
-    // One bucket of client-04's rule failed on request: both its events
-    // are rejected, nothing applied.
+    // client-04's rule failed on one event of its bucket: bisecting
+    // dead-letters that one and applies the other.
     assert_eq!(
         value(r#"tocsin_rule_failures_total{tenant="client-04",rule="hostile",cause="failed"}"#),
         1.0
     );
     assert_eq!(
         value(r#"tocsin_rule_events_total{tenant="client-04",rule="hostile"}"#),
-        0.0
+        1.0
     );
+    assert_eq!(
+        value(r#"tocsin_rule_dead_letters_total{tenant="client-04",rule="hostile"}"#),
+        1.0
+    );
+    assert_eq!(value(r#"tocsin_dead_letters_total{cause="failed"}"#), 1.0);
     assert_eq!(value("tocsin_events_total"), 5.0);
     assert_eq!(value("tocsin_unknown_tenant_events_total"), 1.0);
     assert_eq!(value("tocsin_batch_seconds_count"), 1.0);

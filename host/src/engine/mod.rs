@@ -694,7 +694,7 @@ impl Engine {
                             rejected.push(Rejection {
                                 index: r.indices[*member],
                                 rule: Some(name.to_owned()),
-                                cause: *cause,
+                                cause,
                                 reason: reason.clone(),
                             });
                         }

@@ -189,7 +189,11 @@ fn call(
 /// the rest of its buckets are failed without a call: a rule that fails on
 /// everything then costs a bounded number of calls (each bounded by fuel
 /// and the deadline) instead of two per event.
-pub const MAX_FAILED_CALLS: u32 = 32;
+pub const MAX_FAILED_CALLS: u32 = 128;
+
+/// A failing call over at most this many events is not halved but run
+/// again one event at a time.
+pub const RUN_SINGLY_AT: usize = 16;
 
 /// One bucket's calls when failures are bisected.
 #[derive(Debug, Clone)]
@@ -223,9 +227,11 @@ pub struct ContainedRun {
 /// left out with the failure, everything else is applied. A rule that
 /// names the event it rejects (`bad-event`) has just that one left out. A
 /// bucket whose stored state the rule cannot read is not bisected (no event
-/// would succeed). Past [`MAX_FAILED_CALLS`] failed calls a failing call's
-/// events are all left out, and the buckets not yet called are failed
-/// without a call with the last failure.
+/// would succeed). A failing call over [`RUN_SINGLY_AT`] events or fewer
+/// is run again one event at a time. Past [`MAX_FAILED_CALLS`] failed calls
+/// in the batch, a failing call's events are all left out with its failure,
+/// and the events not yet run are left out without a call
+/// ([`Cause::TooManyFailures`]).
 pub fn run_contained(
     rule: &LoadedRule,
     events: &[&Incoming],
@@ -290,7 +296,10 @@ impl Calls<'_> {
         let n = bucket.members.len();
         match &error.cause {
             Cause::BadState(_) => self.fail(&bucket.members, error),
-            _ if n == 1 || *self.failed_calls >= MAX_FAILED_CALLS => {
+            _ if n == 1 => self.fail(&bucket.members, error),
+            // Which of them it fails on is not known: none is blamed.
+            _ if *self.failed_calls >= MAX_FAILED_CALLS => {
+                let error = self.give_up_error();
                 self.fail(&bucket.members, error)
             }
             Cause::BadEvent { index, .. } if (*index as usize) < n => {
@@ -298,6 +307,14 @@ impl Calls<'_> {
                 self.fail(&[bad], error);
                 let rest = route::rebuild(manifest, self.events, &bucket, |i| i != bad);
                 self.run(rest, now);
+            }
+            _ if n <= RUN_SINGLY_AT => {
+                // Few left: one call per event costs fewer failed calls
+                // than halving when several of them are bad.
+                for &member in &bucket.members {
+                    let single = route::rebuild(manifest, self.events, &bucket, |i| i == member);
+                    self.run(single, now);
+                }
             }
             _ => {
                 let half: Vec<usize> = bucket.members[..n / 2].to_vec();
@@ -314,14 +331,13 @@ impl Calls<'_> {
     }
 
     fn give_up_error(&self) -> RuleError {
-        let last = self.out.failed.last().map(|(_, e)| e.clone());
-        last.unwrap_or_else(|| RuleError {
+        RuleError {
             tenant: self.rule.tenant().to_owned(),
             rule: self.rule.name().to_owned(),
-            cause: Cause::Failed(format!(
-                "not run: the rule failed {MAX_FAILED_CALLS} calls in this batch"
-            )),
-        })
+            cause: Cause::TooManyFailures {
+                calls: MAX_FAILED_CALLS,
+            },
+        }
     }
 
     fn fail(&mut self, members: &[usize], error: RuleError) {

@@ -67,6 +67,12 @@ pub enum Cause {
     /// with the SDK can do this).
     #[error("returned malformed output: {0}")]
     BadOutput(String),
+
+    // The host gave up on it.
+    /// Not called: the rule already failed this many calls in the batch
+    /// (bisecting the events it fails on has a bounded cost).
+    #[error("not run: the rule failed {calls} calls in this batch already")]
+    TooManyFailures { calls: u32 },
 }
 
 /// Which output bound a call exceeded.
@@ -111,6 +117,7 @@ impl Cause {
             Cause::BadState(_) => "bad_state",
             Cause::Failed(_) => "failed",
             Cause::BadOutput(_) => "bad_output",
+            Cause::TooManyFailures { .. } => "too_many_failures",
         }
     }
 
