@@ -802,3 +802,80 @@ fn a_new_rule_crate_builds_both_ways_and_passes_rule_test() {
         assert_eq!(alerts[0]["rule"], "hot-machines");
     }
 }
+
+/// `tocsin rule logs` prints why a rule's calls failed, `tocsin tenant
+/// dead-letters` the events it failed on as NDJSON, and `tocsin rule
+/// resume` lifts its quarantine.
+#[test]
+fn the_cli_reads_a_rules_logs_and_dead_letters_and_resumes_it() {
+    let data = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tocsin"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .arg("--rule")
+        .arg(format!("evil={}", components::HOSTILE))
+        .env("RUST_LOG", "error");
+    let (child, base) = support::spawn_serve(&mut command);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _host = Kill(child);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for n in 0..3 {
+        let body = [
+            support::hostile_event("fail"),
+            support::hostile_event("panic"),
+        ]
+        .join("\n");
+        let status = runtime.block_on(async {
+            reqwest::Client::new()
+                .post(format!("{base}/v1/events"))
+                .header("idempotency-key", format!("cli-{n}"))
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        assert_eq!(status.as_u16(), 200);
+    }
+    let host = [("TOCSIN_URL", base.as_str())];
+    let rule = ["--tenant", "evil", "--name", "hostile"];
+
+    let logs = tocsin_env(&[&["rule", "logs"][..], &rule].concat(), &host);
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    let text = stdout(&logs);
+    assert!(
+        text.contains(
+            " error  host rule `hostile@0.1.0` of tenant `evil`: failed: refusing on purpose\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.lines().last().unwrap().contains("quarantined until"),
+        "{text}"
+    );
+
+    let letters = tocsin_env(&["tenant", "dead-letters", "evil"], &host);
+    assert!(letters.status.success(), "{}", stderr(&letters));
+    let letters: Vec<serde_json::Value> = stdout(&letters)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 6);
+    assert!(letters.iter().all(|l| l["rule"] == "hostile"));
+
+    let resume = tocsin_env(&[&["rule", "resume"][..], &rule].concat(), &host);
+    assert!(resume.status.success(), "{}", stderr(&resume));
+    assert_eq!(stdout(&resume), "evil/hostile: resumed\n");
+    let again = tocsin_env(&[&["rule", "resume"][..], &rule].concat(), &host);
+    assert_eq!(
+        stdout(&again),
+        "evil/hostile: resumed (it was not quarantined on this host)\n"
+    );
+}
