@@ -312,7 +312,7 @@ fn shard_commit(fence: &Fence, writes: Vec<BucketWrite>, seq: &str) -> Commit {
         progress: Progress::Shard {
             fence: fence.clone(),
             last: SeqNo::new(seq).unwrap(),
-            checkpoint: Checkpoint::At(SeqNo::new(seq).unwrap()),
+            checkpoint: Some(Checkpoint::At(SeqNo::new(seq).unwrap())),
         },
         now_ms: 1_700_000_000_000,
     }
@@ -954,4 +954,107 @@ async fn stored_applied(aws: &Aws, table: &str, id: &BucketId) -> Vec<String> {
     let mut shards: Vec<String> = item.applied.into_keys().collect();
     shards.sort();
     shards
+}
+
+/// Fair sharing on a shard: a tenant whose call takes seconds is run apart,
+/// so another tenant's alert from the same records is on the alerts stream
+/// while the slow call still runs. The shard's checkpoint waits for the
+/// part run apart, then moves past every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tenant_on_a_shard_is_run_apart_and_the_checkpoint_waits_for_it() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let mut rules = seed_rules();
+    rules.push(("evil".to_owned(), support::components::HOSTILE.to_owned()));
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config(&names, data.path(), &rules);
+    config.limits.fuel_per_call = 1 << 42;
+    config.limits.deadline_ms = 600_000;
+    let host = Server::start(config, Arc::new(SystemClock)).await.unwrap();
+
+    let slow = serde_json::json!({"clientId": "evil", "eventType": "test-event", "attack": "slow", "spin": 3_000_000_000u64});
+    let healthy = serde_json::json!({"clientId": "client-01", "eventType": "test-event"});
+    put(
+        &aws,
+        &names.events,
+        &[slow.to_string(), healthy.to_string()],
+    )
+    .await;
+    let alerts = alerts_when(&aws, &names.alerts, 1, Duration::from_secs(60)).await;
+    assert!(
+        alerts.iter().any(|a| a.tenant == "client-01"),
+        "the healthy tenant's alert: {alerts:?}"
+    );
+    assert!(
+        alerts.iter().all(|a| a.tenant != "evil"),
+        "published before the slow tenant's: {alerts:?}"
+    );
+    let alerts = alerts_when(&aws, &names.alerts, 2, Duration::from_secs(120)).await;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.tenant == "evil" && a.title == "slow"),
+        "the slow tenant's event is applied too: {alerts:?}"
+    );
+
+    // The checkpoint is past both records once the part committed.
+    let shard = tocsin::source::kinesis::list_shards(&aws.kinesis, &names.events)
+        .await
+        .unwrap()
+        .remove(0)
+        .id;
+    let iterator = aws
+        .kinesis
+        .get_shard_iterator()
+        .stream_name(&names.events)
+        .shard_id(&shard)
+        .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .unwrap()
+        .shard_iterator()
+        .unwrap()
+        .to_owned();
+    let records = aws
+        .kinesis
+        .get_records()
+        .shard_iterator(iterator)
+        .send()
+        .await
+        .unwrap();
+    let last = records
+        .records()
+        .last()
+        .unwrap()
+        .sequence_number()
+        .to_owned();
+    let leases = Leases::new(
+        tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table),
+        &names.events,
+    );
+    let started = Instant::now();
+    loop {
+        let lease = leases.list().await.unwrap().remove(0);
+        if lease.checkpoint.as_deref() == Some(last.as_str()) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "checkpoint {:?}, want {last}",
+            lease.checkpoint
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = format!("http://{}", host.addr());
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tocsin_tenant_parts_apart_total{tenant=\"evil\"} 1\n"),
+        "{metrics}"
+    );
+    host.stop().await.unwrap();
 }

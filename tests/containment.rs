@@ -480,3 +480,75 @@ async fn many_poison_events_in_one_batch_are_each_found_within_a_bounded_budget(
     );
     host.server.stop().await.unwrap();
 }
+
+/// A metric's value in the host's `GET /metrics` text, 0 if absent.
+async fn metric(host: &Host, series: &str) -> f64 {
+    let text = host
+        .http
+        .get(format!("{}/metrics", host.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Fair sharing: a tenant whose rule takes seconds over a batch is run
+/// apart once its share is up. Another tenant's request, posted while the
+/// slow call runs, is answered before it; the slow tenant's event is
+/// applied all the same, and the metrics count the part run apart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_tenant_is_run_apart_and_holds_no_other_tenants_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), true);
+    // Slow but legal: one call may spin for seconds.
+    config.limits.fuel_per_call = 1 << 42;
+    config.limits.deadline_ms = 600_000;
+    let host = Arc::new(Host::start(config).await);
+    let healthy =
+        |n: usize| json!({"clientId": "client-01", "eventType": "test-event", "n": n}).to_string();
+    let apart = "tocsin_tenant_parts_apart_total{tenant=\"evil\"}";
+    let slow = tokio::spawn({
+        let host = host.clone();
+        let event = json!({"clientId": "evil", "eventType": "test-event", "attack": "slow", "spin": 3_000_000_000u64});
+        async move { host.post(&[event.to_string()], "slow").await }
+    });
+    // Past its share, the slow call goes on apart (and is counted so).
+    while metric(&host, apart).await < 1.0 {
+        if slow.is_finished() {
+            panic!(
+                "the slow call ended without being run apart: {}",
+                slow.await.unwrap()
+            );
+        }
+        tokio::task::yield_now().await;
+    }
+    let answer = host.post(&[healthy(1)], "fast").await;
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert!(
+        !slow.is_finished(),
+        "the other tenant's request waited for the slow tenant"
+    );
+    assert!(
+        !host.alerts("client-01").await.is_empty(),
+        "the other tenant's alert is out"
+    );
+
+    let answer = slow.await.unwrap();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    let alerts = host.alerts("evil").await;
+    assert!(alerts.iter().any(|a| a["title"] == "slow"), "{alerts:?}");
+    assert_eq!(metric(&host, apart).await, 1.0);
+    assert!(host.dead_letters("evil").await.is_empty());
+    Arc::try_unwrap(host)
+        .ok()
+        .expect("the host is ours again")
+        .server
+        .stop()
+        .await
+        .unwrap();
+}

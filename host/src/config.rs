@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -43,6 +44,11 @@ pub struct Config {
     pub max_batch_events: usize,
     /// Rule instances the sandbox reserves room for (one per tenant and rule).
     pub max_instances: u32,
+    /// Fair sharing: once the other tenants of a batch are done, a tenant
+    /// still running after this many milliseconds (or after as long again
+    /// as they took) is run apart and the batch commits without it; 0
+    /// keeps every batch whole.
+    pub fair_share_ms: u64,
     /// Bounds of every call into a rule.
     pub limits: Limits,
     /// Where events come from: `http` (`POST /v1/events`) or
@@ -75,6 +81,13 @@ pub struct Config {
     pub quotas: Quotas,
     /// A rule instance unused for this many seconds gives its memory back.
     pub idle_instance_secs: u64,
+}
+
+impl Config {
+    /// How long a tenant may hold its batch; `None` keeps batches whole.
+    pub fn fair_share(&self) -> Option<Duration> {
+        (self.fair_share_ms > 0).then(|| Duration::from_millis(self.fair_share_ms))
+    }
 }
 
 /// Where events come from.
@@ -200,6 +213,7 @@ impl Default for Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
             max_instances: DEFAULT_MAX_INSTANCES,
+            fair_share_ms: crate::engine::apart::DEFAULT_FAIR_SHARE.as_millis() as u64,
             limits: Limits::default(),
             source: Source::Http,
             state: StateBackend::Embedded,
@@ -273,6 +287,12 @@ impl Config {
                 return Err("state `dynamodb:…` is for the Kinesis source (`kinesis:<stream>`); with HTTP ingest use `embedded`".to_owned());
             }
             _ => {}
+        }
+        if self.fair_share_ms > 60_000 {
+            return Err(
+                "fair_share_ms must be at most 60000: past a minute a slow tenant holds every other tenant's answers (0 turns fair sharing off)"
+                    .to_owned(),
+            );
         }
         if self.lease_ms < 1_000 {
             return Err("lease_ms must be at least 1000: renewals run every 500 ms".to_owned());

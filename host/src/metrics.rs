@@ -3,7 +3,8 @@
 //!
 //! Per tenant and rule: events applied, alerts raised, fuel used, the time
 //! a rule took over one batch (histogram), events it failed on by cause,
-//! events dead-lettered, and whether it is quarantined. Host-wide, dead
+//! events dead-lettered, and whether it is quarantined. Per tenant, the
+//! parts of batches it was run apart in (fair sharing). Host-wide, dead
 //! letters by cause.
 //! Host-wide: batch latency (histogram), commit time (histogram), events,
 //! events of unknown tenants, live rule instances, registered rules, and
@@ -12,7 +13,7 @@
 //!
 //! Label cardinality is bounded: `tenant` × `rule` pairs beyond
 //! [`MAX_RULE_SERIES`] are counted together under `tenant="_other",
-//! rule="_other"`; `cause` takes one of the fixed names of
+//! rule="_other"` (a tenant's own series count as one pair); `cause` takes one of the fixed names of
 //! [`Cause::kind`](crate::runtime::Cause::kind); `shard` is one per shard
 //! the host holds.
 //!
@@ -41,6 +42,11 @@ pub const OTHER: &str = "_other";
 struct RuleLabels {
     tenant: String,
     rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +104,7 @@ pub struct Metrics {
     rule_dead_letters: Family<RuleLabels, Counter>,
     rule_quarantined: Family<RuleLabels, Gauge>,
     dead_letters: Family<CauseLabels, Counter>,
+    tenant_apart: Family<TenantLabels, Counter>,
     batch_seconds: Histogram,
     commit_seconds: Histogram,
     events: Counter,
@@ -127,6 +134,7 @@ impl Metrics {
             rule_dead_letters: Family::default(),
             rule_quarantined: Family::default(),
             dead_letters: Family::default(),
+            tenant_apart: Family::default(),
             batch_seconds: seconds_histogram(),
             commit_seconds: seconds_histogram(),
             events: Counter::default(),
@@ -175,8 +183,13 @@ impl Metrics {
         );
         registry.register(
             "dead_letters",
-            "Dead letters kept, by cause (a rule's failure kind, quarantined, or for records from a stream: malformed, no_tenant, too_large, unknown_tenant, event_time, bucket_key)",
+            "Dead letters kept, by cause (a rule's failure kind, quarantined, behind (a tenant too far behind while run apart), or for records from a stream: malformed, no_tenant, too_large, unknown_tenant, event_time, bucket_key)",
             metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "tenant_parts_apart",
+            "Parts of batches a tenant was run apart in: its rules took more than their share of a batch's time (or it was still catching up)",
+            metrics.tenant_apart.clone(),
         );
         registry.register(
             "batch_seconds",
@@ -288,6 +301,16 @@ impl Metrics {
         self.unknown_tenant.inc_by(unknown_tenant);
         self.batch_seconds.observe(batch.as_secs_f64());
         self.commit_seconds.observe(commit.as_secs_f64());
+    }
+
+    /// A tenant's events of a batch were run apart from it.
+    pub fn ran_apart(&self, tenant: &str) {
+        let labels = self.labels(tenant, "");
+        self.tenant_apart
+            .get_or_create(&TenantLabels {
+                tenant: labels.tenant,
+            })
+            .inc();
     }
 
     /// A shard read: how far behind the tip it is.

@@ -162,7 +162,8 @@ impl Server {
                 let sink = open_sink(&config).await?;
                 let engine = Arc::new(
                     Engine::new(catalogue, store.clone(), sink, clock)
-                        .with_dead_letters(open_dead_letters(&config).await?),
+                        .with_dead_letters(open_dead_letters(&config).await?)
+                        .with_fair_share(config.fair_share()),
                 );
                 registry.on_resume(engine.clone());
                 let (ingest, lane) = HttpIngest::start(
@@ -208,7 +209,8 @@ impl Server {
                 let sink = open_sink(&config).await?;
                 let engine = Arc::new(
                     Engine::new(catalogue, store.clone(), sink, clock)
-                        .with_dead_letters(open_dead_letters(&config).await?),
+                        .with_dead_letters(open_dead_letters(&config).await?)
+                        .with_fair_share(config.fair_share()),
                 );
                 registry.on_resume(engine.clone());
                 let settings = ShardSettings {
@@ -379,7 +381,9 @@ pub async fn replay(
         catalogue.rule_count() > 0,
         "no rules: give --rule TENANT=PATH.wasm, a config file with [[rules]], or a --data-dir whose registry holds rules"
     );
-    let engine = Arc::new(Engine::new(catalogue, store, alerts, clock.clone()));
+    // A replay keeps its batches whole: its alerts come in the file's order.
+    let engine =
+        Arc::new(Engine::new(catalogue, store, alerts, clock.clone()).with_fair_share(None));
     let lane = Arc::new(Lane::new("file"));
     let mut source = FileSource::new(input, name, &config.tenant_field, config.max_batch_events);
     let started = Instant::now();

@@ -17,27 +17,30 @@
 //! Nothing here names a backend: the catalogue, the state store and the
 //! alert sink are traits.
 
+pub mod apart;
 pub mod contain;
 pub mod route;
 pub mod run;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedMutexGuard, broadcast, oneshot, watch};
 
 use crate::alert::AlertRecord;
 use crate::catalogue::Catalogue;
 use crate::clock::Clock;
 use crate::event::Incoming;
 use crate::metrics::{Metrics, RuleTally};
-use crate::runtime::StateChange;
+use crate::runtime::{LoadedRule, StateChange};
 use crate::sink::dead_letters::{DeadLetter, DeadLetterSink, dead_letter_id};
 use crate::sink::{AlertSink, SinkError};
 use crate::store::{
-    BucketId, BucketWrite, Commit, Outbox, Prior, Progress, State, StateStore, StoreError,
+    BucketId, BucketWrite, Checkpoint, Commit, Outbox, Prior, Progress, State, StateStore,
+    StoreError,
 };
 use contain::{LogEntry, Quarantine, Quarantines, RuleLogs};
 
@@ -47,6 +50,9 @@ const LIVE_ALERTS: usize = 16 * 1024;
 /// Version conflicts (another writer changed a bucket) one batch may meet
 /// before [`Engine::process`] gives up and the source retries it later.
 const MAX_CONFLICTS: u32 = 8;
+/// Threads beyond the cores that run rules: stragglers still running on
+/// them leave the cores to the batches that follow.
+const APART_THREADS: usize = 2;
 
 /// One batch from a source: its events in order, each with its position.
 #[derive(Debug, Clone)]
@@ -61,6 +67,11 @@ pub struct Batch {
     /// (unknown tenant, unreadable event time) are dead-lettered, not only
     /// rejected. Events a rule failed on are dead-lettered from any source.
     pub unanswered: bool,
+    /// Tenants whose events share a request with another tenant's: they
+    /// are never run apart ([`apart`]), so a request commits whole.
+    pub together: Vec<String>,
+    /// What a part run apart records of the requests it answers.
+    pub receipts: Option<apart::PartReceipts>,
 }
 
 impl Batch {
@@ -71,8 +82,72 @@ impl Batch {
             progress,
             bad: Vec::new(),
             unanswered: false,
+            together: Vec::new(),
+            receipts: None,
         }
     }
+
+    /// The events at `indices`, as a batch of their own with this one's
+    /// progress.
+    fn part(&self, indices: &[usize]) -> Batch {
+        Batch {
+            events: indices.iter().map(|&i| self.events[i].clone()).collect(),
+            progress: self.progress.clone(),
+            bad: Vec::new(),
+            unanswered: self.unanswered,
+            together: Vec::new(),
+            receipts: None,
+        }
+    }
+}
+
+/// What a compute is: a batch's first try, its run again after a conflict
+/// (its ticket, and the tenants already run apart), or a tenant's part.
+#[derive(Debug, Default, Clone)]
+struct Attempt {
+    ticket: Option<u64>,
+    handed: Vec<String>,
+    part: bool,
+}
+
+/// One rule of a tenant, routed, with its buckets' ids and priors.
+struct Routed {
+    rule: Arc<LoadedRule>,
+    buckets: Vec<route::Bucket>,
+    ids: Vec<BucketId>,
+    unroutable: Vec<route::Unroutable>,
+    priors: Vec<Prior>,
+}
+
+/// A tenant's rules to run over its events (their indices in the batch).
+struct TenantWork {
+    tenant: String,
+    indices: Vec<usize>,
+    rules: Vec<Routed>,
+}
+
+/// What a tenant's rules gave over a batch.
+pub(crate) struct TenantOutcome {
+    writes: Vec<BucketWrite>,
+    rejected: Vec<Rejection>,
+    failures: u64,
+    tallies: Vec<RuleTally>,
+}
+
+/// What [`Engine::finish`] gathers.
+struct Finish {
+    outcomes: Vec<TenantOutcome>,
+    rejected: Vec<Rejection>,
+    progress: Progress,
+    bad: Vec<DeadLetter>,
+    unanswered: bool,
+    /// Events of the batch (or part) committed with it.
+    count: usize,
+    now: i64,
+    batch_no: u64,
+    generation: u64,
+    unknown_tenant: u64,
+    started: Instant,
 }
 
 /// An event (by its index in the batch) that was not applied, and why. With
@@ -160,8 +235,17 @@ fn add_elapsed(counter: &AtomicU64, since: Instant) {
 pub struct Lane {
     partition: String,
     overlay: Mutex<Overlay>,
+    /// Tenants run apart, and batches waiting for their parts.
+    parts: Mutex<apart::Parts>,
+    /// Chains of tenants run apart in the lane.
+    chains: watch::Sender<usize>,
+    /// Commits of the lane go one at a time, in order.
+    committing: tokio::sync::Mutex<()>,
+    /// Held by a committed batch until it is published: the lane publishes
+    /// in commit order (the embedded outbox retires by a cursor).
+    publishing: Arc<tokio::sync::Mutex<()>>,
     /// A publish failed: the outbox holds alerts older than the next batch's.
-    behind: AtomicBool,
+    behind: Arc<AtomicBool>,
     /// The highest `seq` the last flush published. A batch committed while
     /// the flush read the outbox was published by it: its own publish skips
     /// those alerts rather than send them twice.
@@ -185,7 +269,11 @@ impl Lane {
         Lane {
             partition: partition.to_owned(),
             overlay: Mutex::default(),
-            behind: AtomicBool::new(true),
+            parts: Mutex::default(),
+            chains: watch::Sender::new(0),
+            committing: tokio::sync::Mutex::new(()),
+            publishing: Arc::default(),
+            behind: Arc::new(AtomicBool::new(true)),
             flushed: AtomicU64::new(0),
         }
     }
@@ -198,6 +286,26 @@ impl Lane {
         overlay.generation += 1;
         overlay.states.clear();
         self.behind.store(true, Ordering::Relaxed);
+    }
+
+    /// The source reads again from the last checkpoint the lane committed
+    /// (returned; `None` if it committed none): batches it had waiting for
+    /// parts run apart are forgotten.
+    pub fn reopened(&self) -> Option<Checkpoint> {
+        self.parts.lock().expect("parts lock").reopened()
+    }
+
+    /// A part run apart failed: the source must read again from the last
+    /// checkpoint committed ([`reopened`](Self::reopened)).
+    pub fn part_failed(&self) -> bool {
+        self.parts.lock().expect("parts lock").failed()
+    }
+
+    /// A number for the next batch computed, and the overlay's generation.
+    fn next_batch(&self) -> (u64, u64) {
+        let mut overlay = self.overlay.lock().expect("overlay lock");
+        overlay.next_batch += 1;
+        (overlay.next_batch, overlay.generation)
     }
 }
 
@@ -216,9 +324,22 @@ pub struct Computed {
     dead_letters: Vec<DeadLetter>,
     unknown_tenant: u64,
     started: Instant,
+    /// The shard batch it belongs to, with its parts run apart.
+    ticket: Option<u64>,
+    /// Tenants of the batch run apart (left out of a run again).
+    handed: Vec<String>,
+    apart: Vec<apart::Apart>,
+    /// Dropped once the batch is through its commit: its parts may commit.
+    rest: Option<watch::Sender<()>>,
 }
 
 impl Computed {
+    /// The parts of the batch run apart: each tenant's events left out of
+    /// this batch, answered when its part commits.
+    pub fn take_apart(&mut self) -> Vec<apart::Apart> {
+        std::mem::take(&mut self.apart)
+    }
+
     /// The events not applied, and why.
     pub fn rejected(&self) -> &[Rejection] {
         &self.rejected
@@ -238,6 +359,25 @@ pub struct Committed {
     pub alerts: usize,
     /// Its alerts, to publish once the source has acknowledged.
     outbox: Option<Outbox>,
+    /// The lane's turn to publish, held until it has.
+    turn: Option<Turn>,
+}
+
+#[derive(Debug)]
+struct Turn {
+    _held: OwnedMutexGuard<()>,
+    behind: Arc<AtomicBool>,
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        // Not published: the lane's next publish catches up on the outbox.
+        if self.outbox.is_some()
+            && let Some(turn) = &self.turn
+        {
+            turn.behind.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What is failing now, for `/readyz`: the last commit or publish failed
@@ -260,6 +400,12 @@ pub struct Engine {
     quarantines: Quarantines,
     logs: RuleLogs,
     health: Mutex<Health>,
+    /// Runs the tenants' rules: a few threads more than cores, so that
+    /// tenants run apart do not take every thread from the batches.
+    pool: rayon::ThreadPool,
+    /// How long a tenant may hold its batch ([`apart`]); `None`: never run
+    /// apart (replays and tests, whose alerts keep the batch's order).
+    fair_share: Option<Duration>,
 }
 
 impl Engine {
@@ -281,7 +427,22 @@ impl Engine {
             quarantines: Quarantines::default(),
             logs: RuleLogs::default(),
             health: Mutex::default(),
+            pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(
+                    std::thread::available_parallelism().map_or(2, |n| n.get()) + APART_THREADS,
+                )
+                .thread_name(|n| format!("tocsin-rules-{n}"))
+                .build()
+                .expect("a thread pool for the rules"),
+            fair_share: Some(apart::DEFAULT_FAIR_SHARE),
         }
+    }
+
+    /// Run a tenant apart once it holds its batch `share` past the others
+    /// ([`apart`]); `None` keeps batches whole.
+    pub fn with_fair_share(mut self, share: Option<Duration>) -> Self {
+        self.fair_share = share;
+        self
     }
 
     /// Keep dead letters in `sink`. Without one, the events not applied
@@ -324,6 +485,15 @@ impl Engine {
     /// The rule's recent log lines on this host, oldest first.
     pub fn rule_logs(&self, tenant: &str, rule: &str) -> Vec<LogEntry> {
         self.logs.lines(tenant, rule)
+    }
+
+    /// Wait until every part the lane ran apart is through its commit.
+    pub async fn settle(&self, lane: &Lane) {
+        let _ = lane
+            .chains
+            .subscribe()
+            .wait_for(|chains| *chains == 0)
+            .await;
     }
 
     /// What `GET /metrics` reports, with the gauges read now.
@@ -381,7 +551,8 @@ impl Engine {
 
     /// A batch through both stages and out to the sink, running it again
     /// when another writer changed a bucket it read (the distributed
-    /// store's version check). Its checkpoint is in the commit.
+    /// store's version check). Its checkpoint is in the commit; tenants run
+    /// apart commit on their own.
     pub async fn process(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
@@ -390,8 +561,14 @@ impl Engine {
         // Publishing lags behind: keep the outbox from growing unbounded.
         self.flush(lane).await?;
         let mut conflicts = 0;
+        let mut attempt = Attempt::default();
         loop {
-            let computed = self.compute(lane, batch.clone()).await?;
+            let computed = self.compute_attempt(lane, batch.clone(), attempt).await?;
+            attempt = Attempt {
+                ticket: computed.ticket,
+                handed: computed.handed.clone(),
+                part: false,
+            };
             match self.commit(lane, computed).await {
                 Ok(mut committed) => {
                     self.publish(lane, &mut committed).await;
@@ -410,11 +587,34 @@ impl Engine {
 
     /// The first stage: route the batch, read the states it needs, and run
     /// every tenant's rules; their new states wait in the lane's overlay
-    /// for the lane's next batch.
+    /// for the lane's next batch. Tenants run apart ([`apart`]) are left
+    /// out: [`Computed::take_apart`] has them.
     pub async fn compute(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
         batch: Batch,
+    ) -> Result<Computed, EngineError> {
+        self.compute_attempt(lane, batch, Attempt::default()).await
+    }
+
+    /// One tenant's part of a batch, on its chain.
+    pub(super) async fn compute_part(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        batch: Batch,
+    ) -> Result<Computed, EngineError> {
+        let attempt = Attempt {
+            part: true,
+            ..Attempt::default()
+        };
+        self.compute_attempt(lane, batch, attempt).await
+    }
+
+    async fn compute_attempt(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        batch: Batch,
+        attempt: Attempt,
     ) -> Result<Computed, EngineError> {
         let engine = self.clone();
         let lane = lane.clone();
@@ -422,7 +622,7 @@ impl Engine {
         tokio::task::spawn_blocking(move || {
             // A panic here is a host bug: it fails this batch, not the lane.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine.compute_blocking(&lane, batch, &handle)
+                engine.compute_blocking(&lane, batch, &handle, attempt)
             }))
             .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_text(&panic))))
         })
@@ -431,34 +631,50 @@ impl Engine {
     }
 
     fn compute_blocking(
-        &self,
-        lane: &Lane,
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
         batch: Batch,
         handle: &tokio::runtime::Handle,
+        attempt: Attempt,
     ) -> Result<Computed, EngineError> {
         let now = self.clock.now_ms();
-        let (batch_no, generation) = {
-            let mut overlay = lane.overlay.lock().expect("overlay lock");
-            overlay.next_batch += 1;
-            (overlay.next_batch, overlay.generation)
-        };
-        let events = &batch.events;
+        let (batch_no, generation) = lane.next_batch();
+        let events = batch.events.clone();
         let mut rejected = Vec::new();
         let started = Instant::now();
 
-        // Route once, tenants in parallel: each tenant's rules, each rule's
-        // buckets and their ids.
-        struct Routed<'a> {
-            rule: &'a crate::runtime::LoadedRule,
-            events: Vec<&'a Incoming>,
-            /// Index in the batch of each of `events`.
-            indices: &'a [usize],
-            buckets: Vec<route::Bucket>,
-            ids: Vec<BucketId>,
-            unroutable: Vec<route::Unroutable>,
-            priors: Vec<Prior>,
+        let mut tenants = run::by_tenant(&events);
+        // Tenants run apart: their events join their chain, not this batch.
+        let mut queued: Vec<(String, Vec<usize>)> = Vec::new();
+        if !attempt.part {
+            let parts = lane.parts.lock().expect("parts lock");
+            tenants.retain(|(tenant, indices)| {
+                if attempt.handed.iter().any(|t| t == tenant) {
+                    return false;
+                }
+                match parts.behind(tenant) {
+                    None => true,
+                    Some(behind) if behind >= apart::MAX_BEHIND => {
+                        let reason = format!(
+                            "tenant `{tenant}` is {behind} batches behind on `{}`: its rules take more than their share of the time, so its events are dead-lettered until it catches up; replay them then",
+                            lane.partition
+                        );
+                        rejected.extend(indices.iter().map(|&index| Rejection {
+                            index,
+                            rule: None,
+                            cause: "behind",
+                            reason: reason.clone(),
+                        }));
+                        false
+                    }
+                    Some(_) => {
+                        queued.push(((*tenant).to_owned(), indices.clone()));
+                        false
+                    }
+                }
+            });
         }
-        let tenants = run::by_tenant(events);
+
         let rule_sets: Vec<_> = tenants
             .iter()
             .map(|(tenant, _)| self.catalogue.rules(tenant))
@@ -482,16 +698,17 @@ impl Engine {
                 }
             }
         }
-        let mut routed: Vec<Vec<Routed<'_>>> = tenants
+
+        // Route once, tenants in parallel: each tenant's rules, each rule's
+        // buckets and their ids.
+        let mut works: Vec<TenantWork> = tenants
             .par_iter()
             .zip(rule_sets.par_iter())
-            .map(|((tenant, indices), rules)| {
-                let Some(rules) = rules else {
-                    return Vec::new();
-                };
+            .filter_map(|((tenant, indices), rules)| {
+                let rules = rules.as_ref()?;
                 let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
                 let restricted = tenant_events.iter().any(|e| e.only_rule.is_some());
-                rules
+                let rules = rules
                     .iter()
                     .map(|rule| {
                         let name = rule.name();
@@ -521,25 +738,28 @@ impl Engine {
                             })
                             .collect();
                         Routed {
-                            rule,
-                            events: tenant_events.clone(),
-                            indices,
+                            rule: rule.clone(),
                             buckets,
                             ids,
                             unroutable,
                             priors: Vec::new(),
                         }
                     })
-                    .collect()
+                    .collect();
+                Some(TenantWork {
+                    tenant: (*tenant).to_owned(),
+                    indices: indices.clone(),
+                    rules,
+                })
             })
             .collect();
 
         // Read every bucket the batch touches, once, all in one call: what
         // the store holds, under what the lane's uncommitted batches wrote.
         let load_started = Instant::now();
-        let ids: Vec<BucketId> = routed
+        let ids: Vec<BucketId> = works
             .iter_mut()
-            .flatten()
+            .flat_map(|w| &mut w.rules)
             .flat_map(|r| std::mem::take(&mut r.ids))
             .collect();
         let mut priors = handle.block_on(self.store.load(&ids, &lane.partition))?;
@@ -554,7 +774,7 @@ impl Engine {
             }
         }
         let (mut ids, mut priors) = (ids.into_iter(), priors.drain(..));
-        for r in routed.iter_mut().flatten() {
+        for r in works.iter_mut().flat_map(|w| &mut w.rules) {
             let n = r.buckets.len();
             r.ids = ids.by_ref().take(n).collect();
             r.priors = priors.by_ref().take(n).collect();
@@ -564,168 +784,404 @@ impl Engine {
             .load_ns
             .fetch_add(load.as_nanos() as u64, Ordering::Relaxed);
 
-        // Run: tenants in parallel, each tenant's rules in turn.
-        let max_state = self.store.max_state_bytes();
-        type TenantOutcome = (Vec<BucketWrite>, Vec<Rejection>, u64, Vec<RuleTally>);
-        let outcomes: Vec<TenantOutcome> = routed
-            .into_par_iter()
-            .map(|rules| {
-                let mut writes = Vec::new();
-                let mut rejected = Vec::new();
-                let mut failures = 0;
-                let mut tallies = Vec::new();
-                for r in rules {
-                    let name = r.rule.name();
-                    let tenant = r.rule.tenant();
-                    let mut tally = RuleTally {
-                        tenant: tenant.to_owned(),
-                        rule: name.to_owned(),
-                        ..RuleTally::default()
-                    };
-                    let rule_started = Instant::now();
-                    for bad in &r.unroutable {
-                        rejected.push(Rejection {
-                            index: r.indices[bad.index],
-                            rule: Some(name.to_owned()),
-                            cause: bad.cause,
-                            reason: bad.reason.clone(),
-                        });
-                    }
-                    if let Some(quarantine) = self.quarantines.active(tenant, name, now) {
-                        // Not called: its events wait in the dead letters.
-                        let reason = format!(
-                            "rule `{name}` of tenant `{tenant}` is quarantined until {} after {} failing batches in a row (last: {}); an operator can resume it",
-                            quarantine.until, quarantine.failing_batches, quarantine.reason
-                        );
-                        for bucket in &r.buckets {
-                            for &member in &bucket.members {
-                                rejected.push(Rejection {
-                                    index: r.indices[member],
-                                    rule: Some(name.to_owned()),
-                                    cause: "quarantined",
-                                    reason: reason.clone(),
-                                });
-                            }
-                        }
-                        tally.quarantined = true;
-                        tallies.push(tally);
-                        continue;
-                    }
-                    let mut ids = r.ids;
-                    let run = run::run_contained(r.rule, &r.events, r.buckets, now, r.priors);
-                    tally.elapsed = rule_started.elapsed();
-                    tally.failed_calls = run.failed_calls;
-                    for bucket in run.buckets {
-                        tally.applied_calls += bucket.calls - bucket.failed_calls;
-                        let mut failed: Vec<(usize, &'static str, String)> = bucket
-                            .failed
-                            .into_iter()
-                            .map(|(member, error)| {
-                                tally.failures.push(error.cause.kind());
-                                (member, error.cause.kind(), error.to_string())
-                            })
-                            .collect();
-                        if let Some(outcome) = bucket.outcome {
-                            tally.fuel += outcome.fuel;
-                            for line in &outcome.log {
-                                tracing::debug!(tenant, rule = %name, bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
-                                tally.log.push(LogEntry::new(
-                                    now,
-                                    line.level.name(),
-                                    "rule",
-                                    &bucket.key,
-                                    &line.message,
-                                ));
-                            }
-                            match &outcome.state {
-                                StateChange::Set(bytes) if bytes.len() > max_state => {
-                                    tally.failures.push("state_too_large");
-                                    let reason = format!(
-                                        "rule error: the state of bucket `{}` is {} bytes, over the state store's limit of {max_state}; the bucket keeps its previous state",
-                                        bucket.key,
-                                        bytes.len()
-                                    );
-                                    failed.extend(
-                                        bucket
-                                            .applied
-                                            .iter()
-                                            .map(|&m| (m, "state_too_large", reason.clone())),
-                                    );
-                                }
-                                _ => {
-                                    tally.events += bucket.applied.len() as u64;
-                                    tally.alerts += outcome.alerts.len() as u64;
-                                    writes.push(BucketWrite {
-                                        id: std::mem::replace(
-                                            &mut ids[bucket.index],
-                                            BucketId {
-                                                tenant: String::new(),
-                                                rule: String::new(),
-                                                bucket: String::new(),
-                                            },
-                                        ),
-                                        state: outcome.state,
-                                        timer: outcome.timer,
-                                        alerts: outcome.alerts,
-                                        ttl_ms: outcome.state_ttl_ms,
-                                    });
-                                }
-                            }
-                        }
-                        if failed.is_empty() {
-                            continue;
-                        }
-                        // The bucket keeps its state; other buckets go on.
-                        failures += 1;
-                        failed.sort_by_key(|(member, _, _)| *member);
-                        let mut last_reason: Option<&str> = None;
-                        for (member, cause, reason) in &failed {
-                            if last_reason != Some(reason.as_str()) {
-                                tracing::warn!(tenant, rule = %name, bucket = %bucket.key, position = %r.events[*member].position, "{reason}");
-                                tally.log.push(LogEntry::new(
-                                    now,
-                                    "error",
-                                    "host",
-                                    &bucket.key,
-                                    reason,
-                                ));
-                                last_reason = Some(reason.as_str());
-                            }
-                            rejected.push(Rejection {
-                                index: r.indices[*member],
-                                rule: Some(name.to_owned()),
-                                cause,
-                                reason: reason.clone(),
-                            });
-                        }
-                        tally.last_failure = failed.last().map(|(_, _, reason)| reason.clone());
-                    }
-                    tallies.push(tally);
-                }
-                (writes, rejected, failures, tallies)
-            })
-            .collect();
+        // Run: tenants in parallel, each tenant's rules in turn; past its
+        // share of the time, a tenant goes on apart.
+        let share = match (attempt.part, self.fair_share) {
+            (false, Some(share)) => Some(share),
+            _ => None,
+        };
+        let splittable = |tenant: &str| !batch.together.iter().any(|t| t == tenant);
+        let (outcomes, stragglers) = self.run_tenants(&events, works, now, share, &splittable);
         // Routing and running, not the state reads counted above.
         self.stats.rules_ns.fetch_add(
             started.elapsed().saturating_sub(load).as_nanos() as u64,
             Ordering::Relaxed,
         );
 
+        let apart_events: usize = stragglers.iter().map(|s| s.1.len()).sum::<usize>()
+            + queued.iter().map(|q| q.1.len()).sum::<usize>();
+        let mut computed = self.finish(
+            lane,
+            &events,
+            Finish {
+                outcomes,
+                rejected,
+                progress: batch.progress.clone(),
+                bad: batch.bad.clone(),
+                unanswered: batch.unanswered,
+                count: events.len() - apart_events,
+                now,
+                batch_no,
+                generation,
+                unknown_tenant,
+                started,
+            },
+        )?;
+        if attempt.part {
+            return Ok(computed);
+        }
+
+        // Hand the tenants run apart to their chains.
+        let (rest, rest_closed) = watch::channel(());
+        let mut parts = Vec::new();
+        for (tenant, indices, outcome) in stragglers {
+            let sub = batch.part(&indices);
+            let run = apart::Run::Started {
+                outcome,
+                events: events.clone(),
+                generation,
+            };
+            parts.push((tenant, sub, indices, run));
+        }
+        for (tenant, indices) in queued {
+            let sub = batch.part(&indices);
+            parts.push((tenant, sub, indices, apart::Run::Queued));
+        }
+        let mut lane_parts = lane.parts.lock().expect("parts lock");
+        let ticket = match &batch.progress {
+            Progress::Shard { checkpoint, .. } if self.fair_share.is_some() => {
+                Some(lane_parts.open(attempt.ticket, 1 + parts.len(), checkpoint.clone()))
+            }
+            _ => None,
+        };
+        computed.ticket = ticket;
+        computed.handed = attempt.handed;
+        for (tenant, sub, indices, run) in parts {
+            computed.handed.push(tenant.clone());
+            let (mut part, apart) = apart::Part::new(
+                tenant,
+                sub,
+                indices,
+                run,
+                batch.receipts.clone(),
+                rest_closed.clone(),
+            );
+            part.ticket = ticket;
+            self.send_part(lane, &mut lane_parts, part, handle);
+            computed.apart.push(apart);
+        }
+        computed.rest = Some(rest);
+        Ok(computed)
+    }
+
+    /// Run each tenant's rules, tenants in parallel. With a `share`,
+    /// tenants still running once the others are done, past the share and
+    /// past as long again as the others took, are left running: each with
+    /// its events and where its outcome will come.
+    #[allow(clippy::type_complexity)]
+    fn run_tenants(
+        self: &Arc<Self>,
+        events: &Arc<[Incoming]>,
+        works: Vec<TenantWork>,
+        now: i64,
+        share: Option<Duration>,
+        splittable: &dyn Fn(&str) -> bool,
+    ) -> (
+        Vec<TenantOutcome>,
+        Vec<(
+            String,
+            Vec<usize>,
+            oneshot::Receiver<Result<TenantOutcome, String>>,
+        )>,
+    ) {
+        let max_state = self.store.max_state_bytes();
+        let Some(share) = share.filter(|_| !works.is_empty()) else {
+            let outcomes = self.pool.install(|| {
+                works
+                    .into_par_iter()
+                    .map(|work| self.run_tenant(events, work, now, max_state))
+                    .collect()
+            });
+            return (outcomes, Vec::new());
+        };
+        let started = Instant::now();
+        let meta: Vec<(String, Vec<usize>)> = works
+            .iter()
+            .map(|w| (w.tenant.clone(), w.indices.clone()))
+            .collect();
+        let (send, receive) = std::sync::mpsc::channel();
+        for (n, work) in works.into_iter().enumerate() {
+            let (engine, events, send) = (self.clone(), events.clone(), send.clone());
+            self.pool.spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.run_tenant(&events, work, now, max_state)
+                }))
+                .map_err(|panic| panic_text(&panic));
+                let _ = send.send((n, outcome));
+            });
+        }
+        drop(send);
+        let mut outcomes: Vec<Option<Result<TenantOutcome, String>>> =
+            (0..meta.len()).map(|_| None).collect();
+        let mut pending = meta.len();
+        let mut others_took = Duration::ZERO;
+        while pending > 0 {
+            let waiting: Vec<usize> = (0..meta.len()).filter(|&n| outcomes[n].is_none()).collect();
+            // A tenant alone in its batch is run apart too: the lane's next
+            // batches are the others it would hold.
+            let may_split = waiting.iter().all(|&n| splittable(&meta[n].0));
+            let received = if may_split {
+                let deadline = share.max(others_took * 2);
+                match deadline.checked_sub(started.elapsed()) {
+                    Some(left) => receive.recv_timeout(left).ok(),
+                    None => None,
+                }
+            } else {
+                receive.recv().ok()
+            };
+            let Some((n, outcome)) = received else {
+                if !may_split {
+                    // Every run sends; a closed channel is a host bug.
+                    break;
+                }
+                // Past their share: the stragglers go on apart.
+                let mut stragglers = Vec::new();
+                let mut forward = HashMap::new();
+                for n in waiting {
+                    let (tenant, indices) = meta[n].clone();
+                    tracing::info!(tenant = %tenant, events = indices.len(), took_ms = started.elapsed().as_millis() as u64, others_ms = others_took.as_millis() as u64, "tenant over its share of the batch's time: run apart");
+                    let (to, from) = oneshot::channel();
+                    forward.insert(n, to);
+                    stragglers.push((tenant, indices, from));
+                }
+                std::thread::spawn(move || {
+                    for (n, outcome) in receive {
+                        if let Some(to) = forward.remove(&n) {
+                            let _ = to.send(outcome);
+                        }
+                    }
+                });
+                return (Self::unwrap_outcomes(outcomes), stragglers);
+            };
+            outcomes[n] = Some(outcome);
+            pending -= 1;
+            others_took = started.elapsed();
+        }
+        (Self::unwrap_outcomes(outcomes), Vec::new())
+    }
+
+    fn unwrap_outcomes(outcomes: Vec<Option<Result<TenantOutcome, String>>>) -> Vec<TenantOutcome> {
+        outcomes
+            .into_iter()
+            .flatten()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|panic| std::panic::resume_unwind(Box::new(panic)))
+            })
+            .collect()
+    }
+
+    /// One tenant's rules over its events, in turn.
+    fn run_tenant(
+        &self,
+        events: &[Incoming],
+        work: TenantWork,
+        now: i64,
+        max_state: usize,
+    ) -> TenantOutcome {
+        let tenant_events: Vec<&Incoming> = work.indices.iter().map(|&i| &events[i]).collect();
+        let indices = &work.indices;
+        let mut writes = Vec::new();
+        let mut rejected = Vec::new();
+        let mut failures = 0;
+        let mut tallies = Vec::new();
+        for r in work.rules {
+            let name = r.rule.name();
+            let tenant = r.rule.tenant();
+            let mut tally = RuleTally {
+                tenant: tenant.to_owned(),
+                rule: name.to_owned(),
+                ..RuleTally::default()
+            };
+            let rule_started = Instant::now();
+            for bad in &r.unroutable {
+                rejected.push(Rejection {
+                    index: indices[bad.index],
+                    rule: Some(name.to_owned()),
+                    cause: bad.cause,
+                    reason: bad.reason.clone(),
+                });
+            }
+            if let Some(quarantine) = self.quarantines.active(tenant, name, now) {
+                // Not called: its events wait in the dead letters.
+                let reason = format!(
+                    "rule `{name}` of tenant `{tenant}` is quarantined until {} after {} failing batches in a row (last: {}); an operator can resume it",
+                    quarantine.until, quarantine.failing_batches, quarantine.reason
+                );
+                for bucket in &r.buckets {
+                    for &member in &bucket.members {
+                        rejected.push(Rejection {
+                            index: indices[member],
+                            rule: Some(name.to_owned()),
+                            cause: "quarantined",
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+                tally.quarantined = true;
+                tallies.push(tally);
+                continue;
+            }
+            let mut ids = r.ids;
+            let run = run::run_contained(&r.rule, &tenant_events, r.buckets, now, r.priors);
+            tally.elapsed = rule_started.elapsed();
+            tally.failed_calls = run.failed_calls;
+            for bucket in run.buckets {
+                tally.applied_calls += bucket.calls - bucket.failed_calls;
+                let mut failed: Vec<(usize, &'static str, String)> = bucket
+                    .failed
+                    .into_iter()
+                    .map(|(member, error)| {
+                        tally.failures.push(error.cause.kind());
+                        (member, error.cause.kind(), error.to_string())
+                    })
+                    .collect();
+                if let Some(outcome) = bucket.outcome {
+                    tally.fuel += outcome.fuel;
+                    for line in &outcome.log {
+                        tracing::debug!(tenant, rule = %name, bucket = %bucket.key, level = ?line.level, "{}", line.message.trim_end());
+                        tally.log.push(LogEntry::new(
+                            now,
+                            line.level.name(),
+                            "rule",
+                            &bucket.key,
+                            &line.message,
+                        ));
+                    }
+                    match &outcome.state {
+                        StateChange::Set(bytes) if bytes.len() > max_state => {
+                            tally.failures.push("state_too_large");
+                            let reason = format!(
+                                "rule error: the state of bucket `{}` is {} bytes, over the state store's limit of {max_state}; the bucket keeps its previous state",
+                                bucket.key,
+                                bytes.len()
+                            );
+                            failed.extend(
+                                bucket
+                                    .applied
+                                    .iter()
+                                    .map(|&m| (m, "state_too_large", reason.clone())),
+                            );
+                        }
+                        _ => {
+                            tally.events += bucket.applied.len() as u64;
+                            tally.alerts += outcome.alerts.len() as u64;
+                            writes.push(BucketWrite {
+                                id: std::mem::replace(
+                                    &mut ids[bucket.index],
+                                    BucketId {
+                                        tenant: String::new(),
+                                        rule: String::new(),
+                                        bucket: String::new(),
+                                    },
+                                ),
+                                state: outcome.state,
+                                timer: outcome.timer,
+                                alerts: outcome.alerts,
+                                ttl_ms: outcome.state_ttl_ms,
+                            });
+                        }
+                    }
+                }
+                if failed.is_empty() {
+                    continue;
+                }
+                // The bucket keeps its state; other buckets go on.
+                failures += 1;
+                failed.sort_by_key(|(member, _, _)| *member);
+                let mut last_reason: Option<&str> = None;
+                for (member, cause, reason) in &failed {
+                    if last_reason != Some(reason.as_str()) {
+                        tracing::warn!(tenant, rule = %name, bucket = %bucket.key, position = %tenant_events[*member].position, "{reason}");
+                        tally
+                            .log
+                            .push(LogEntry::new(now, "error", "host", &bucket.key, reason));
+                        last_reason = Some(reason.as_str());
+                    }
+                    rejected.push(Rejection {
+                        index: indices[*member],
+                        rule: Some(name.to_owned()),
+                        cause,
+                        reason: reason.clone(),
+                    });
+                }
+                tally.last_failure = failed.last().map(|(_, _, reason)| reason.clone());
+            }
+            tallies.push(tally);
+        }
+        TenantOutcome {
+            writes,
+            rejected,
+            failures,
+            tallies,
+        }
+    }
+
+    /// A straggler's outcome, once it came, as a part of its own.
+    pub(super) fn finish_part(
+        &self,
+        lane: &Lane,
+        events: &Arc<[Incoming]>,
+        part: &Batch,
+        outcome: TenantOutcome,
+        generation: u64,
+    ) -> Result<Computed, EngineError> {
+        let (batch_no, _) = lane.next_batch();
+        self.finish(
+            lane,
+            events,
+            Finish {
+                outcomes: vec![outcome],
+                rejected: Vec::new(),
+                progress: part.progress.clone(),
+                bad: Vec::new(),
+                unanswered: part.unanswered,
+                count: part.events.len(),
+                now: self.clock.now_ms(),
+                batch_no,
+                generation,
+                unknown_tenant: 0,
+                started: Instant::now(),
+            },
+        )
+    }
+
+    /// Gather the tenants' outcomes into a batch to commit, keep what was
+    /// not applied as dead letters, and put the new states in the lane's
+    /// overlay for its next batch.
+    fn finish(
+        &self,
+        lane: &Lane,
+        events: &[Incoming],
+        finish: Finish,
+    ) -> Result<Computed, EngineError> {
+        let Finish {
+            outcomes,
+            mut rejected,
+            progress,
+            bad,
+            unanswered,
+            count,
+            now,
+            batch_no,
+            generation,
+            unknown_tenant,
+            started,
+        } = finish;
         let mut writes = Vec::new();
         let mut failures = 0;
         let mut tallies = Vec::new();
-        for (tenant_writes, tenant_rejected, tenant_failures, tenant_tallies) in outcomes {
-            writes.extend(tenant_writes);
-            rejected.extend(tenant_rejected);
-            failures += tenant_failures;
-            tallies.extend(tenant_tallies);
+        for outcome in outcomes {
+            writes.extend(outcome.writes);
+            rejected.extend(outcome.rejected);
+            failures += outcome.failures;
+            tallies.extend(outcome.tallies);
         }
         rejected.sort_by_key(|r| r.index);
 
         // What was accepted but not applied is kept with the reason.
-        let mut dead_letters = batch.bad;
+        let mut dead_letters = bad;
         for rejection in &rejected {
-            if rejection.is_bad_event() && !batch.unanswered {
+            if rejection.is_bad_event() && !unanswered {
                 continue;
             }
             let event = &events[rejection.index];
@@ -760,11 +1216,11 @@ impl Engine {
         Ok(Computed {
             commit: Commit {
                 writes,
-                progress: batch.progress,
+                progress,
                 now_ms: now,
             },
             rejected,
-            events: events.len(),
+            events: count,
             failures,
             batch: batch_no,
             generation,
@@ -772,6 +1228,10 @@ impl Engine {
             dead_letters,
             unknown_tenant,
             started,
+            ticket: None,
+            handed: Vec::new(),
+            apart: Vec::new(),
+            rest: None,
         })
     }
 
@@ -780,8 +1240,9 @@ impl Engine {
     /// the batch is durable: the source may acknowledge it, then
     /// [`publish`](Self::publish) it.
     pub async fn commit(&self, lane: &Lane, computed: Computed) -> Result<Committed, EngineError> {
+        let _committing = lane.committing.lock().await;
         let Computed {
-            commit,
+            mut commit,
             rejected,
             events,
             failures,
@@ -791,6 +1252,10 @@ impl Engine {
             dead_letters,
             unknown_tenant,
             started: batch_started,
+            ticket,
+            handed: _,
+            apart: _,
+            rest: _rest,
         } = computed;
         if lane.overlay.lock().expect("overlay lock").generation != generation {
             return Err(EngineError::Stale);
@@ -817,6 +1282,18 @@ impl Engine {
                 }
             }
         }
+        // A shard's checkpoint moves past batches all of whose parts are in.
+        let mut written = None;
+        if let Progress::Shard { checkpoint, .. } = &mut commit.progress {
+            if let Some(ticket) = ticket {
+                *checkpoint = lane
+                    .parts
+                    .lock()
+                    .expect("parts lock")
+                    .checkpoint_after(ticket);
+            }
+            written = checkpoint.clone();
+        }
         let started = Instant::now();
         let outbox = match self.store.commit(commit).await {
             Ok(outbox) => outbox,
@@ -833,6 +1310,14 @@ impl Engine {
         };
         self.set_health(|h| h.commit_error = None);
         add_elapsed(&self.stats.commit_ns, started);
+        lane.parts
+            .lock()
+            .expect("parts lock")
+            .committed(ticket, written);
+        let turn = Turn {
+            _held: lane.publishing.clone().lock_owned().await,
+            behind: lane.behind.clone(),
+        };
         let now = self.clock.now_ms();
         for tally in &mut tallies {
             if !tally.quarantined
@@ -888,6 +1373,7 @@ impl Engine {
             rejected,
             alerts: outbox.alerts.len(),
             outbox: Some(outbox),
+            turn: Some(turn),
         })
     }
 
@@ -899,7 +1385,7 @@ impl Engine {
             return;
         };
         let published = if lane.behind.load(Ordering::Relaxed) {
-            self.flush(lane).await
+            self.flush_in_turn(lane).await
         } else {
             let flushed = lane.flushed.load(Ordering::Relaxed);
             outbox
@@ -918,12 +1404,23 @@ impl Engine {
                 self.set_health(|h| h.publish_error = Some(error.to_string()));
             }
         }
+        // The lane's next committed batch may publish.
+        committed.turn.take();
     }
 
     /// Publish what the lane's partition committed but may not have
     /// published (at start, or after a failure): a new lease owner's
     /// duty before it reads the shard. Same ids, so consumers dedupe.
     pub async fn flush(&self, lane: &Lane) -> Result<(), EngineError> {
+        if !lane.behind.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _turn = lane.publishing.lock().await;
+        self.flush_in_turn(lane).await
+    }
+
+    /// [`flush`](Self::flush) holding the lane's turn to publish.
+    async fn flush_in_turn(&self, lane: &Lane) -> Result<(), EngineError> {
         if !lane.behind.load(Ordering::Relaxed) {
             return Ok(());
         }

@@ -172,6 +172,30 @@ async fn a_failed_commit_fails_the_batch_computed_on_top_of_it_and_retries_apply
     assert_eq!(keys(&f.sink), ["test-event-1", "test-event-2"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_too_far_behind_while_run_apart_has_its_events_dead_lettered() {
+    let f = fixture();
+    let lane = Arc::new(Lane::new("test"));
+    f.engine.flush(&lane).await.unwrap();
+    lane.parts
+        .lock()
+        .unwrap()
+        .hold("client-01", super::apart::MAX_BEHIND);
+    let computed = f.engine.compute(&lane, batch("a:1")).await.unwrap();
+    let rejected = computed.rejected().to_vec();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].cause, "behind");
+    assert!(
+        rejected[0]
+            .reason
+            .starts_with("tenant `client-01` is 8 batches behind on `test`"),
+        "{}",
+        rejected[0].reason
+    );
+    let committed = f.engine.commit(&lane, computed).await.unwrap();
+    assert_eq!(committed.alerts, 0, "not applied");
+}
+
 async fn ingest(f: &Fixture) -> Arc<HttpIngest> {
     HttpIngest::start(f.engine.clone(), "clientId", 1_000, 1 << 20)
         .await

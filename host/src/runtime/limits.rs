@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Fuel for one call. About 4,800 fuel per seed-rule event and ~8·10⁹ fuel
-/// per second of guest time: a batch of 1,000 events needs ~5·10⁶, so this
-/// leaves 20× headroom and still stops a loop within ~15 ms.
+/// Fuel for one call. About 4,800 fuel per seed-rule event and ~1.1·10¹⁰
+/// fuel per second of guest time on a 2-core host (README, "Fuel against
+/// time"): a batch of 1,000 events needs ~5·10⁶, so this leaves 20×
+/// headroom and still stops a loop within ~10 ms.
 pub const DEFAULT_FUEL_PER_CALL: u64 = 100_000_000;
 
 /// Linear memory of one rule instance. Seed rules use ~1.2 MiB; 64 MiB fits

@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::ingest;
-use crate::engine::{Batch, Committed, Computed, Engine, EngineError, Lane};
+use crate::engine::apart::PartReceipts;
+use crate::engine::{Batch, Committed, Computed, Engine, EngineError, Lane, Rejection};
 use crate::event::Incoming;
 use crate::store::Progress;
 pub use crate::store::embedded::RECEIPT_RETENTION_MS;
@@ -302,8 +303,9 @@ impl HttpIngest {
     }
 
     /// Run a group's rules; `None` when nothing of it is left to commit.
+    /// Requests of tenants run apart are answered when their part commits.
     async fn compute(
-        &self,
+        self: &Arc<Self>,
         group: Vec<Submission>,
     ) -> Option<(Vec<(Submission, Answer)>, Computed)> {
         let fresh = self.admit(group).await;
@@ -311,13 +313,39 @@ impl HttpIngest {
             return None;
         }
         let mut events = Vec::with_capacity(fresh.iter().map(|s| s.events.len()).sum());
-        let mut starts = Vec::with_capacity(fresh.len());
+        let mut requests = Vec::with_capacity(fresh.len());
+        let mut together = Vec::new();
         let mut fresh = fresh;
         for submission in &mut fresh {
-            starts.push(events.len());
+            requests.push(Request {
+                start: events.len(),
+                lines: submission.lines.clone(),
+                rejected: submission.rejected.clone(),
+                key: submission.key.clone(),
+                digest: submission.digest.clone(),
+            });
+            if let Some(first) = submission.events.first()
+                && submission.events.iter().any(|e| e.tenant != first.tenant)
+            {
+                together.extend(submission.events.iter().map(|e| e.tenant.clone()));
+            }
             events.append(&mut submission.events);
         }
-        let batch = Batch::new(events, Progress::Nothing);
+        together.sort();
+        together.dedup();
+        let requests: Arc<[Request]> = requests.into();
+        let mut batch = Batch::new(events, Progress::Nothing);
+        batch.together = together;
+        batch.receipts = Some({
+            let requests = requests.clone();
+            PartReceipts::new(move |part: &[usize], rejected: &[Rejection]| {
+                requests
+                    .iter()
+                    .filter(|r| part.binary_search(&r.start).is_ok())
+                    .filter_map(|r| r.receipt(&r.answer(rejected)))
+                    .collect()
+            })
+        });
         let mut computed = match self.engine.compute(&self.lane, batch).await {
             Ok(computed) => computed,
             Err(error) => {
@@ -326,47 +354,103 @@ impl HttpIngest {
                 return None;
             }
         };
-        // Each submission's answer: its parse rejections and the engine's.
+        // Requests whose events were run apart wait for their part.
+        let aparts = computed.take_apart();
+        let mut deferred: Vec<Vec<(Submission, Request)>> =
+            aparts.iter().map(|_| Vec::new()).collect();
         let mut answered: Vec<(Submission, Answer)> = Vec::with_capacity(fresh.len());
-        let mut rejections = computed.rejected().iter().peekable();
-        for (n, submission) in fresh.into_iter().enumerate() {
-            let start = starts[n];
-            let end = start + submission.lines.len();
-            let mut rejected = submission.rejected.clone();
-            let mut not_applied = Vec::new();
-            while let Some(r) = rejections.next_if(|r| r.index < end) {
-                let line = submission.lines[r.index - start];
-                not_applied.push(line);
-                rejected.push(Rejected {
-                    line,
-                    rule: r.rule.clone(),
-                    error: r.reason.clone(),
-                });
+        let mut receipts = Vec::new();
+        for (submission, request) in fresh.into_iter().zip(requests.iter()) {
+            if !request.lines.is_empty()
+                && let Some(n) = aparts
+                    .iter()
+                    .position(|a| a.indices.binary_search(&request.start).is_ok())
+            {
+                deferred[n].push((submission, request.clone()));
+                continue;
             }
-            not_applied.dedup();
-            rejected.sort_by_key(|r| r.line);
-            let answer = Answer {
-                accepted: submission.lines.len() - not_applied.len(),
-                rejected,
-            };
+            let answer = request.answer(computed.rejected());
+            receipts.extend(request.receipt(&answer));
             answered.push((submission, answer));
         }
-        let receipts = answered
-            .iter()
-            .filter_map(|(submission, answer)| {
-                let key = submission.key.clone()?;
-                let receipt = Receipt {
-                    digest: submission.digest.clone(),
-                    answer: answer.clone(),
-                };
-                Some((
-                    key,
-                    serde_json::to_vec(&receipt).expect("receipts serialize"),
-                ))
-            })
-            .collect();
+        for (apart, waiting) in aparts.into_iter().zip(deferred) {
+            let ingest = self.clone();
+            tokio::spawn(async move {
+                match apart.committed().await {
+                    Ok(rejected) => {
+                        let answers = waiting
+                            .into_iter()
+                            .map(|(s, r)| {
+                                let answer = r.answer(&rejected);
+                                (s, answer)
+                            })
+                            .collect();
+                        ingest.answer(answers, Ok(()));
+                    }
+                    Err(error) => {
+                        let answers = waiting
+                            .into_iter()
+                            .map(|(s, _)| (s, empty_answer()))
+                            .collect();
+                        ingest.answer(answers, Err(error.into()));
+                    }
+                }
+            });
+        }
         computed.set_progress(Progress::Receipts(receipts));
         Some((answered, computed))
+    }
+}
+
+/// What answering a request takes, apart from its reply.
+#[derive(Debug, Clone)]
+struct Request {
+    /// Index of its first event in the batch.
+    start: usize,
+    /// The body line of each event.
+    lines: Vec<usize>,
+    /// Lines refused at parsing.
+    rejected: Vec<Rejected>,
+    key: Option<String>,
+    digest: String,
+}
+
+impl Request {
+    /// Its answer, from the rejections (by index in the batch, in order)
+    /// of the commit that applied its events.
+    fn answer(&self, rejections: &[Rejection]) -> Answer {
+        let end = self.start + self.lines.len();
+        let from = rejections.partition_point(|r| r.index < self.start);
+        let mut rejected = self.rejected.clone();
+        let mut not_applied = Vec::new();
+        for r in rejections[from..].iter().take_while(|r| r.index < end) {
+            let line = self.lines[r.index - self.start];
+            not_applied.push(line);
+            rejected.push(Rejected {
+                line,
+                rule: r.rule.clone(),
+                error: r.reason.clone(),
+            });
+        }
+        not_applied.dedup();
+        rejected.sort_by_key(|r| r.line);
+        Answer {
+            accepted: self.lines.len() - not_applied.len(),
+            rejected,
+        }
+    }
+
+    /// The receipt its answer is stored as, if it has a key.
+    fn receipt(&self, answer: &Answer) -> Option<(String, Vec<u8>)> {
+        let key = self.key.clone()?;
+        let receipt = Receipt {
+            digest: self.digest.clone(),
+            answer: answer.clone(),
+        };
+        Some((
+            key,
+            serde_json::to_vec(&receipt).expect("receipts serialize"),
+        ))
     }
 }
 
@@ -449,6 +533,10 @@ async fn run(
     }
     if let Some(task) = committing.take() {
         settle(task).await;
+    }
+    // Requests of tenants run apart are answered once their parts commit.
+    if let Some(ingest) = ingest.upgrade() {
+        ingest.engine.settle(&ingest.lane).await;
     }
     drop(to_publish);
     if let Err(error) = publisher.await {

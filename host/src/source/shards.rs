@@ -335,6 +335,13 @@ async fn work(
         }
     }
     'reopen: while !stopping() {
+        // Read again from the last checkpoint committed: a part run apart
+        // may have failed after its batch moved on.
+        match lane.reopened() {
+            Some(Checkpoint::End) => break,
+            Some(Checkpoint::At(seq)) => checkpoint = Some(seq.as_str().to_owned()),
+            None => {}
+        }
         let mut reader = match ShardReader::open(
             kinesis.clone(),
             &fence.stream,
@@ -352,6 +359,11 @@ async fn work(
             }
         };
         while !stopping() {
+            if lane.part_failed() {
+                attempt += 1;
+                crate::backoff::sleep(attempt).await;
+                continue 'reopen;
+            }
             let poll = match reader.next().await {
                 Ok(poll) => poll,
                 Err(error) => {
@@ -401,10 +413,12 @@ async fn work(
                 progress: Progress::Shard {
                     fence: fence.clone(),
                     last: last.unwrap_or_else(|| SeqNo::new("0").expect("zero")),
-                    checkpoint: next.clone(),
+                    checkpoint: Some(next.clone()),
                 },
                 bad: bad_records,
                 unanswered: true,
+                together: Vec::new(),
+                receipts: None,
             };
             match engine.process(&lane, &batch).await {
                 Ok(committed) => {
@@ -413,12 +427,15 @@ async fn work(
                         tracing::debug!(shard = %fence.shard, position = %batch.events[rejection.index].position, rule = ?rejection.rule, "event not applied, dead-lettered: {}", rejection.reason);
                     }
                     attempt = 0;
-                    match next {
-                        Checkpoint::End => {
-                            tracing::info!(shard = %fence.shard, "shard finished");
-                            return;
+                    if let Checkpoint::End = next {
+                        // Its children start once the end is committed, with
+                        // the parts of its last batches run apart.
+                        engine.settle(&lane).await;
+                        if lane.part_failed() {
+                            continue 'reopen;
                         }
-                        Checkpoint::At(seq) => checkpoint = Some(seq.as_str().to_owned()),
+                        tracing::info!(shard = %fence.shard, "shard finished");
+                        return;
                     }
                 }
                 Err(EngineError::Store(StoreError::Fenced(_))) => {
@@ -439,6 +456,8 @@ async fn work(
             }
         }
     }
+    // Parts run apart commit under this lease: let them, then release it.
+    engine.settle(&lane).await;
     engine.metrics().shard_released(&fence.shard);
     if !lost.load(Ordering::Relaxed) {
         match leases.release(&fence.shard, &fence.owner, epoch).await {

@@ -316,7 +316,7 @@ impl DynamoStore {
         fence: &Fence,
         writes: Vec<BucketWrite>,
         last: SeqNo,
-        checkpoint: Checkpoint,
+        checkpoint: Option<Checkpoint>,
         now_ms: i64,
     ) -> Result<Outbox> {
         let lease_key = HashMap::from([
@@ -514,7 +514,9 @@ impl DynamoStore {
                 roles.push(None);
                 deleted.push(key);
             }
-            let lease = if n_chunk == last_chunk {
+            let lease = if n_chunk == last_chunk
+                && let Some(checkpoint) = &checkpoint
+            {
                 let update = Update::builder()
                     .table_name(&self.table.name)
                     .set_key(Some(lease_key.clone()))
@@ -523,7 +525,7 @@ impl DynamoStore {
                     .set_expression_attribute_names(Some(fence_names.clone()))
                     .expression_attribute_names("#checkpoint", "checkpoint")
                     .set_expression_attribute_values(Some(fence_values.clone()))
-                    .expression_attribute_values(":checkpoint", s(checkpoint_text(&checkpoint)))
+                    .expression_attribute_values(":checkpoint", s(checkpoint_text(checkpoint)))
                     .build()
                     .map_err(build_err)?;
                 TransactWriteItem::builder().update(update).build()

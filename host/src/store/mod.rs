@@ -84,11 +84,13 @@ pub enum Checkpoint {
 pub enum Progress {
     /// Answers to requests by idempotency key, replayed to retries.
     Receipts(Vec<(String, Vec<u8>)>),
-    /// A shard read up to `last` under the lease `fence` proves.
+    /// A shard read up to `last` under the lease `fence` proves. The
+    /// checkpoint moves to `checkpoint`, or stays where it is with `None`
+    /// (part of an earlier batch, run apart, has not committed yet).
     Shard {
         fence: Fence,
         last: SeqNo,
-        checkpoint: Checkpoint,
+        checkpoint: Option<Checkpoint>,
     },
     /// Nothing to record (a file replayed from its start).
     Nothing,
