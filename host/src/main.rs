@@ -196,6 +196,9 @@ struct BenchArgs {
     /// Instance slots of the sandbox's pool [default: one per rule, up to 4000].
     #[arg(long)]
     max_instances: Option<u32>,
+    /// The service's fair_share_ms [default: its default, 100]; 0 keeps every batch whole.
+    #[arg(long)]
+    fair_share_ms: Option<u64>,
     /// Measure one host of the distributed engine instead: load the events onto a new
     /// Kinesis stream, then time the host catching up (needs AWS or `scripts/emulators`).
     #[arg(long)]
@@ -478,6 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 connections: args.connections,
                 rules_per_tenant: args.rules_per_tenant,
                 max_instances: args.max_instances,
+                fair_share_ms: args.fair_share_ms,
             };
             if args.distributed {
                 println!(

@@ -33,6 +33,9 @@ pub struct Options {
     /// the service's default]: fewer than the rules running makes them
     /// take turns.
     pub max_instances: Option<u32>,
+    /// The service's `fair_share_ms` [default: its default]: 0 keeps every
+    /// batch whole, to measure what fair sharing costs.
+    pub fair_share_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -228,13 +231,16 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         .into_iter()
         .collect();
     let data = tempfile::tempdir()?;
-    let config = tenants_config(
+    let mut config = tenants_config(
         options.tenants,
         options.rules_per_tenant,
         options.max_instances,
         &rules,
         data.path(),
     );
+    if let Some(share) = options.fair_share_ms {
+        config.fair_share_ms = share;
+    }
     let rule_count = config.rules.len();
     let server = Server::start(config, Arc::new(SystemClock)).await?;
     let mut memory = Memory {
@@ -435,7 +441,7 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
     }
 
     let data = tempfile::tempdir()?;
-    let config = Config {
+    let mut config = Config {
         source: Source::Kinesis(events_stream),
         state: StateBackend::Dynamodb(table),
         alerts: AlertsBackend::Kinesis(alerts_stream),
@@ -447,6 +453,9 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
             data.path(),
         )
     };
+    if let Some(share) = options.fair_share_ms {
+        config.fair_share_ms = share;
+    }
     let catalogue_ready = tocsin::serve::load_catalogue(&config).await?;
     drop(catalogue_ready); // compiled once, cached on disk for the host below
     let started = Instant::now();

@@ -790,7 +790,9 @@ impl Engine {
             (false, Some(share)) => Some(share),
             _ => None,
         };
-        let splittable = |tenant: &str| !batch.together.iter().any(|t| t == tenant);
+        let together: std::collections::HashSet<&str> =
+            batch.together.iter().map(String::as_str).collect();
+        let splittable = |tenant: &str| !together.contains(tenant);
         let (outcomes, stragglers) = self.run_tenants(&events, works, now, share, &splittable);
         // Routing and running, not the state reads counted above.
         self.stats.rules_ns.fetch_add(
@@ -895,10 +897,12 @@ impl Engine {
             return (outcomes, Vec::new());
         };
         let started = Instant::now();
-        let meta: Vec<(String, Vec<usize>)> = works
+        // Each tenant, and whether it may be run apart.
+        let meta: Vec<(String, bool)> = works
             .iter()
-            .map(|w| (w.tenant.clone(), w.indices.clone()))
+            .map(|w| (w.tenant.clone(), splittable(&w.tenant)))
             .collect();
+        let mut unsplittable = meta.iter().filter(|(_, may)| !may).count();
         let (send, receive) = std::sync::mpsc::channel();
         for (n, work) in works.into_iter().enumerate() {
             let (engine, events, send) = (self.clone(), events.clone(), send.clone());
@@ -916,10 +920,9 @@ impl Engine {
         let mut pending = meta.len();
         let mut others_took = Duration::ZERO;
         while pending > 0 {
-            let waiting: Vec<usize> = (0..meta.len()).filter(|&n| outcomes[n].is_none()).collect();
             // A tenant alone in its batch is run apart too: the lane's next
             // batches are the others it would hold.
-            let may_split = waiting.iter().all(|&n| splittable(&meta[n].0));
+            let may_split = unsplittable == 0;
             let received = if may_split {
                 let deadline = share.max(others_took * 2);
                 match deadline.checked_sub(started.elapsed()) {
@@ -937,8 +940,11 @@ impl Engine {
                 // Past their share: the stragglers go on apart.
                 let mut stragglers = Vec::new();
                 let mut forward = HashMap::new();
-                for n in waiting {
-                    let (tenant, indices) = meta[n].clone();
+                for n in (0..meta.len()).filter(|&n| outcomes[n].is_none()) {
+                    let tenant = meta[n].0.clone();
+                    let indices: Vec<usize> = (0..events.len())
+                        .filter(|&i| events[i].tenant == tenant)
+                        .collect();
                     tracing::info!(tenant = %tenant, events = indices.len(), took_ms = started.elapsed().as_millis() as u64, others_ms = others_took.as_millis() as u64, "tenant over its share of the batch's time: run apart");
                     let (to, from) = oneshot::channel();
                     forward.insert(n, to);
@@ -955,6 +961,9 @@ impl Engine {
             };
             outcomes[n] = Some(outcome);
             pending -= 1;
+            if !meta[n].1 {
+                unsplittable -= 1;
+            }
             others_took = started.elapsed();
         }
         (Self::unwrap_outcomes(outcomes), Vec::new())
