@@ -178,6 +178,7 @@ async fn replay(config: &Config, lines: &[String]) -> (String, BTreeMap<String, 
         input,
         "events",
         Arc::new(ManualClock::new(NOW)),
+        None,
         sink.clone(),
         |line, rule, reason| panic!("line {line} ({rule:?}): {reason}"),
     )

@@ -879,3 +879,101 @@ fn the_cli_reads_a_rules_logs_and_dead_letters_and_resumes_it() {
         "evil/hostile: resumed (it was not quarantined on this host)\n"
     );
 }
+
+/// A machine that starts running and says nothing more: its timer is in the
+/// file's tail. `--until` moves the clock past it, and the alert fires.
+#[test]
+fn until_moves_the_clock_past_the_last_event_so_timers_in_the_tail_fire() {
+    let running = serde_json::json!({
+        "eventType": "machineStatusChange", "clientId": "client-01",
+        "machineId": "machine-03", "state": "running", "time": "2026-01-01T00:00:00Z",
+    });
+    let file = events_file(&[running.to_string()]);
+    let path = file.path().to_str().unwrap();
+    let params = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(params.path(), r#"{"running_for": "10m"}"#).unwrap();
+    let run = |until: Option<&str>| {
+        let mut args = vec![
+            "rule",
+            "test",
+            components::STILL_RUNNING,
+            "--events",
+            path,
+            "--now",
+            "2026-01-01T00:00:01Z",
+            "--params",
+            params.path().to_str().unwrap(),
+        ];
+        if let Some(until) = until {
+            args.extend(["--until", until]);
+        }
+        tocsin(&args, None)
+    };
+    let out = run(None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(alerts(&out).is_empty(), "not yet due at the last event");
+
+    let out = run(Some("2026-01-01T00:09:59Z"));
+    assert!(alerts(&out).is_empty(), "one second early");
+
+    let out = run(Some("2026-01-01T01:00:00Z"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let alerts = alerts(&out);
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["key"], "still-running-1");
+    assert_eq!(alerts[0]["status"], "firing");
+    assert_eq!(alerts[0]["bucket"], "machine-03");
+    // Fired at its due time: ten minutes after the event's time.
+    assert_eq!(alerts[0]["at"], 1_767_225_600_000i64 + 600_000);
+    assert!(stderr(&out).contains("timers fired: 1"), "{}", stderr(&out));
+
+    let out = run(Some("next tuesday"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("`next tuesday` is neither epoch milliseconds nor an RFC 3339 time"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn replay_until_fires_the_timers_due_by_then_once() {
+    let running = serde_json::json!({
+        "eventType": "machineStatusChange", "clientId": "client-01",
+        "machineId": "machine-03", "state": "running",
+        "time": "2030-01-01T00:00:00Z",
+    });
+    let file = events_file(&[running.to_string()]);
+    let data = tempfile::tempdir().unwrap();
+    let rule = format!("client-01={}", components::STILL_RUNNING);
+    let replay = |until: &str| {
+        tocsin(
+            &[
+                "replay",
+                "--events",
+                file.path().to_str().unwrap(),
+                "--rule",
+                &rule,
+                "--data-dir",
+                data.path().to_str().unwrap(),
+                "--until",
+                until,
+            ],
+            None,
+        )
+    };
+    // Before the time the machine has run ten minutes by: nothing.
+    let out = replay("2030-01-01T00:05:00Z");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(alerts(&out).is_empty());
+    assert!(stderr(&out).contains("timers fired: 0"), "{}", stderr(&out));
+    // The same file again, later: the event is replayed (a second time,
+    // changing nothing: same state) and the timer kept in the data
+    // directory fires.
+    let out = replay("2030-01-01T00:20:00Z");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let alerts = alerts(&out);
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["key"], "still-running-1");
+    assert!(stderr(&out).contains("timers fired: 1"), "{}", stderr(&out));
+}

@@ -19,6 +19,7 @@ mod mem;
 mod params;
 mod state;
 pub mod testing;
+mod times;
 
 pub use context::{Alert, Context, Error, Severity};
 pub use event::{Event, Events, Field};
@@ -26,6 +27,7 @@ pub use manifest::{Literal, Manifest};
 pub use params::{duration, format_duration};
 pub use serde_json::json;
 pub use state::OldState;
+pub use times::parse_time;
 
 use serde::{Serialize, de::DeserializeOwned};
 

@@ -227,7 +227,7 @@ pub fn batch_from_lines(
                         .as_i64()
                         .unwrap_or_else(|| n.as_f64().unwrap_or(f64::NAN) as i64),
                     Some(Json::String(s)) => {
-                        parse_rfc3339(&s).ok_or_else(|| reason("is not an RFC 3339 time"))?
+                        crate::parse_time(&s).ok_or_else(|| reason("is not an RFC 3339 time"))?
                     }
                     Some(_) => {
                         return Err(reason("must be an RFC 3339 string or epoch milliseconds"));
@@ -266,9 +266,4 @@ pub fn batch_from_lines(
 
 fn read_value(text: &str) -> Json {
     serde_json::from_str(text).expect("a value serde_json just read")
-}
-
-fn parse_rfc3339(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }

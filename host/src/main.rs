@@ -97,6 +97,10 @@ struct ReplayArgs {
     /// Events per batch [default: the config's max_batch_events].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: Option<u32>,
+    /// After the last event, move the host's clock to TIME (RFC 3339 or epoch
+    /// milliseconds): the timers due by then fire.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<i64>,
 }
 
 #[derive(Args)]
@@ -372,6 +376,10 @@ struct TestArgs {
     /// Fix the processing clock (epoch milliseconds or RFC 3339) for reproducible output.
     #[arg(long, value_parser = parse_time)]
     now: Option<i64>,
+    /// After the last event, move the clock to TIME (RFC 3339 or epoch milliseconds):
+    /// the timers due by then fire, each at its due time, in order.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<i64>,
     /// The rule's parameters: a JSON file [default: the rule's defaults].
     #[arg(long, value_name = "FILE")]
     params: Option<PathBuf>,
@@ -574,6 +582,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         input,
         &name,
         Arc::new(SystemClock),
+        args.until,
         alerts,
         |line, rule, reason| match rule {
             Some(rule) => eprintln!("{file}:{line}: rule `{rule}`: {reason}"),
@@ -582,11 +591,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     )
     .await?;
     eprintln!(
-        "events: {}, bad lines: {}, not applied: {}, alerts: {}, {:.0} events/s",
+        "events: {}, bad lines: {}, not applied: {}, alerts: {}, timers fired: {}, {:.0} events/s",
         summary.events,
         summary.bad_lines,
         summary.rejected,
         summary.alerts,
+        summary.timers,
         summary.events_per_second()
     );
     Ok(())
@@ -887,6 +897,7 @@ fn rule_test(args: TestArgs) -> anyhow::Result<()> {
         tenant_field: args.tenant_field,
         batch_size: args.batch_size as usize,
         settings: settings(args.params.as_deref())?,
+        until: args.until,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -914,13 +925,14 @@ fn rule_test(args: TestArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     eprintln!(
-        "events: {} ({} matched), tenants: {}, buckets: {} ({} with state), alerts: {}, fuel: {}, time: {:.1} ms",
+        "events: {} ({} matched), tenants: {}, buckets: {} ({} with state), alerts: {}, timers fired: {}, fuel: {}, time: {:.1} ms",
         summary.events,
         summary.matched,
         summary.tenants,
         summary.buckets,
         summary.stored_buckets,
         summary.alerts,
+        summary.timers,
         summary.fuel,
         summary.elapsed.as_secs_f64() * 1e3,
     );

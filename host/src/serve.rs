@@ -342,6 +342,8 @@ pub struct ReplaySummary {
     /// Events some rule did not apply (or none: unknown tenant).
     pub rejected: u64,
     pub alerts: u64,
+    /// Timers fired.
+    pub timers: u64,
     pub elapsed: Duration,
 }
 
@@ -355,12 +357,15 @@ impl ReplaySummary {
 /// engine, with state in the config's data directory (the embedded store)
 /// and alerts to `alerts` as NDJSON. Each problem (a bad line, an event a
 /// rule did not apply) goes to `report` with its line number; none stops
-/// the good lines.
+/// the good lines. Timers due by `clock` fire before each batch; with
+/// `until`, the host's clock then moves to it and the timers due by then
+/// fire.
 pub async fn replay(
     config: &Config,
     input: impl BufRead + Send + 'static,
     name: &str,
     clock: Arc<dyn Clock>,
+    until: Option<i64>,
     alerts: Arc<dyn AlertSink>,
     mut report: impl FnMut(usize, Option<&str>, &str),
 ) -> anyhow::Result<ReplaySummary> {
@@ -381,15 +386,19 @@ pub async fn replay(
         catalogue.rule_count() > 0,
         "no rules: give --rule TENANT=PATH.wasm, a config file with [[rules]], or a --data-dir whose registry holds rules"
     );
+    // The engine's clock follows `clock`, and moves on to `until` at the end.
+    let host_clock = Arc::new(crate::clock::ManualClock::new(clock.now_ms()));
     // A replay keeps its batches whole: its alerts come in the file's order.
     let engine =
-        Arc::new(Engine::new(catalogue, store, alerts, clock.clone()).with_fair_share(None));
+        Arc::new(Engine::new(catalogue, store, alerts, host_clock.clone()).with_fair_share(None));
     let lane = Arc::new(Lane::new("file"));
     let mut source = FileSource::new(input, name, &config.tenant_field, config.max_batch_events);
     let started = Instant::now();
-    let (mut events, mut bad_lines, mut rejected) = (0u64, 0u64, 0u64);
+    let (mut events, mut bad_lines, mut rejected, mut timers) = (0u64, 0u64, 0u64, 0u64);
     loop {
-        let arrival = clock.now_ms();
+        let arrival = clock.now_ms().max(host_clock.now_ms());
+        host_clock.set(arrival);
+        timers += engine.fire_timers(&lane, arrival).await? as u64;
         // Reading may block on standard input: off the async threads.
         let (next, back) = tokio::task::spawn_blocking(move || {
             let next = source.next_batch(arrival);
@@ -422,11 +431,16 @@ pub async fn replay(
             );
         }
     }
+    if let Some(until) = until.filter(|&until| until > host_clock.now_ms()) {
+        host_clock.set(until);
+    }
+    timers += engine.fire_timers(&lane, host_clock.now_ms()).await? as u64;
     engine.flush(&lane).await?;
     Ok(ReplaySummary {
         events,
         bad_lines,
         rejected,
+        timers,
         alerts: engine
             .stats()
             .alerts

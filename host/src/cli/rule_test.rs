@@ -1,16 +1,23 @@
 //! `tocsin rule test`: run a file of events through one rule component the
 //! way the service does — manifest filter, tenant per event, buckets, batches,
-//! state carried between batches — and report every alert.
+//! state and timers carried between batches — and report every alert.
+//!
+//! Timers fire as the host fires them: before each batch, those due by the
+//! clock; with `until`, after the last batch the clock moves to it and the
+//! timers due by then fire, each at its due time, in order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use tocsin::alert::AlertRecord;
 use tocsin::clock::Clock;
+use tocsin::engine::MIN_TIMER_STEP_MS;
 use tocsin::engine::run;
 use tocsin::event::Incoming;
-use tocsin::runtime::{Cause, LoadedRule, RuleError, RuleSettings, Runtime, StateChange};
+use tocsin::runtime::{
+    Cause, LoadedRule, RuleError, RuleSettings, Runtime, StateChange, TimerChange,
+};
 
 /// How `rule test` runs.
 #[derive(Debug, Clone)]
@@ -19,6 +26,9 @@ pub struct Options {
     pub batch_size: usize,
     /// The rule's parameters (and name), as a tenant would run it.
     pub settings: RuleSettings,
+    /// After the last event, move the clock to this time (epoch
+    /// milliseconds) so the timers due by then fire.
+    pub until: Option<i64>,
 }
 
 /// What a run did, for the summary line.
@@ -32,6 +42,8 @@ pub struct Summary {
     /// Buckets holding state at the end.
     pub stored_buckets: usize,
     pub alerts: usize,
+    /// `on-timer` calls.
+    pub timers: usize,
     pub fuel: u64,
     pub elapsed: Duration,
 }
@@ -52,6 +64,90 @@ pub enum Error {
         line: usize,
         error: RuleError,
     },
+    #[error("bucket `{bucket}`, timer due at {due}: {error}")]
+    Timer {
+        bucket: String,
+        due: i64,
+        error: RuleError,
+    },
+}
+
+/// Buckets' state and pending timers between calls, as the host keeps them.
+#[derive(Default)]
+struct Kept {
+    states: HashMap<(String, String), Vec<u8>>,
+    timers: HashMap<(String, String), i64>,
+    /// (due, tenant, bucket) of each pending timer.
+    due: BTreeSet<(i64, String, String)>,
+}
+
+impl Kept {
+    fn apply(&mut self, key: (String, String), state: StateChange, timer: TimerChange) {
+        match state {
+            StateChange::Unchanged => {}
+            StateChange::Set(bytes) => {
+                self.states.insert(key.clone(), bytes);
+            }
+            StateChange::Delete => {
+                self.states.remove(&key);
+            }
+        }
+        let set = match timer {
+            TimerChange::Keep => return,
+            TimerChange::Set(at) => Some(at),
+            TimerChange::Cancel => None,
+        };
+        if let Some(old) = self.timers.remove(&key) {
+            self.due.remove(&(old, key.0.clone(), key.1.clone()));
+        }
+        if let Some(at) = set {
+            self.due.insert((at, key.0.clone(), key.1.clone()));
+            self.timers.insert(key, at);
+        }
+    }
+
+    /// Fire every timer due by `until`, earliest first, each at its due
+    /// time (a timer set at or before that time is due a step later, as on
+    /// the host).
+    fn fire(
+        &mut self,
+        until: i64,
+        rules: &HashMap<String, LoadedRule>,
+        summary: &mut Summary,
+        on_alert: &mut impl FnMut(&AlertRecord),
+    ) -> Result<(), Error> {
+        while let Some((due, tenant, bucket)) = self.due.first().cloned() {
+            if due > until {
+                break;
+            }
+            self.due.pop_first();
+            let key = (tenant.clone(), bucket.clone());
+            self.timers.remove(&key);
+            let Some(rule) = rules.get(&tenant) else {
+                continue;
+            };
+            let stored = self.states.get(&key).map(Vec::as_slice);
+            let outcome =
+                run::call_timer(rule, &bucket, stored, due, due).map_err(|error| Error::Timer {
+                    bucket: bucket.clone(),
+                    due,
+                    error,
+                })?;
+            summary.timers += 1;
+            summary.fuel += outcome.fuel;
+            for alert in &outcome.alerts {
+                on_alert(alert);
+            }
+            summary.alerts += outcome.alerts.len();
+            let timer = match outcome.timer {
+                TimerChange::Set(at) if at <= due => TimerChange::Set(due + MIN_TIMER_STEP_MS),
+                TimerChange::Set(at) => TimerChange::Set(at),
+                TimerChange::Keep | TimerChange::Cancel => TimerChange::Cancel,
+            };
+            self.apply(key, outcome.state, timer);
+        }
+        Ok(())
+    }
 }
 
 struct Line {
@@ -85,12 +181,13 @@ pub fn run(
         events: lines.len(),
         ..Summary::default()
     };
-    let mut states: HashMap<(String, String), Vec<u8>> = HashMap::new();
+    let mut kept = Kept::default();
     let mut seen_buckets = std::collections::HashSet::new();
 
     for chunk in lines.chunks(options.batch_size.max(1)) {
         let first_line = chunk[0].number;
         let now = clock.now_ms();
+        kept.fire(now, &rules, &mut summary, &mut on_alert)?;
         // Tenants in order of first appearance within the batch.
         let mut tenants: Vec<(&str, Vec<&Line>)> = Vec::new();
         for line in chunk {
@@ -109,7 +206,11 @@ pub fn run(
             let rule = &rules[tenant];
             let events: Vec<&Incoming> = members.iter().map(|l| &l.event).collect();
             let run = run::run_rule(rule, &events, now, |bucket| {
-                Ok::<_, Error>(states.get(&(tenant.to_owned(), bucket.to_owned())).cloned())
+                Ok::<_, Error>(
+                    kept.states
+                        .get(&(tenant.to_owned(), bucket.to_owned()))
+                        .cloned(),
+                )
             })?;
             if let Some(bad) = run.unroutable.first() {
                 return Err(Error::BadLine {
@@ -141,15 +242,7 @@ pub fn run(
                 }
                 summary.fuel += outcome.fuel;
                 let key = (tenant.to_owned(), bucket.key);
-                match outcome.state {
-                    StateChange::Unchanged => {}
-                    StateChange::Set(bytes) => {
-                        states.insert(key.clone(), bytes);
-                    }
-                    StateChange::Delete => {
-                        states.remove(&key);
-                    }
-                }
+                kept.apply(key.clone(), outcome.state, outcome.timer);
                 seen_buckets.insert(key);
                 for alert in &outcome.alerts {
                     on_alert(alert);
@@ -158,9 +251,11 @@ pub fn run(
             }
         }
     }
+    let until = options.until.unwrap_or(i64::MIN).max(clock.now_ms());
+    kept.fire(until, &rules, &mut summary, &mut on_alert)?;
     summary.tenants = rules.len();
     summary.buckets = seen_buckets.len();
-    summary.stored_buckets = states.len();
+    summary.stored_buckets = kept.states.len();
     summary.elapsed = started.elapsed();
     Ok(summary)
 }

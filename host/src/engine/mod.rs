@@ -35,7 +35,7 @@ use crate::catalogue::Catalogue;
 use crate::clock::Clock;
 use crate::event::Incoming;
 use crate::metrics::{Metrics, RuleTally};
-use crate::runtime::{LoadedRule, StateChange};
+use crate::runtime::{LoadedRule, StateChange, TimerChange};
 use crate::sink::dead_letters::{DeadLetter, DeadLetterSink, dead_letter_id};
 use crate::sink::{AlertSink, SinkError};
 use crate::store::{
@@ -53,6 +53,11 @@ const MAX_CONFLICTS: u32 = 8;
 /// Threads beyond the cores that run rules: stragglers still running on
 /// them leave the cores to the batches that follow.
 const APART_THREADS: usize = 2;
+/// Timers one batch of timers fires.
+pub const MAX_TIMERS_PER_BATCH: usize = 1024;
+/// A timer `on-timer` sets at or before the time it fired is due this much
+/// later: a rule cannot keep the host firing it.
+pub const MIN_TIMER_STEP_MS: i64 = 1_000;
 
 /// One batch from a source: its events in order, each with its position.
 #[derive(Debug, Clone)]
@@ -72,6 +77,9 @@ pub struct Batch {
     pub together: Vec<String>,
     /// What a part run apart records of the requests it answers.
     pub receipts: Option<apart::PartReceipts>,
+    /// Timers due, each bucket's with its due time: a batch of timers has
+    /// no events ([`Engine::fire_timers`]).
+    pub timers: Vec<(BucketId, i64)>,
 }
 
 impl Batch {
@@ -84,6 +92,7 @@ impl Batch {
             unanswered: false,
             together: Vec::new(),
             receipts: None,
+            timers: Vec::new(),
         }
     }
 
@@ -97,6 +106,7 @@ impl Batch {
             unanswered: self.unanswered,
             together: Vec::new(),
             receipts: None,
+            timers: Vec::new(),
         }
     }
 }
@@ -406,6 +416,8 @@ pub struct Engine {
     /// How long a tenant may hold its batch ([`apart`]); `None`: never run
     /// apart (replays and tests, whose alerts keep the batch's order).
     fair_share: Option<Duration>,
+    /// Counts commits that set a timer: whatever fires timers looks again.
+    timers_set: watch::Sender<u64>,
 }
 
 impl Engine {
@@ -435,7 +447,13 @@ impl Engine {
                 .build()
                 .expect("a thread pool for the rules"),
             fair_share: Some(apart::DEFAULT_FAIR_SHARE),
+            timers_set: watch::Sender::new(0),
         }
+    }
+
+    /// Told after each commit that set a timer.
+    pub fn timers_set(&self) -> watch::Receiver<u64> {
+        self.timers_set.subscribe()
     }
 
     /// Run a tenant apart once it holds its batch `share` past the others
@@ -639,6 +657,9 @@ impl Engine {
     ) -> Result<Computed, EngineError> {
         let now = self.clock.now_ms();
         let (batch_no, generation) = lane.next_batch();
+        if !batch.timers.is_empty() {
+            return self.fire_blocking(lane, batch, handle, now, batch_no, generation);
+        }
         let events = batch.events.clone();
         let mut rejected = Vec::new();
         let started = Instant::now();
@@ -1125,6 +1146,181 @@ impl Engine {
         }
     }
 
+    /// Fire the timers of `lane`'s partition due by `until`, a batch of
+    /// them at a time, each committed like a batch of events; how many
+    /// fired. Tenants run apart keep theirs until their parts are in.
+    pub async fn fire_timers(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        until: i64,
+    ) -> Result<usize, EngineError> {
+        let mut fired = 0;
+        loop {
+            let mut due = self
+                .store
+                .due_timers(&lane.partition, until, MAX_TIMERS_PER_BATCH)
+                .await?;
+            {
+                let parts = lane.parts.lock().expect("parts lock");
+                due.retain(|(id, _)| parts.behind(&id.tenant).is_none());
+            }
+            if due.is_empty() {
+                return Ok(fired);
+            }
+            let n = due.len();
+            let mut batch = Batch::new(Vec::new(), Progress::Nothing);
+            batch.timers = due;
+            self.process(lane, &batch).await?;
+            fired += n;
+            if n < MAX_TIMERS_PER_BATCH {
+                return Ok(fired);
+            }
+        }
+    }
+
+    /// A batch of due timers: each bucket's rule's `on-timer`, on its state.
+    fn fire_blocking(
+        &self,
+        lane: &Lane,
+        batch: Batch,
+        handle: &tokio::runtime::Handle,
+        now: i64,
+        batch_no: u64,
+        generation: u64,
+    ) -> Result<Computed, EngineError> {
+        let started = Instant::now();
+        let ids: Vec<BucketId> = batch.timers.iter().map(|(id, _)| id.clone()).collect();
+        let mut priors = handle.block_on(self.store.load(&ids, &lane.partition))?;
+        {
+            let overlay = lane.overlay.lock().expect("overlay lock");
+            for (id, prior) in ids.iter().zip(priors.iter_mut()) {
+                if let Some((_, state)) = overlay.states.get(id) {
+                    prior.state = state.clone();
+                }
+            }
+        }
+        let max_state = self.store.max_state_bytes();
+        let mut outcome = TenantOutcome {
+            writes: Vec::new(),
+            rejected: Vec::new(),
+            failures: 0,
+            tallies: Vec::new(),
+        };
+        for ((id, due), prior) in batch.timers.iter().zip(priors) {
+            let write = |timer, outcome: Option<run::BucketOutcome>| {
+                let (state, alerts, ttl_ms) = match outcome {
+                    Some(o) => (o.state, o.alerts, o.state_ttl_ms),
+                    None => (StateChange::Unchanged, Vec::new(), None),
+                };
+                BucketWrite {
+                    id: id.clone(),
+                    state,
+                    timer,
+                    alerts,
+                    ttl_ms,
+                }
+            };
+            let rule = self
+                .catalogue
+                .rules(&id.tenant)
+                .and_then(|rules| rules.iter().find(|r| r.name() == id.rule).cloned());
+            let Some(rule) = rule else {
+                tracing::info!(tenant = %id.tenant, rule = %id.rule, bucket = %id.bucket, "the rule of a due timer is gone: the timer goes too");
+                outcome.writes.push(write(TimerChange::Cancel, None));
+                continue;
+            };
+            let mut tally = RuleTally {
+                tenant: id.tenant.clone(),
+                rule: id.rule.clone(),
+                ..RuleTally::default()
+            };
+            if let Some(quarantine) = self.quarantines.active(&id.tenant, &id.rule, now) {
+                // Fired once the quarantine is over.
+                outcome
+                    .writes
+                    .push(write(TimerChange::Set(quarantine.until_ms), None));
+                tally.quarantined = true;
+                outcome.tallies.push(tally);
+                continue;
+            }
+            let call_started = Instant::now();
+            let result = run::call_timer(&rule, &id.bucket, prior.state.as_deref(), now, *due)
+                .map_err(|e| (e.cause.kind(), e.to_string()))
+                .and_then(|o| match &o.state {
+                    StateChange::Set(bytes) if bytes.len() > max_state => Err((
+                        "state_too_large",
+                        format!(
+                            "rule error: the state of bucket `{}` is {} bytes, over the state store's limit of {max_state}",
+                            id.bucket,
+                            bytes.len()
+                        ),
+                    )),
+                    _ => Ok(o),
+                });
+            tally.elapsed = call_started.elapsed();
+            match result {
+                Ok(mut fired) => {
+                    tally.applied_calls = 1;
+                    tally.fuel = fired.fuel;
+                    tally.alerts = fired.alerts.len() as u64;
+                    for line in &fired.log {
+                        tally.log.push(LogEntry::new(
+                            now,
+                            line.level.name(),
+                            "rule",
+                            &id.bucket,
+                            &line.message,
+                        ));
+                    }
+                    // The timer that fired is spent unless the rule sets one.
+                    let timer = match std::mem::replace(&mut fired.timer, TimerChange::Keep) {
+                        TimerChange::Set(at) if at <= now => {
+                            TimerChange::Set(now + MIN_TIMER_STEP_MS)
+                        }
+                        set @ TimerChange::Set(_) => set,
+                        TimerChange::Keep | TimerChange::Cancel => TimerChange::Cancel,
+                    };
+                    outcome.writes.push(write(timer, Some(fired)));
+                }
+                Err((kind, error)) => {
+                    // Dropped, with the reason in the rule's log: a timer
+                    // that failed would fail again.
+                    let reason = format!(
+                        "{error}; the timer due at {} is dropped",
+                        contain::rfc3339(*due)
+                    );
+                    tracing::warn!(tenant = %id.tenant, rule = %id.rule, bucket = %id.bucket, "{reason}");
+                    tally.failed_calls = 1;
+                    tally.failures.push(kind);
+                    tally
+                        .log
+                        .push(LogEntry::new(now, "error", "host", &id.bucket, &reason));
+                    tally.last_failure = Some(reason);
+                    outcome.failures += 1;
+                    outcome.writes.push(write(TimerChange::Cancel, None));
+                }
+            }
+            outcome.tallies.push(tally);
+        }
+        self.finish(
+            lane,
+            &[],
+            Finish {
+                outcomes: vec![outcome],
+                rejected: Vec::new(),
+                progress: batch.progress,
+                bad: Vec::new(),
+                unanswered: batch.unanswered,
+                count: 0,
+                now,
+                batch_no,
+                generation,
+                unknown_tenant: 0,
+                started,
+            },
+        )
+    }
+
     /// A straggler's outcome, once it came, as a part of its own.
     pub(super) fn finish_part(
         &self,
@@ -1303,6 +1499,10 @@ impl Engine {
             }
             written = checkpoint.clone();
         }
+        let sets_timer = commit
+            .writes
+            .iter()
+            .any(|w| matches!(w.timer, TimerChange::Set(_)));
         let started = Instant::now();
         let outbox = match self.store.commit(commit).await {
             Ok(outbox) => outbox,
@@ -1319,6 +1519,9 @@ impl Engine {
         };
         self.set_health(|h| h.commit_error = None);
         add_elapsed(&self.stats.commit_ns, started);
+        if sets_timer {
+            self.timers_set.send_modify(|n| *n += 1);
+        }
         lane.parts
             .lock()
             .expect("parts lock")

@@ -185,6 +185,41 @@ fn call(
     })
 }
 
+/// One `on-timer` call for `bucket`, whose timer was due at `due`, at
+/// `now`. Its alerts' ids derive from the bucket and `due`, so a timer
+/// fired again after a crash raises the same ids.
+pub fn call_timer(
+    rule: &LoadedRule,
+    bucket: &str,
+    stored: Option<&[u8]>,
+    now: i64,
+    due: i64,
+) -> Result<BucketOutcome, RuleError> {
+    let manifest = rule.manifest();
+    let output = rule.on_timer(bucket, stored, now)?;
+    let position = format!("timer@{due}");
+    let origin = Origin {
+        tenant: rule.tenant(),
+        rule: rule.name(),
+        bucket,
+        position: &position,
+    };
+    let alerts = output
+        .alerts
+        .iter()
+        .enumerate()
+        .map(|(seq, alert)| AlertRecord::new(origin, &manifest.version, alert, seq, now))
+        .collect();
+    Ok(BucketOutcome {
+        state: output.state,
+        timer: output.timer,
+        alerts,
+        fuel: output.fuel,
+        log: output.log,
+        state_ttl_ms: manifest.state_ttl_ms,
+    })
+}
+
 /// Failed calls one rule may make over one batch while bisecting before
 /// the rest of its buckets are failed without a call: a rule that fails on
 /// everything then costs a bounded number of calls (each bounded by fuel

@@ -62,6 +62,17 @@ impl StateStore for Flaky {
     async fn published(&self, mark: OutboxMark) -> StoreResult<()> {
         self.inner.published(mark).await
     }
+    async fn due_timers(
+        &self,
+        partition: &str,
+        until: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<(BucketId, i64)>> {
+        self.inner.due_timers(partition, until, limit).await
+    }
+    async fn next_timer(&self, partition: &str) -> StoreResult<Option<i64>> {
+        self.inner.next_timer(partition).await
+    }
 }
 
 #[derive(Default)]

@@ -107,6 +107,17 @@ struct Submission {
     reply: Reply,
 }
 
+/// What the lane takes, in order.
+enum Work {
+    Submit(Submission),
+    /// Fire the timers due by `until` (on the host's clock): they touch the
+    /// same buckets as the requests, so they go through the same lane.
+    Timers {
+        until: i64,
+        fired: oneshot::Sender<Result<usize, EngineError>>,
+    },
+}
+
 /// A key's request being processed, and retries waiting for its answer.
 struct Inflight {
     digest: String,
@@ -117,7 +128,7 @@ struct Inflight {
 pub struct HttpIngest {
     engine: Arc<Engine>,
     lane: Arc<Lane>,
-    queue: mpsc::Sender<Submission>,
+    queue: mpsc::Sender<Work>,
     inflight: Mutex<HashMap<String, Inflight>>,
     tenant_field: String,
     max_event_bytes: usize,
@@ -213,12 +224,26 @@ impl HttpIngest {
             digest,
             reply,
         };
-        if self.queue.send(submission).await.is_err() {
+        if self.queue.send(Work::Submit(submission)).await.is_err() {
             return Err(Refusal::NotApplied("shutting down".to_owned()));
         }
         answer
             .await
             .unwrap_or_else(|_| Err(Refusal::NotApplied("processing failed".to_owned())))
+    }
+
+    /// Fire the timers due by `until`, in the lane's turn; how many fired.
+    pub async fn fire_timers(&self, until: i64) -> Result<usize, EngineError> {
+        let (fired, count) = oneshot::channel();
+        if self
+            .queue
+            .send(Work::Timers { until, fired })
+            .await
+            .is_err()
+        {
+            return Ok(0);
+        }
+        count.await.unwrap_or(Ok(0))
     }
 
     /// The stored answer of `key`'s request, if it was applied.
@@ -465,7 +490,7 @@ fn empty_answer() -> Answer {
 /// computes. Returns when the queue closes and the last group is answered.
 async fn run(
     ingest: std::sync::Weak<HttpIngest>,
-    mut queue: mpsc::Receiver<Submission>,
+    mut queue: mpsc::Receiver<Work>,
     max_events: usize,
 ) {
     // At most two groups in flight: one committing, one computing. What
@@ -483,17 +508,41 @@ async fn run(
             engine.publish(&lane, &mut batch).await;
         }
     });
-    while let Some(first) = queue.recv().await {
+    let timers = tokio::spawn(super::timers::drive(ingest.clone()));
+    let mut carried = None;
+    loop {
+        let first = match carried.take() {
+            Some(work) => work,
+            None => match queue.recv().await {
+                Some(work) => work,
+                None => break,
+            },
+        };
         let Some(ingest) = ingest.upgrade() else {
             break;
+        };
+        let first = match first {
+            Work::Submit(submission) => submission,
+            Work::Timers { until, fired } => {
+                // On what is committed: after the group before them.
+                if let Some(task) = committing.take() {
+                    settle(task).await;
+                }
+                let _ = fired.send(ingest.engine.fire_timers(&ingest.lane, until).await);
+                continue;
+            }
         };
         let mut events = first.events.len();
         let mut group = vec![first];
         while events < max_events {
             match queue.try_recv() {
-                Ok(next) => {
+                Ok(Work::Submit(next)) => {
                     events += next.events.len();
                     group.push(next);
+                }
+                Ok(timers) => {
+                    carried = Some(timers);
+                    break;
                 }
                 Err(_) => break,
             }
@@ -531,6 +580,7 @@ async fn run(
         };
         committing = Some(task);
     }
+    timers.abort();
     if let Some(task) = committing.take() {
         settle(task).await;
     }

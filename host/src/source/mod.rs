@@ -9,3 +9,4 @@ pub mod ingest;
 pub mod kinesis;
 pub mod leases;
 pub mod shards;
+mod timers;

@@ -419,6 +419,7 @@ async fn work(
                 unanswered: true,
                 together: Vec::new(),
                 receipts: None,
+                timers: Vec::new(),
             };
             match engine.process(&lane, &batch).await {
                 Ok(committed) => {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::State;
 use super::alert_index::AlertIndex;
@@ -31,6 +31,8 @@ use crate::runtime::{StateChange, TimerChange};
 const STATES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("states");
 /// (tenant, rule, bucket) → due time of the pending timer.
 const TIMERS: TableDefinition<(&str, &str, &str), i64> = TableDefinition::new("timers");
+/// (due, tenant, rule, bucket): the pending timers by due time.
+const TIMERS_DUE: TableDefinition<(i64, &str, &str, &str), ()> = TableDefinition::new("timers_due");
 /// seq → alert record as JSON: the alert log, appended in commit order.
 /// Entries after the `published` cursor are the outbox.
 const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
@@ -151,7 +153,18 @@ impl Embedded {
         let published;
         {
             tx.open_table(STATES).map_err(err)?;
-            tx.open_table(TIMERS).map_err(err)?;
+            let timers = tx.open_table(TIMERS).map_err(err)?;
+            let mut due = tx.open_table(TIMERS_DUE).map_err(err)?;
+            if due.is_empty().map_err(err)? && !timers.is_empty().map_err(err)? {
+                // Kept by a version without the index: build it.
+                for entry in timers.iter().map_err(err)? {
+                    let (key, at) = entry.map_err(err)?;
+                    let (tenant, rule, bucket) = key.value();
+                    due.insert((at.value(), tenant, rule, bucket), ())
+                        .map_err(err)?;
+                }
+            }
+            drop((timers, due));
             tx.open_table(ALERTS).map_err(err)?;
             tx.open_table(RECEIPTS).map_err(err)?;
             tx.open_table(RECEIPT_TIMES).map_err(err)?;
@@ -261,6 +274,38 @@ impl Embedded {
             .collect()
     }
 
+    /// Pending timers due at or before `until`, earliest first.
+    pub(super) fn due_timers(&self, until: i64, limit: usize) -> Result<Vec<(BucketId, i64)>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let by_due = tx.open_table(TIMERS_DUE).map_err(err)?;
+        let mut due = Vec::new();
+        let end = (until.saturating_add(1), "", "", "");
+        for entry in by_due.range(..end).map_err(err)? {
+            let (key, _) = entry.map_err(err)?;
+            let (at, tenant, rule, bucket) = key.value();
+            if due.len() == limit {
+                break;
+            }
+            due.push((
+                BucketId {
+                    tenant: tenant.to_owned(),
+                    rule: rule.to_owned(),
+                    bucket: bucket.to_owned(),
+                },
+                at,
+            ));
+        }
+        Ok(due)
+    }
+
+    /// When the earliest pending timer is due.
+    pub(super) fn next_timer(&self) -> Result<Option<i64>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let by_due = tx.open_table(TIMERS_DUE).map_err(err)?;
+        let first = by_due.first().map_err(err)?;
+        Ok(first.map(|(key, _)| key.value().0))
+    }
+
     pub(super) fn receipt(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(RECEIPTS).map_err(err)?;
@@ -293,13 +338,25 @@ impl Embedded {
                 log.insert(logged.next(), entry.as_slice()).map_err(err)?;
             }
             let mut timers = tx.open_table(TIMERS).map_err(err)?;
+            let mut by_due = tx.open_table(TIMERS_DUE).map_err(err)?;
             for (id, due) in &commit.timers {
-                let key = (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
-                match due {
-                    Some(due) => timers.insert(key, due).map_err(err)?,
-                    None => timers.remove(key).map_err(err)?,
-                };
+                let (tenant, rule, bucket) =
+                    (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
+                let old = match due {
+                    Some(due) => timers.insert((tenant, rule, bucket), due).map_err(err)?,
+                    None => timers.remove((tenant, rule, bucket)).map_err(err)?,
+                }
+                .map(|v| v.value());
+                if let Some(old) = old {
+                    by_due.remove((old, tenant, rule, bucket)).map_err(err)?;
+                }
+                if let Some(due) = due {
+                    by_due
+                        .insert((*due, tenant, rule, bucket), ())
+                        .map_err(err)?;
+                }
             }
+            drop((timers, by_due));
             let mut meta = tx.open_table(META).map_err(err)?;
             let mut seq = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value());
             let mut log = tx.open_table(ALERTS).map_err(err)?;
@@ -571,6 +628,20 @@ impl StateStore for EmbeddedStore {
         Ok(outbox(self.blocking(|store| store.unpublished()).await?))
     }
 
+    async fn due_timers(
+        &self,
+        _partition: &str,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(BucketId, i64)>> {
+        self.blocking(move |store| store.due_timers(until, limit))
+            .await
+    }
+
+    async fn next_timer(&self, _partition: &str) -> Result<Option<i64>> {
+        self.blocking(|store| store.next_timer()).await
+    }
+
     async fn published(&self, mark: OutboxMark) -> Result<()> {
         match mark {
             OutboxMark::UpTo(seq) => self.inner.mark_published(seq),
@@ -585,7 +656,6 @@ impl StateStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redb::ReadableTableMetadata;
 
     fn alert(tenant: &str, key: &str) -> AlertRecord {
         let json = serde_json::json!({
@@ -631,6 +701,50 @@ mod tests {
     /// A store whose index the test writes itself, with `batch` 4.
     fn open(path: &Path) -> Embedded {
         Embedded::open_with(path, 4, false).unwrap()
+    }
+
+    fn bucket(name: &str) -> BucketId {
+        BucketId {
+            tenant: "t".into(),
+            rule: "r".into(),
+            bucket: name.into(),
+        }
+    }
+
+    fn set_timers(store: &Embedded, timers: &[(&str, Option<i64>)]) {
+        let commit = Changes {
+            timers: timers.iter().map(|(b, at)| (bucket(b), *at)).collect(),
+            ..Changes::default()
+        };
+        store.commit(commit).unwrap();
+    }
+
+    fn due(store: &Embedded, until: i64) -> Vec<(String, i64)> {
+        let due = store.due_timers(until, 10).unwrap();
+        due.into_iter().map(|(id, at)| (id.bucket, at)).collect()
+    }
+
+    #[test]
+    fn timers_are_indexed_by_due_time_through_sets_moves_cancels_and_a_reopen() {
+        let (_dir, path) = store_path();
+        let store = open(&path);
+        assert_eq!(store.next_timer().unwrap(), None);
+        set_timers(&store, &[("a", Some(30)), ("b", Some(10)), ("c", Some(20))]);
+        assert_eq!(store.next_timer().unwrap(), Some(10));
+        assert_eq!(due(&store, 20), [("b".into(), 10), ("c".into(), 20)]);
+        // Moved later, and cancelled: each bucket is indexed once, at its
+        // latest due time.
+        set_timers(&store, &[("b", Some(40)), ("c", None)]);
+        assert_eq!(due(&store, 100), [("a".into(), 30), ("b".into(), 40)]);
+        assert_eq!(
+            store.due_timers(100, 1).unwrap().len(),
+            1,
+            "at most the limit"
+        );
+        drop(store);
+        let store = open(&path);
+        assert_eq!(due(&store, 35), [("a".into(), 30)]);
+        assert_eq!(store.next_timer().unwrap(), Some(30));
     }
 
     #[test]

@@ -183,6 +183,18 @@ pub trait StateStore: Send + Sync {
 
     /// Everything `mark` names has reached the alert sink.
     async fn published(&self, mark: OutboxMark) -> Result<()>;
+
+    /// Pending timers `partition` fires that are due at or before `until`
+    /// (epoch milliseconds), earliest first, at most `limit`.
+    async fn due_timers(
+        &self,
+        partition: &str,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(BucketId, i64)>>;
+
+    /// When the earliest pending timer `partition` fires is due.
+    async fn next_timer(&self, partition: &str) -> Result<Option<i64>>;
 }
 
 /// Reading back committed alerts, for backends that keep them.

@@ -1,0 +1,150 @@
+//! Time on one machine (`tocsin serve` in-process, embedded store, a clock
+//! the test moves): a timer a rule asked for fires with no event, within a
+//! second of due on the host's clock, exactly once, also after a restart.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tocsin::clock::ManualClock;
+use tocsin::config::{Config, RuleEntry};
+use tocsin::serve::Server;
+use tocsin_test_support::components;
+
+/// 2026-01-01T00:00:00Z.
+const T0: i64 = 1_767_225_600_000;
+
+fn config(data_dir: &Path) -> Config {
+    let mut rule = RuleEntry::new("client-01", components::STILL_RUNNING);
+    rule.params = Some(json!({"running_for": "2s"}));
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        max_instances: 8,
+        rules: vec![rule],
+        ..Config::default()
+    }
+}
+
+fn status(state: &str) -> String {
+    json!({
+        "eventType": "machineStatusChange", "clientId": "client-01",
+        "machineId": "machine-03", "state": state,
+    })
+    .to_string()
+}
+
+struct Host {
+    server: Server,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Host {
+    async fn start(data_dir: &Path, clock: &ManualClock) -> Host {
+        let server = Server::start(config(data_dir), Arc::new(clock.clone()))
+            .await
+            .expect("server starts");
+        let base = format!("http://{}", server.addr());
+        Host {
+            server,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn post(&self, line: &str) {
+        let response = self
+            .http
+            .post(format!("{}/v1/events", self.base))
+            .body(line.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["accepted"], 1, "{answer}");
+    }
+
+    async fn alerts(&self) -> Vec<Value> {
+        self.http
+            .get(format!("{}/v1/tenants/client-01/alerts", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The tenant's alerts once there are `count` (the host fires timers on
+    /// its own task: this waits for it, up to a generous real-time bound).
+    async fn alerts_when(&self, count: usize) -> Vec<Value> {
+        let started = Instant::now();
+        loop {
+            let alerts = self.alerts().await;
+            if alerts.len() >= count {
+                return alerts;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{count} alerts expected, have {alerts:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timer_fires_with_no_event_once_due_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let host = Host::start(dir.path(), &clock).await;
+    // Running since T0 (its arrival): due at T0 + 2 s.
+    host.post(&status("running")).await;
+    clock.advance(1_000);
+    // Stopped with the timer pending; the clock moves on while it is down.
+    host.server.stop().await.unwrap();
+    clock.set(T0 + 2_400);
+
+    let host = Host::start(dir.path(), &clock).await;
+    let alerts = host.alerts_when(1).await;
+    let alert = &alerts[0];
+    assert_eq!(alert["key"], "still-running-1");
+    assert_eq!(alert["status"], "firing");
+    assert_eq!(alert["bucket"], "machine-03");
+    let at = alert["at"].as_i64().unwrap();
+    assert!(
+        (T0 + 2_000..=T0 + 3_000).contains(&at),
+        "fired within a second of due: {at}"
+    );
+
+    // Once: moving the clock further fires nothing again; the state change
+    // resolves it.
+    clock.advance(5_000);
+    host.post(&status("stopped")).await;
+    let alerts = host.alerts_when(2).await;
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(alerts[1]["key"], "still-running-1");
+    assert_eq!(alerts[1]["status"], "resolved");
+    host.server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_change_before_due_cancels_the_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let host = Host::start(dir.path(), &clock).await;
+    host.post(&status("running")).await;
+    clock.advance(1_000);
+    host.post(&status("stopped")).await;
+    // Running again at T0 + 3 s: due at T0 + 5 s, not before.
+    clock.advance(2_000);
+    host.post(&status("running")).await;
+    clock.advance(2_500);
+    let alerts = host.alerts_when(1).await;
+    assert_eq!(alerts.len(), 1, "only the second run alerts: {alerts:?}");
+    assert_eq!(alerts[0]["detail"]["since"], T0 + 3_000);
+    host.server.stop().await.unwrap();
+}
