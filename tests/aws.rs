@@ -1058,3 +1058,60 @@ async fn a_slow_tenant_on_a_shard_is_run_apart_and_the_checkpoint_waits_for_it()
     );
     host.stop().await.unwrap();
 }
+
+/// A bucket of a rule with a state time-to-live reads as having no state
+/// once it has passed, by the host's clock: DynamoDB's TTL deletes items
+/// days late, so reads do not wait for it. The item keeps what it applied,
+/// and DynamoDB is told when it may delete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_past_its_time_to_live_reads_as_none_before_dynamodb_deletes_it() {
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let (table, fence) = held_shard(&aws, &names).await;
+    let clock = Arc::new(tocsin::clock::ManualClock::new(1_700_000_000_000));
+    let store = DynamoStore::new(table.clone(), &names.events).with_clock(clock.clone());
+    let id = bucket("machine-ttl");
+    let mut aging = write(&id, b"kept an hour");
+    aging.ttl_ms = Some(3_600_000);
+    store
+        .commit(shard_commit(&fence, vec![aging], "1"))
+        .await
+        .unwrap();
+    async fn prior(store: &DynamoStore, id: &BucketId) -> tocsin::store::Prior {
+        store
+            .load(std::slice::from_ref(id), "shard-x")
+            .await
+            .unwrap()
+            .remove(0)
+    }
+    assert_eq!(
+        prior(&store, &id).await.state.as_deref(),
+        Some(&b"kept an hour"[..])
+    );
+    clock.set(1_700_000_000_000 + 3_600_000 + 1_000);
+    let expired = prior(&store, &id).await;
+    assert_eq!(expired.state, None, "past its time-to-live");
+    assert_eq!(expired.applied.unwrap().as_str(), "1");
+    // A host reading it anew (nothing cached) sees the same.
+    let other = DynamoStore::new(table.clone(), &names.events).with_clock(clock.clone());
+    assert_eq!(prior(&other, &id).await.state, None);
+    let item = aws
+        .dynamodb
+        .get_item()
+        .table_name(&names.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(tocsin::store::dynamo::bucket_pk(&id)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("state".to_owned()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("the item is still there");
+    let expires: i64 = item["expires"].as_n().unwrap().parse().unwrap();
+    assert_eq!(expires, (1_700_000_000_000 + 3_600_000) / 1000 + 1);
+}

@@ -17,7 +17,7 @@ const T0: i64 = 1_767_225_600_000;
 
 fn config(data_dir: &Path) -> Config {
     let mut rule = RuleEntry::new("client-01", components::STILL_RUNNING);
-    rule.params = Some(json!({"running_for": "2s"}));
+    rule.params = Some(json!({"running_for": "2s", "forget_after": "1h"}));
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_owned(),
@@ -28,9 +28,13 @@ fn config(data_dir: &Path) -> Config {
 }
 
 fn status(state: &str) -> String {
+    machine_status("machine-03", state)
+}
+
+fn machine_status(machine: &str, state: &str) -> String {
     json!({
         "eventType": "machineStatusChange", "clientId": "client-01",
-        "machineId": "machine-03", "state": state,
+        "machineId": machine, "state": state,
     })
     .to_string()
 }
@@ -65,6 +69,28 @@ impl Host {
         assert_eq!(response.status(), 200);
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["accepted"], 1, "{answer}");
+    }
+
+    /// The tenant's stored buckets: their names and state bytes.
+    async fn buckets(&self) -> (Vec<String>, usize) {
+        let buckets: Vec<Value> = self
+            .http
+            .get(format!("{}/v1/tenants/client-01/buckets", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let names = buckets
+            .iter()
+            .map(|b| b["bucket"].as_str().unwrap().to_owned())
+            .collect();
+        let bytes = buckets
+            .iter()
+            .map(|b| b["state"].as_str().unwrap().len() / 2)
+            .sum();
+        (names, bytes)
     }
 
     async fn alerts(&self) -> Vec<Value> {
@@ -146,5 +172,50 @@ async fn a_state_change_before_due_cancels_the_timer() {
     let alerts = host.alerts_when(1).await;
     assert_eq!(alerts.len(), 1, "only the second run alerts: {alerts:?}");
     assert_eq!(alerts[0]["detail"]["since"], T0 + 3_000);
+    host.server.stop().await.unwrap();
+}
+
+/// Machines come and go for a simulated day: each is forgotten an hour
+/// after its last event (the rule's state time-to-live), so what is stored
+/// stays flat — the last hour's machines — however long the run.
+#[tokio::test(flavor = "multi_thread")]
+async fn buckets_untouched_past_their_time_to_live_are_removed_and_storage_stays_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let host = Host::start(dir.path(), &clock).await;
+    let mut flat = None;
+    for round in 0..48 {
+        for k in 0..5 {
+            host.post(&machine_status(&format!("m-{round}-{k}"), "stopped"))
+                .await;
+        }
+        // This round's machines and the last one's: the ones before were
+        // last heard of an hour ago.
+        let want: Vec<String> = (round.max(1) - 1..=round)
+            .flat_map(|r| (0..5).map(move |k| format!("m-{r}-{k}")))
+            .collect();
+        let started = Instant::now();
+        let bytes = loop {
+            let (mut names, bytes) = host.buckets().await;
+            names.sort();
+            let mut expected = want.clone();
+            expected.sort();
+            if names == expected {
+                break bytes;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "round {round}: stored {names:?}, want {expected:?}"
+            );
+            tokio::task::yield_now().await;
+        };
+        // Ten machines' states, the same size each round from the second on.
+        if round >= 1 {
+            let flat = *flat.get_or_insert(bytes);
+            assert_eq!(bytes, flat, "round {round}: stored bytes");
+        }
+        clock.advance(30 * 60 * 1000);
+    }
+    assert!(flat.is_some_and(|bytes| bytes > 0));
     host.server.stop().await.unwrap();
 }

@@ -196,7 +196,8 @@ impl Server {
                 crate::aws::check_exists(&aws, &streams, table).await?;
                 let table = crate::aws::Table::new(aws_sdk_dynamodb::Client::new(&aws), table);
                 let usage = table.usage.clone();
-                let store = Arc::new(DynamoStore::new(table.clone(), stream));
+                let store =
+                    Arc::new(DynamoStore::new(table.clone(), stream).with_clock(clock.clone()));
                 let registry = open_registry(
                     &config,
                     Arc::new(crate::registry::dynamo::DynamoRegistry::new(table.clone())),

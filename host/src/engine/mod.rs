@@ -80,6 +80,9 @@ pub struct Batch {
     /// Timers due, each bucket's with its due time: a batch of timers has
     /// no events ([`Engine::fire_timers`]).
     pub timers: Vec<(BucketId, i64)>,
+    /// Buckets untouched past their rule's state time-to-live, to remove
+    /// (with a batch of timers).
+    pub expired: Vec<BucketId>,
 }
 
 impl Batch {
@@ -93,6 +96,7 @@ impl Batch {
             together: Vec::new(),
             receipts: None,
             timers: Vec::new(),
+            expired: Vec::new(),
         }
     }
 
@@ -107,6 +111,7 @@ impl Batch {
             together: Vec::new(),
             receipts: None,
             timers: Vec::new(),
+            expired: Vec::new(),
         }
     }
 }
@@ -657,7 +662,7 @@ impl Engine {
     ) -> Result<Computed, EngineError> {
         let now = self.clock.now_ms();
         let (batch_no, generation) = lane.next_batch();
-        if !batch.timers.is_empty() {
+        if !batch.timers.is_empty() || !batch.expired.is_empty() {
             return self.fire_blocking(lane, batch, handle, now, batch_no, generation);
         }
         let events = batch.events.clone();
@@ -1146,9 +1151,10 @@ impl Engine {
         }
     }
 
-    /// Fire the timers of `lane`'s partition due by `until`, a batch of
-    /// them at a time, each committed like a batch of events; how many
-    /// fired. Tenants run apart keep theirs until their parts are in.
+    /// Fire the timers of `lane`'s partition due by `until`, and remove
+    /// its buckets expired by then, a batch at a time, each committed like
+    /// a batch of events; how many timers fired. Tenants run apart keep
+    /// theirs until their parts are in.
     pub async fn fire_timers(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
@@ -1156,26 +1162,43 @@ impl Engine {
     ) -> Result<usize, EngineError> {
         let mut fired = 0;
         loop {
+            let partition = &lane.partition;
             let mut due = self
                 .store
-                .due_timers(&lane.partition, until, MAX_TIMERS_PER_BATCH)
+                .due_timers(partition, until, MAX_TIMERS_PER_BATCH)
                 .await?;
+            let mut expired = self
+                .store
+                .expired(partition, until, MAX_TIMERS_PER_BATCH)
+                .await?;
+            let full = due.len() == MAX_TIMERS_PER_BATCH || expired.len() == MAX_TIMERS_PER_BATCH;
             {
                 let parts = lane.parts.lock().expect("parts lock");
                 due.retain(|(id, _)| parts.behind(&id.tenant).is_none());
+                expired.retain(|id| parts.behind(&id.tenant).is_none());
             }
-            if due.is_empty() {
+            // A bucket that expired has no timer left to fire.
+            due.retain(|(id, _)| !expired.contains(id));
+            if due.is_empty() && expired.is_empty() {
                 return Ok(fired);
             }
             let n = due.len();
             let mut batch = Batch::new(Vec::new(), Progress::Nothing);
             batch.timers = due;
+            batch.expired = expired;
             self.process(lane, &batch).await?;
             fired += n;
-            if n < MAX_TIMERS_PER_BATCH {
+            if !full {
                 return Ok(fired);
             }
         }
+    }
+
+    /// When `lane`'s partition next has a timer due or a bucket expiring.
+    pub async fn next_due(&self, lane_partition: &str) -> Result<Option<i64>, EngineError> {
+        let timer = self.store.next_timer(lane_partition).await?;
+        let expiry = self.store.next_expiry(lane_partition).await?;
+        Ok(timer.into_iter().chain(expiry).min())
     }
 
     /// A batch of due timers: each bucket's rule's `on-timer`, on its state.
@@ -1206,6 +1229,16 @@ impl Engine {
             failures: 0,
             tallies: Vec::new(),
         };
+        // Untouched past their time-to-live: state and timer go.
+        for id in &batch.expired {
+            outcome.writes.push(BucketWrite {
+                id: id.clone(),
+                state: StateChange::Delete,
+                timer: TimerChange::Cancel,
+                alerts: Vec::new(),
+                ttl_ms: None,
+            });
+        }
         for ((id, due), prior) in batch.timers.iter().zip(priors) {
             let write = |timer, outcome: Option<run::BucketOutcome>| {
                 let (state, alerts, ttl_ms) = match outcome {

@@ -73,6 +73,17 @@ impl StateStore for Flaky {
     async fn next_timer(&self, partition: &str) -> StoreResult<Option<i64>> {
         self.inner.next_timer(partition).await
     }
+    async fn expired(
+        &self,
+        partition: &str,
+        until: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<BucketId>> {
+        self.inner.expired(partition, until, limit).await
+    }
+    async fn next_expiry(&self, partition: &str) -> StoreResult<Option<i64>> {
+        self.inner.next_expiry(partition).await
+    }
 }
 
 #[derive(Default)]

@@ -420,6 +420,7 @@ async fn work(
                 together: Vec::new(),
                 receipts: None,
                 timers: Vec::new(),
+                expired: Vec::new(),
             };
             match engine.process(&lane, &batch).await {
                 Ok(committed) => {

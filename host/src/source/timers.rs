@@ -2,9 +2,10 @@
 //! a rule asked for is fired within a second of due even when no event
 //! arrives (at once when a test moves the clock by hand), through the lane
 //! like a request, so it is ordered with the events of its bucket and
-//! committed atomically with its outcome. Nothing is kept in memory: the
-//! store's index of timers by due time is read again before each wait, so
-//! timers survive a restart and fire after it.
+//! committed atomically with its outcome. Buckets untouched past their
+//! rule's state time-to-live are removed the same way. Nothing is kept in
+//! memory: the store's indexes by due time are read again before each
+//! wait, so timers survive a restart and fire after it.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -26,7 +27,7 @@ pub(super) async fn drive(ingest: Weak<HttpIngest>) {
         let mut moved = engine.clock().moves();
         let mut set = engine.timers_set();
         let now = engine.clock().now_ms();
-        let wait = match engine.store().next_timer(PARTITION).await {
+        let wait = match engine.next_due(PARTITION).await {
             Ok(Some(due)) if due <= now => match host.fire_timers(now).await {
                 Ok(fired) => {
                     failures = 0;

@@ -80,6 +80,9 @@ pub struct Cached {
     /// Last sequence number applied, per shard.
     pub applied: HashMap<String, SeqNo>,
     pub timer: Option<i64>,
+    /// When DynamoDB may delete the item (its TTL), epoch seconds: past it
+    /// the bucket reads as having no state, since TTL deletion lags.
+    pub expires_at: Option<i64>,
 }
 
 fn checkpoint_text(checkpoint: &Checkpoint) -> &str {
@@ -144,6 +147,8 @@ pub struct DynamoStore {
     /// Shards read to their end: no batch of theirs runs again, so buckets
     /// need not remember what they applied from them.
     finished: Mutex<std::collections::HashSet<String>>,
+    /// The host's clock: what has expired.
+    clock: Arc<dyn crate::clock::Clock>,
 }
 
 /// Buckets a host keeps in memory by default: about 200 MB of small states.
@@ -166,6 +171,7 @@ impl DynamoStore {
             outbox_serial: std::sync::atomic::AtomicU64::new(0),
             retired: Mutex::default(),
             finished: Mutex::default(),
+            clock: Arc::new(crate::clock::SystemClock),
         }
     }
 
@@ -189,13 +195,25 @@ impl DynamoStore {
         self.cache.lock().expect("cache lock").len()
     }
 
+    /// Read expiry against `clock` (the host's).
+    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// What a batch of `shard` runs `id` on: its cached state and the last
-    /// sequence number of `shard` it applied (nothing if not cached).
+    /// sequence number of `shard` it applied (nothing if not cached). A
+    /// state past its time-to-live is none, whether or not DynamoDB has
+    /// deleted it yet; what the bucket applied still counts.
     fn prior(&self, id: &BucketId, shard: &str) -> Prior {
+        let now_secs = self.clock.now_ms().div_euclid(1000);
         let cache = self.cache.lock().expect("cache lock");
         match cache.get(id) {
             Some(item) => Prior {
-                state: item.state.clone(),
+                state: item
+                    .state
+                    .clone()
+                    .filter(|_| item.expires_at.is_none_or(|at| at > now_secs)),
                 applied: item.applied.get(shard).cloned(),
             },
             None => Prior::state(None),
@@ -389,14 +407,13 @@ impl DynamoStore {
             if let Some(timer) = new.timer {
                 item.insert("timer".to_owned(), n(timer));
             }
-            match (&new.state, write.ttl_ms) {
-                (None, _) => {
-                    item.insert(EXPIRES.to_owned(), expires_at(DELETED_TTL_SECS));
-                }
-                (Some(_), Some(ttl)) => {
-                    item.insert(EXPIRES.to_owned(), n((now_ms + ttl as i64) / 1000 + 1));
-                }
-                (Some(_), None) => {}
+            new.expires_at = match (&new.state, write.ttl_ms) {
+                (None, _) => Some(now_ms / 1000 + DELETED_TTL_SECS),
+                (Some(_), Some(ttl)) => Some((now_ms + ttl as i64) / 1000 + 1),
+                (Some(_), None) => None,
+            };
+            if let Some(at) = new.expires_at {
+                item.insert(EXPIRES.to_owned(), n(at));
             }
             let mut put = Put::builder()
                 .table_name(&self.table.name)
@@ -758,6 +775,7 @@ fn decode(item: &HashMap<String, AttributeValue>) -> Result<Cached> {
         version: number("version")?.unwrap_or(0) as u64,
         applied,
         timer: number("timer")?,
+        expires_at: number(EXPIRES)?,
     })
 }
 
@@ -848,6 +866,16 @@ impl StateStore for DynamoStore {
 
     async fn next_timer(&self, partition: &str) -> Result<Option<i64>> {
         Err(no_timer_index(partition))
+    }
+
+    /// None: DynamoDB's TTL deletes expired bucket items (up to days late),
+    /// and reads take a state past its time for none before that.
+    async fn expired(&self, _partition: &str, _until: i64, _limit: usize) -> Result<Vec<BucketId>> {
+        Ok(Vec::new())
+    }
+
+    async fn next_expiry(&self, _partition: &str) -> Result<Option<i64>> {
+        Ok(None)
     }
 }
 

@@ -33,6 +33,11 @@ const STATES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new(
 const TIMERS: TableDefinition<(&str, &str, &str), i64> = TableDefinition::new("timers");
 /// (due, tenant, rule, bucket): the pending timers by due time.
 const TIMERS_DUE: TableDefinition<(i64, &str, &str, &str), ()> = TableDefinition::new("timers_due");
+/// (tenant, rule, bucket) → when the bucket expires, untouched, by its
+/// rule's state time-to-live.
+const EXPIRY: TableDefinition<(&str, &str, &str), i64> = TableDefinition::new("expiry");
+/// (expires at, tenant, rule, bucket): the buckets by expiry.
+const EXPIRES: TableDefinition<(i64, &str, &str, &str), ()> = TableDefinition::new("expires");
 /// seq → alert record as JSON: the alert log, appended in commit order.
 /// Entries after the `published` cursor are the outbox.
 const ALERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("alerts");
@@ -66,6 +71,8 @@ pub(super) struct Changes {
     pub states: Vec<(BucketId, Option<Vec<u8>>)>,
     /// Pending timer per bucket; `None` cancels it.
     pub timers: Vec<(BucketId, Option<i64>)>,
+    /// When each bucket written expires; `None`: never.
+    pub expiries: Vec<(BucketId, Option<i64>)>,
     /// Alerts in the order raised; the store assigns their `seq`.
     pub alerts: Vec<AlertRecord>,
     /// Answers to requests by idempotency key.
@@ -93,6 +100,9 @@ pub(crate) struct Embedded {
     /// Every alert up to this seq reached the sink: written to `meta` with
     /// the next commit (and at close), not in a transaction of its own.
     published: AtomicU64,
+    /// Some bucket has an expiry: writes of rules without a time-to-live
+    /// then clear theirs (a new version may have dropped it).
+    expiring: std::sync::atomic::AtomicBool,
     index: Arc<AlertIndex>,
     /// The thread writing the index, if this store has one.
     writer: Option<JoinHandle<()>>,
@@ -151,6 +161,7 @@ impl Embedded {
         let tx = db.begin_write().map_err(err)?;
         let last_seq;
         let published;
+        let expiring;
         {
             tx.open_table(STATES).map_err(err)?;
             let timers = tx.open_table(TIMERS).map_err(err)?;
@@ -165,6 +176,12 @@ impl Embedded {
                 }
             }
             drop((timers, due));
+            expiring = !tx
+                .open_table(EXPIRY)
+                .map_err(err)?
+                .is_empty()
+                .map_err(err)?;
+            tx.open_table(EXPIRES).map_err(err)?;
             tx.open_table(ALERTS).map_err(err)?;
             tx.open_table(RECEIPTS).map_err(err)?;
             tx.open_table(RECEIPT_TIMES).map_err(err)?;
@@ -205,6 +222,7 @@ impl Embedded {
             logged,
             state_batch: STATE_BATCH,
             published: AtomicU64::new(published),
+            expiring: std::sync::atomic::AtomicBool::new(expiring),
             index,
             writer,
         })
@@ -298,6 +316,32 @@ impl Embedded {
         Ok(due)
     }
 
+    /// Buckets expired by `until`, earliest first.
+    pub(super) fn expired(&self, until: i64, limit: usize) -> Result<Vec<BucketId>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let by_expiry = tx.open_table(EXPIRES).map_err(err)?;
+        let end = (until.saturating_add(1), "", "", "");
+        let mut expired = Vec::new();
+        for entry in by_expiry.range(..end).map_err(err)?.take(limit) {
+            let (key, _) = entry.map_err(err)?;
+            let (_, tenant, rule, bucket) = key.value();
+            expired.push(BucketId {
+                tenant: tenant.to_owned(),
+                rule: rule.to_owned(),
+                bucket: bucket.to_owned(),
+            });
+        }
+        Ok(expired)
+    }
+
+    /// When the first bucket expires.
+    pub(super) fn next_expiry(&self) -> Result<Option<i64>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let by_expiry = tx.open_table(EXPIRES).map_err(err)?;
+        let first = by_expiry.first().map_err(err)?;
+        Ok(first.map(|(key, _)| key.value().0))
+    }
+
     /// When the earliest pending timer is due.
     pub(super) fn next_timer(&self) -> Result<Option<i64>> {
         let tx = self.db.begin_read().map_err(err)?;
@@ -357,6 +401,27 @@ impl Embedded {
                 }
             }
             drop((timers, by_due));
+            let mut expiry = tx.open_table(EXPIRY).map_err(err)?;
+            let mut by_expiry = tx.open_table(EXPIRES).map_err(err)?;
+            for (id, at) in &commit.expiries {
+                let (tenant, rule, bucket) =
+                    (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
+                let old = match at {
+                    Some(at) => expiry.insert((tenant, rule, bucket), at).map_err(err)?,
+                    None => expiry.remove((tenant, rule, bucket)).map_err(err)?,
+                }
+                .map(|v| v.value());
+                if let Some(old) = old {
+                    by_expiry.remove((old, tenant, rule, bucket)).map_err(err)?;
+                }
+                if let Some(at) = at {
+                    by_expiry
+                        .insert((*at, tenant, rule, bucket), ())
+                        .map_err(err)?;
+                    self.expiring.store(true, Ordering::Relaxed);
+                }
+            }
+            drop((expiry, by_expiry));
             let mut meta = tx.open_table(META).map_err(err)?;
             let mut seq = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value());
             let mut log = tx.open_table(ALERTS).map_err(err)?;
@@ -581,7 +646,18 @@ impl StateStore for EmbeddedStore {
                 )));
             }
         }
+        let expiring = self.inner.expiring.load(Ordering::Relaxed);
         for write in commit.writes {
+            // A write is a call: it touches the bucket.
+            match (&write.state, write.ttl_ms) {
+                (StateChange::Delete, _) => changes.expiries.push((write.id.clone(), None)),
+                (_, Some(ttl)) => changes.expiries.push((
+                    write.id.clone(),
+                    Some(commit.now_ms.saturating_add(ttl as i64)),
+                )),
+                (_, None) if expiring => changes.expiries.push((write.id.clone(), None)),
+                (_, None) => {}
+            }
             match write.state {
                 StateChange::Unchanged => {}
                 StateChange::Set(bytes) => changes.states.push((write.id.clone(), Some(bytes))),
@@ -640,6 +716,15 @@ impl StateStore for EmbeddedStore {
 
     async fn next_timer(&self, _partition: &str) -> Result<Option<i64>> {
         self.blocking(|store| store.next_timer()).await
+    }
+
+    async fn expired(&self, _partition: &str, until: i64, limit: usize) -> Result<Vec<BucketId>> {
+        self.blocking(move |store| store.expired(until, limit))
+            .await
+    }
+
+    async fn next_expiry(&self, _partition: &str) -> Result<Option<i64>> {
+        self.blocking(|store| store.next_expiry()).await
     }
 
     async fn published(&self, mark: OutboxMark) -> Result<()> {

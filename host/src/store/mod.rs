@@ -195,6 +195,14 @@ pub trait StateStore: Send + Sync {
 
     /// When the earliest pending timer `partition` fires is due.
     async fn next_timer(&self, partition: &str) -> Result<Option<i64>>;
+
+    /// Buckets `partition` removes that were untouched past their rule's
+    /// state time-to-live by `until`, at most `limit`. A store that deletes
+    /// them itself returns none (and reads them as having no state).
+    async fn expired(&self, partition: &str, until: i64, limit: usize) -> Result<Vec<BucketId>>;
+
+    /// When the first bucket `partition` removes expires.
+    async fn next_expiry(&self, partition: &str) -> Result<Option<i64>>;
 }
 
 /// Reading back committed alerts, for backends that keep them.

@@ -8,6 +8,9 @@
 //! arrives, and the rule fires `still-running-{episode}`. The next state
 //! change cancels the timer, and resolves the alert if it fired. Event time
 //! is the event's `time` field (RFC 3339) when present, else its arrival.
+//! A machine not heard of for `forget_after` (default 7 days) is forgotten:
+//! the manifest's state time-to-live, so buckets of machines long gone do
+//! not pile up.
 
 use std::time::Duration;
 
@@ -16,19 +19,23 @@ use tocsin_rule::{Alert, Context, Error, Event, Events, Manifest, Rule, Severity
 
 pub struct StillRunning;
 
-/// `{"running_for": "2s"}`.
+/// `{"running_for": "2s", "forget_after": "1d"}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     /// How long a machine may run with no state change before it alerts.
     #[serde(with = "tocsin_rule::duration")]
     pub running_for: Duration,
+    /// How long after its last event (or timer) a machine is forgotten.
+    #[serde(with = "tocsin_rule::duration")]
+    pub forget_after: Duration,
 }
 
 impl Default for Params {
     fn default() -> Self {
         Params {
             running_for: Duration::from_secs(10 * 60),
+            forget_after: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -69,11 +76,12 @@ impl Rule for StillRunning {
     type Params = Params;
     type State = State;
 
-    fn manifest(_: &Params) -> Manifest {
+    fn manifest(params: &Params) -> Manifest {
         Manifest::new("still-running", "1.0.0")
             .when_equals("eventType", "machineStatusChange")
             .bucket_by(["machineId"])
             .fields(["state", "time"])
+            .state_ttl(params.forget_after)
     }
 
     fn evaluate(
