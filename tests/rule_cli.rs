@@ -945,7 +945,11 @@ fn replay_until_fires_the_timers_due_by_then_once() {
     });
     let file = events_file(&[running.to_string()]);
     let data = tempfile::tempdir().unwrap();
-    let rule = format!("client-01={}", components::STILL_RUNNING);
+    // Remembered for ten years: the host's clock jumps from today to 2030.
+    let rule = format!(
+        r#"client-01={}?{{"forget_after": "3650days"}}"#,
+        components::STILL_RUNNING
+    );
     let replay = |until: &str| {
         tocsin(
             &[

@@ -1175,10 +1175,21 @@ impl Engine {
             {
                 let parts = lane.parts.lock().expect("parts lock");
                 due.retain(|(id, _)| parts.behind(&id.tenant).is_none());
-                expired.retain(|id| parts.behind(&id.tenant).is_none());
+                expired.retain(|(id, _)| parts.behind(&id.tenant).is_none());
             }
-            // A bucket that expired has no timer left to fire.
-            due.retain(|(id, _)| !expired.contains(id));
+            // In time order when the clock jumped past both: a timer due
+            // before its bucket expired fires (touching it); one due after
+            // went with its bucket.
+            let expiry: HashMap<&BucketId, i64> =
+                expired.iter().map(|(id, at)| (id, *at)).collect();
+            due.retain(|(id, at)| expiry.get(id).is_none_or(|expires| at < expires));
+            let firing: std::collections::HashSet<&BucketId> =
+                due.iter().map(|(id, _)| id).collect();
+            let expired: Vec<BucketId> = expired
+                .iter()
+                .filter(|(id, _)| !firing.contains(id))
+                .map(|(id, _)| id.clone())
+                .collect();
             if due.is_empty() && expired.is_empty() {
                 return Ok(fired);
             }
@@ -1240,10 +1251,12 @@ impl Engine {
             });
         }
         for ((id, due), prior) in batch.timers.iter().zip(priors) {
-            let write = |timer, outcome: Option<run::BucketOutcome>| {
+            // Without an outcome the bucket keeps its state, and is touched
+            // under its rule's time-to-live.
+            let write = |timer, outcome: Option<run::BucketOutcome>, ttl_ms: Option<u64>| {
                 let (state, alerts, ttl_ms) = match outcome {
                     Some(o) => (o.state, o.alerts, o.state_ttl_ms),
-                    None => (StateChange::Unchanged, Vec::new(), None),
+                    None => (StateChange::Unchanged, Vec::new(), ttl_ms),
                 };
                 BucketWrite {
                     id: id.clone(),
@@ -1259,9 +1272,10 @@ impl Engine {
                 .and_then(|rules| rules.iter().find(|r| r.name() == id.rule).cloned());
             let Some(rule) = rule else {
                 tracing::info!(tenant = %id.tenant, rule = %id.rule, bucket = %id.bucket, "the rule of a due timer is gone: the timer goes too");
-                outcome.writes.push(write(TimerChange::Cancel, None));
+                outcome.writes.push(write(TimerChange::Cancel, None, None));
                 continue;
             };
+            let ttl_ms = rule.manifest().state_ttl_ms;
             let mut tally = RuleTally {
                 tenant: id.tenant.clone(),
                 rule: id.rule.clone(),
@@ -1271,7 +1285,7 @@ impl Engine {
                 // Fired once the quarantine is over.
                 outcome
                     .writes
-                    .push(write(TimerChange::Set(quarantine.until_ms), None));
+                    .push(write(TimerChange::Set(quarantine.until_ms), None, ttl_ms));
                 tally.quarantined = true;
                 outcome.tallies.push(tally);
                 continue;
@@ -1313,7 +1327,7 @@ impl Engine {
                         set @ TimerChange::Set(_) => set,
                         TimerChange::Keep | TimerChange::Cancel => TimerChange::Cancel,
                     };
-                    outcome.writes.push(write(timer, Some(fired)));
+                    outcome.writes.push(write(timer, Some(fired), ttl_ms));
                 }
                 Err((kind, error)) => {
                     // Dropped, with the reason in the rule's log: a timer
@@ -1330,7 +1344,9 @@ impl Engine {
                         .push(LogEntry::new(now, "error", "host", &id.bucket, &reason));
                     tally.last_failure = Some(reason);
                     outcome.failures += 1;
-                    outcome.writes.push(write(TimerChange::Cancel, None));
+                    outcome
+                        .writes
+                        .push(write(TimerChange::Cancel, None, ttl_ms));
                 }
             }
             outcome.tallies.push(tally);

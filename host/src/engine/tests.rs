@@ -78,7 +78,7 @@ impl StateStore for Flaky {
         partition: &str,
         until: i64,
         limit: usize,
-    ) -> StoreResult<Vec<BucketId>> {
+    ) -> StoreResult<Vec<(BucketId, i64)>> {
         self.inner.expired(partition, until, limit).await
     }
     async fn next_expiry(&self, partition: &str) -> StoreResult<Option<i64>> {

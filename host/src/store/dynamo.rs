@@ -870,7 +870,12 @@ impl StateStore for DynamoStore {
 
     /// None: DynamoDB's TTL deletes expired bucket items (up to days late),
     /// and reads take a state past its time for none before that.
-    async fn expired(&self, _partition: &str, _until: i64, _limit: usize) -> Result<Vec<BucketId>> {
+    async fn expired(
+        &self,
+        _partition: &str,
+        _until: i64,
+        _limit: usize,
+    ) -> Result<Vec<(BucketId, i64)>> {
         Ok(Vec::new())
     }
 

@@ -316,20 +316,23 @@ impl Embedded {
         Ok(due)
     }
 
-    /// Buckets expired by `until`, earliest first.
-    pub(super) fn expired(&self, until: i64, limit: usize) -> Result<Vec<BucketId>> {
+    /// Buckets expired by `until`, earliest first, each with when.
+    pub(super) fn expired(&self, until: i64, limit: usize) -> Result<Vec<(BucketId, i64)>> {
         let tx = self.db.begin_read().map_err(err)?;
         let by_expiry = tx.open_table(EXPIRES).map_err(err)?;
         let end = (until.saturating_add(1), "", "", "");
         let mut expired = Vec::new();
         for entry in by_expiry.range(..end).map_err(err)?.take(limit) {
             let (key, _) = entry.map_err(err)?;
-            let (_, tenant, rule, bucket) = key.value();
-            expired.push(BucketId {
-                tenant: tenant.to_owned(),
-                rule: rule.to_owned(),
-                bucket: bucket.to_owned(),
-            });
+            let (at, tenant, rule, bucket) = key.value();
+            expired.push((
+                BucketId {
+                    tenant: tenant.to_owned(),
+                    rule: rule.to_owned(),
+                    bucket: bucket.to_owned(),
+                },
+                at,
+            ));
         }
         Ok(expired)
     }
@@ -718,7 +721,12 @@ impl StateStore for EmbeddedStore {
         self.blocking(|store| store.next_timer()).await
     }
 
-    async fn expired(&self, _partition: &str, until: i64, limit: usize) -> Result<Vec<BucketId>> {
+    async fn expired(
+        &self,
+        _partition: &str,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(BucketId, i64)>> {
         self.blocking(move |store| store.expired(until, limit))
             .await
     }

@@ -199,7 +199,12 @@ pub trait StateStore: Send + Sync {
     /// Buckets `partition` removes that were untouched past their rule's
     /// state time-to-live by `until`, at most `limit`. A store that deletes
     /// them itself returns none (and reads them as having no state).
-    async fn expired(&self, partition: &str, until: i64, limit: usize) -> Result<Vec<BucketId>>;
+    async fn expired(
+        &self,
+        partition: &str,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(BucketId, i64)>>;
 
     /// When the first bucket `partition` removes expires.
     async fn next_expiry(&self, partition: &str) -> Result<Option<i64>>;
