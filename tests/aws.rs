@@ -1115,3 +1115,200 @@ async fn a_state_past_its_time_to_live_reads_as_none_before_dynamodb_deletes_it(
     let expires: i64 = item["expires"].as_n().unwrap().parse().unwrap();
     assert_eq!(expires, (1_700_000_000_000 + 3_600_000) / 1000 + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timer_index_follows_each_buckets_timer_and_drops_what_lost_its_bucket() {
+    use tocsin::runtime::TimerChange;
+    use tocsin::store::dynamo::timer_partition;
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let (table, fence) = held_shard(&aws, &names).await;
+    let store = DynamoStore::new(table.clone(), &names.events);
+    let (early, late) = (bucket("machine-early"), bucket("machine-late"));
+    let set = |id: &BucketId, at: i64| {
+        let mut w = write(id, b"running");
+        w.timer = TimerChange::Set(at);
+        w
+    };
+    let writes = vec![set(&early, 1_000), set(&late, 5_000)];
+    store
+        .commit(shard_commit(&fence, writes, "1"))
+        .await
+        .unwrap();
+    // A reader of the index that caches nothing: another host.
+    let other = DynamoStore::new(table.clone(), &names.events);
+    let due = |id: &BucketId, until: i64| {
+        let other = &other;
+        let partition = timer_partition(id);
+        async move { other.due_timers(&partition, until, 10).await.unwrap() }
+    };
+    assert_eq!(due(&early, 999).await, vec![]);
+    assert!(due(&early, 1_000).await.contains(&(early.clone(), 1_000)));
+    assert!(!due(&late, 4_999).await.contains(&(late.clone(), 5_000)));
+    assert!(due(&late, 5_000).await.contains(&(late.clone(), 5_000)));
+    assert_eq!(
+        other.next_timer(&timer_partition(&early)).await.unwrap(),
+        Some(1_000)
+    );
+
+    // Moved and cancelled in the bucket's own commit: the index follows.
+    let mut cancel = write(&early, b"stopped");
+    cancel.timer = TimerChange::Cancel;
+    store
+        .commit(shard_commit(&fence, vec![cancel, set(&late, 9_000)], "2"))
+        .await
+        .unwrap();
+    assert!(
+        due(&early, i64::MAX - 1)
+            .await
+            .iter()
+            .all(|(id, _)| id != &early)
+    );
+    assert_eq!(
+        due(&late, 8_999)
+            .await
+            .iter()
+            .filter(|(id, _)| id == &late)
+            .count(),
+        0,
+        "the old due time is gone from the index"
+    );
+    assert!(due(&late, 9_000).await.contains(&(late.clone(), 9_000)));
+
+    // The bucket item deleted behind the store's back (DynamoDB's TTL):
+    // its index item is not due, and is removed.
+    aws.dynamodb
+        .delete_item()
+        .table_name(&names.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(tocsin::store::dynamo::bucket_pk(&late)),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S("state".to_owned()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(due(&late, 9_000).await.iter().all(|(id, _)| id != &late));
+    let fresh = DynamoStore::new(table, &names.events);
+    assert_eq!(
+        fresh.next_timer(&timer_partition(&late)).await.unwrap(),
+        None,
+        "the index item without its bucket was removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_hosts_pending_timer_fires_once_on_the_host_that_takes_its_timer_partition() {
+    use tocsin::store::dynamo::{TIMER_PARTITIONS, timer_partition};
+    let aws = aws().await;
+    let names = setup(&aws, 1).await;
+    let rules = vec![(
+        "client-01".to_owned(),
+        format!(
+            "{}?{}",
+            support::components::STILL_RUNNING,
+            r#"{"running_for":"4s"}"#
+        ),
+    )];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut hosts: Vec<Host> = dirs
+        .iter()
+        .map(|d| spawn_host(&names, d.path(), &rules))
+        .collect();
+    // Both hosts fire timers: the partitions are shared out.
+    let id = BucketId {
+        tenant: "client-01".into(),
+        rule: "still-running".into(),
+        bucket: "machine-01".into(),
+    };
+    let partition = timer_partition(&id);
+    let started = Instant::now();
+    let owner = loop {
+        let mut held = Vec::new();
+        for host in &hosts {
+            held.push(status(&host.base).await.map(|s| s.timer_partitions));
+        }
+        if let [Some(a), Some(b)] = &held[..]
+            && a.len() + b.len() == TIMER_PARTITIONS as usize
+            && a.len().abs_diff(b.len()) <= 1
+        {
+            break if a.contains(&partition) { 0 } else { 1 };
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timer partitions not shared out: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let event = r#"{"eventType":"machineStatusChange","clientId":"client-01","machineId":"machine-01","state":"running"}"#;
+    put(&aws, &names.events, &[event.to_owned()]).await;
+    let reader = DynamoStore::new(
+        tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table),
+        &names.events,
+    );
+    async fn pending(reader: &DynamoStore, id: &BucketId) -> Option<i64> {
+        reader
+            .scan_buckets()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|(bucket, _)| bucket == id)
+            .and_then(|(_, item)| item.timer)
+    }
+    let started = Instant::now();
+    let due = loop {
+        if let Some(due) = pending(&reader, &id).await {
+            break due;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the event's timer was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The host that would fire it dies before it is due.
+    hosts[owner].child.kill().unwrap();
+    hosts[owner].child.wait().unwrap();
+    let killed_at = tocsin::clock::Clock::now_ms(&SystemClock);
+    assert!(killed_at < due, "killed {} ms after due", killed_at - due);
+
+    let alerts = alerts_when(&aws, &names.alerts, 1, Duration::from_secs(60)).await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].key, "still-running-1");
+    assert_eq!(alerts[0].status, tocsin::alert::Status::Firing);
+    assert!(
+        alerts[0].at >= due,
+        "fired at {} before due {due}",
+        alerts[0].at
+    );
+    let survivor = &hosts[1 - owner];
+    assert!(
+        status(&survivor.base)
+            .await
+            .unwrap()
+            .timer_partitions
+            .contains(&partition),
+        "the survivor took the crashed host's timer partition"
+    );
+    eprintln!(
+        "figures: a crashed host's timer fired {} ms after due (lease {} ms)",
+        alerts[0].at - due,
+        tocsin::config::DEFAULT_LEASE_MS
+    );
+    // Spent: the bucket has no timer left, and nothing fired twice.
+    let started = Instant::now();
+    while pending(&reader, &id).await.is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timer never spent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its firing's commit spent it, and that commit published the alert.
+    let again = alerts_when(&aws, &names.alerts, 2, Duration::ZERO).await;
+    assert_eq!(again.len(), 1, "fired once: {again:?}");
+}

@@ -54,6 +54,9 @@ pub struct Usage {
     pub lease_requests: AtomicU64,
     /// Outbox reads at takeover (Query).
     pub outbox_reads: AtomicU64,
+    /// Looks at a timer partition's index (Query), and the reads and
+    /// clean-ups of the buckets whose timers are due.
+    pub timer_requests: AtomicU64,
 }
 
 impl Usage {

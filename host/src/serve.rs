@@ -27,6 +27,7 @@ use crate::source::file::FileSource;
 use crate::source::http::HttpIngest;
 use crate::source::leases::Leases;
 use crate::source::shards::{ShardSettings, Shards, ShardsState};
+use crate::store::Progress;
 use crate::store::dynamo::DynamoStore;
 use crate::store::embedded::EmbeddedStore;
 
@@ -399,7 +400,9 @@ pub async fn replay(
     loop {
         let arrival = clock.now_ms().max(host_clock.now_ms());
         host_clock.set(arrival);
-        timers += engine.fire_timers(&lane, arrival).await? as u64;
+        timers += engine
+            .fire_timers(&lane, arrival, Progress::Nothing)
+            .await? as u64;
         // Reading may block on standard input: off the async threads.
         let (next, back) = tokio::task::spawn_blocking(move || {
             let next = source.next_batch(arrival);
@@ -435,7 +438,9 @@ pub async fn replay(
     if let Some(until) = until.filter(|&until| until > host_clock.now_ms()) {
         host_clock.set(until);
     }
-    timers += engine.fire_timers(&lane, host_clock.now_ms()).await? as u64;
+    timers += engine
+        .fire_timers(&lane, host_clock.now_ms(), Progress::Nothing)
+        .await? as u64;
     engine.flush(&lane).await?;
     Ok(ReplaySummary {
         events,

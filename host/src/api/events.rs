@@ -164,6 +164,9 @@ pub struct Status {
     pub stream: String,
     /// Shards whose lease this host holds.
     pub shards: Vec<String>,
+    /// Timer partitions whose lease this host holds: it fires their timers.
+    #[serde(default)]
+    pub timer_partitions: Vec<String>,
     /// Shards whose worker stopped on an error retrying cannot heal, with it.
     pub failed: BTreeMap<String, String>,
     pub events: u64,
@@ -178,6 +181,9 @@ pub struct Status {
     pub dynamodb_data_requests: u64,
     /// DynamoDB requests of the lease protocol.
     pub dynamodb_lease_requests: u64,
+    /// DynamoDB requests looking for due timers and reading their buckets.
+    #[serde(default)]
+    pub dynamodb_timer_requests: u64,
 }
 
 /// The Kinesis source on this host: its shards and counters (operator).
@@ -197,11 +203,14 @@ pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMa
     let stats = state.engine.stats();
     let mut held = shards.held.lock().expect("held lock").clone();
     held.sort();
+    let mut timer_partitions = shards.timers.lock().expect("timers lock").clone();
+    timer_partitions.sort();
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     Json(Status {
         host: settings.host.clone(),
         stream: settings.stream.clone(),
         shards: held,
+        timer_partitions,
         failed: shards
             .failed
             .lock()
@@ -218,6 +227,7 @@ pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMa
         unknown_tenant: load(&stats.unknown_tenant),
         dynamodb_data_requests: state.usage.as_ref().map_or(0, |u| u.data_requests()),
         dynamodb_lease_requests: state.usage.as_ref().map_or(0, |u| load(&u.lease_requests)),
+        dynamodb_timer_requests: state.usage.as_ref().map_or(0, |u| load(&u.timer_requests)),
     })
     .into_response()
 }

@@ -1153,12 +1153,14 @@ impl Engine {
 
     /// Fire the timers of `lane`'s partition due by `until`, and remove
     /// its buckets expired by then, a batch at a time, each committed like
-    /// a batch of events; how many timers fired. Tenants run apart keep
-    /// theirs until their parts are in.
+    /// a batch of events with `progress` (a timer partition's lease, or
+    /// nothing); how many timers fired. Tenants run apart keep theirs until
+    /// their parts are in.
     pub async fn fire_timers(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
         until: i64,
+        progress: Progress,
     ) -> Result<usize, EngineError> {
         let mut fired = 0;
         loop {
@@ -1194,7 +1196,7 @@ impl Engine {
                 return Ok(fired);
             }
             let n = due.len();
-            let mut batch = Batch::new(Vec::new(), Progress::Nothing);
+            let mut batch = Batch::new(Vec::new(), progress.clone());
             batch.timers = due;
             batch.expired = expired;
             self.process(lane, &batch).await?;
@@ -1225,6 +1227,7 @@ impl Engine {
         let started = Instant::now();
         let ids: Vec<BucketId> = batch.timers.iter().map(|(id, _)| id.clone()).collect();
         let mut priors = handle.block_on(self.store.load(&ids, &lane.partition))?;
+        let pending = handle.block_on(self.store.pending_timers(&ids))?;
         {
             let overlay = lane.overlay.lock().expect("overlay lock");
             for (id, prior) in ids.iter().zip(priors.iter_mut()) {
@@ -1250,7 +1253,13 @@ impl Engine {
                 ttl_ms: None,
             });
         }
-        for ((id, due), prior) in batch.timers.iter().zip(priors) {
+        for (((id, due), prior), pending) in batch.timers.iter().zip(priors).zip(pending) {
+            if pending != Some(*due) {
+                // Changed since the index was read (by an event on another
+                // host, whose commit moved the index too): not due.
+                tracing::debug!(tenant = %id.tenant, rule = %id.rule, bucket = %id.bucket, due, ?pending, "timer changed before it fired");
+                continue;
+            }
             // Without an outcome the bucket keeps its state, and is touched
             // under its rule's time-to-live.
             let write = |timer, outcome: Option<run::BucketOutcome>, ttl_ms: Option<u64>| {

@@ -73,6 +73,9 @@ impl StateStore for Flaky {
     async fn next_timer(&self, partition: &str) -> StoreResult<Option<i64>> {
         self.inner.next_timer(partition).await
     }
+    async fn pending_timers(&self, ids: &[BucketId]) -> StoreResult<Vec<Option<i64>>> {
+        self.inner.pending_timers(ids).await
+    }
     async fn expired(
         &self,
         partition: &str,

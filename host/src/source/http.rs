@@ -528,7 +528,12 @@ async fn run(
                 if let Some(task) = committing.take() {
                     settle(task).await;
                 }
-                let _ = fired.send(ingest.engine.fire_timers(&ingest.lane, until).await);
+                let _ = fired.send(
+                    ingest
+                        .engine
+                        .fire_timers(&ingest.lane, until, Progress::Nothing)
+                        .await,
+                );
                 continue;
             }
         };

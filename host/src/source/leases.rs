@@ -51,6 +51,10 @@ impl Leases {
         }
     }
 
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
     pub fn stream(&self) -> &str {
         &self.stream
     }

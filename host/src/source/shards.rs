@@ -12,6 +12,12 @@
 //! same way. The host keeps the lease, so the stall stays visible in
 //! `GET /v1/status` on this host instead of moving from host to host; a
 //! restart starts the worker again.
+//!
+//! The same coordinator keeps a second kind of lease: the timer partitions
+//! of the DynamoDB store (see [`crate::store::dynamo`]). Buckets do not
+//! belong to shards, so their timers are fired by whoever holds their
+//! partition's lease ([`super::timers::fire_partition`]); a crashed host's
+//! partitions are taken over like its shards, once their lease expires.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +31,7 @@ use super::kinesis::{self, ShardReader};
 use super::leases::{self, Lease, Leases};
 use crate::engine::{Batch, Engine, EngineError, Lane};
 use crate::event::SeqNo;
-use crate::store::dynamo::DynamoStore;
+use crate::store::dynamo::{DynamoStore, timer_leases, timer_partitions};
 use crate::store::{Checkpoint, Fence, Progress, StoreError};
 
 /// How often leases are renewed and the lease table is read.
@@ -51,6 +57,8 @@ pub struct ShardSettings {
 pub struct ShardsState {
     /// Shards whose lease this host holds.
     pub held: std::sync::Mutex<Vec<String>>,
+    /// Timer partitions whose lease this host holds (it fires their timers).
+    pub timers: std::sync::Mutex<Vec<String>>,
     /// Shards whose worker stopped on an error that cannot heal.
     pub failed: std::sync::Mutex<HashMap<String, String>>,
     /// The lease table was read once: the host has joined.
@@ -67,10 +75,12 @@ pub struct Shards {
     pub state: Arc<ShardsState>,
     pub settings: ShardSettings,
     task: JoinHandle<()>,
+    timers: JoinHandle<()>,
 }
 
 impl Shards {
-    /// Start coordinating leases for `engine` until `stop` is set.
+    /// Start coordinating the shards' leases and the timer partitions'
+    /// for `engine` until `stop` is set.
     pub fn start(
         engine: Arc<Engine>,
         store: Arc<DynamoStore>,
@@ -80,29 +90,202 @@ impl Shards {
         stop: watch::Receiver<bool>,
     ) -> Shards {
         let state = Arc::new(ShardsState::default());
+        let timer_leases = Leases::new(leases.table().clone(), &timer_leases(&settings.stream));
         let task = tokio::spawn(coordinate(
-            engine,
-            store,
-            state.clone(),
-            settings.clone(),
-            kinesis,
+            Arc::new(StreamShards {
+                engine: engine.clone(),
+                store,
+                state: state.clone(),
+                settings: settings.clone(),
+                kinesis,
+                leases: leases.clone(),
+            }),
             leases,
+            settings.host.clone(),
+            settings.lease_duration,
+            stop.clone(),
+        ));
+        let timers = tokio::spawn(coordinate(
+            Arc::new(TimerPartitions {
+                engine,
+                state: state.clone(),
+                me: settings.host.clone(),
+                leases: timer_leases.clone(),
+            }),
+            timer_leases,
+            settings.host.clone(),
+            settings.lease_duration,
             stop,
         ));
         Shards {
             state,
             settings,
             task,
+            timers,
         }
     }
 
     /// Wait until every worker finished its batch and released its lease.
     pub async fn join(self) -> Result<(), tokio::task::JoinError> {
-        self.task.await
+        self.task.await?;
+        self.timers.await
     }
 }
 
-/// One shard this host works on.
+/// What a host does with the leases of one kind: the stream's shards, or
+/// the timer partitions of its buckets.
+#[async_trait::async_trait]
+trait Leased: Send + Sync + 'static {
+    /// What there is to lease now, each with the leases that must finish
+    /// first; a lease is created for each one not seen yet.
+    async fn list(&self) -> Result<Vec<(String, Vec<String>)>, String>;
+
+    /// How often to list again (also after a worker ends).
+    fn list_every(&self) -> Duration;
+
+    /// Every lease, as just read.
+    fn read(&self, _leases: &[Lease]) {}
+
+    /// What this host holds now.
+    fn held(&self, names: Vec<String>);
+
+    /// Leases whose worker stopped on an error that cannot heal: kept, see
+    /// the module docs.
+    fn failed(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The lease of `name` is no longer this host's.
+    fn lost(&self, _name: &str) {}
+
+    /// Work under `lease`, taken at `epoch`, until the host stops or the
+    /// lease is lost.
+    fn start(
+        &self,
+        lease: Lease,
+        epoch: u64,
+        stop: watch::Receiver<bool>,
+        lost: Arc<AtomicBool>,
+    ) -> JoinHandle<()>;
+}
+
+/// The events stream's shards: a worker reads each.
+struct StreamShards {
+    engine: Arc<Engine>,
+    store: Arc<DynamoStore>,
+    state: Arc<ShardsState>,
+    settings: ShardSettings,
+    kinesis: aws_sdk_kinesis::Client,
+    leases: Leases,
+}
+
+#[async_trait::async_trait]
+impl Leased for StreamShards {
+    async fn list(&self) -> Result<Vec<(String, Vec<String>)>, String> {
+        let shards = kinesis::list_shards(&self.kinesis, &self.settings.stream).await?;
+        Ok(shards
+            .into_iter()
+            .map(|shard| (shard.id, shard.parents))
+            .collect())
+    }
+
+    fn list_every(&self) -> Duration {
+        LIST_SHARDS_EVERY
+    }
+
+    fn read(&self, leases: &[Lease]) {
+        self.store.shards_finished(
+            leases
+                .iter()
+                .filter(|lease| lease.finished())
+                .map(|lease| lease.shard.clone()),
+        );
+        self.state.joined.store(true, Ordering::Relaxed);
+    }
+
+    fn held(&self, names: Vec<String>) {
+        *self.state.held.lock().expect("held lock") = names;
+    }
+
+    fn failed(&self) -> Vec<String> {
+        let failed = self.state.failed.lock().expect("failed lock");
+        failed.keys().cloned().collect()
+    }
+
+    fn lost(&self, name: &str) {
+        self.state.failed.lock().expect("failed lock").remove(name);
+    }
+
+    fn start(
+        &self,
+        lease: Lease,
+        epoch: u64,
+        stop: watch::Receiver<bool>,
+        lost: Arc<AtomicBool>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(work(
+            self.engine.clone(),
+            self.state.clone(),
+            self.settings.clone(),
+            self.kinesis.clone(),
+            self.leases.clone(),
+            lease,
+            epoch,
+            stop,
+            lost,
+        ))
+    }
+}
+
+/// The timer partitions ([`TIMER_PARTITIONS`](crate::store::dynamo::TIMER_PARTITIONS)):
+/// a worker fires each one's due timers.
+struct TimerPartitions {
+    engine: Arc<Engine>,
+    state: Arc<ShardsState>,
+    me: String,
+    leases: Leases,
+}
+
+#[async_trait::async_trait]
+impl Leased for TimerPartitions {
+    async fn list(&self) -> Result<Vec<(String, Vec<String>)>, String> {
+        Ok(timer_partitions().map(|p| (p, Vec::new())).collect())
+    }
+
+    fn list_every(&self) -> Duration {
+        // They never change; listed again only to create a lease that could
+        // not be created before.
+        LIST_SHARDS_EVERY * 6
+    }
+
+    fn held(&self, names: Vec<String>) {
+        *self.state.timers.lock().expect("timers lock") = names;
+    }
+
+    fn start(
+        &self,
+        lease: Lease,
+        epoch: u64,
+        stop: watch::Receiver<bool>,
+        lost: Arc<AtomicBool>,
+    ) -> JoinHandle<()> {
+        let fence = Fence {
+            stream: self.leases.stream().to_owned(),
+            shard: lease.shard,
+            owner: self.me.clone(),
+            epoch,
+        };
+        tokio::spawn(super::timers::fire_partition(
+            self.engine.clone(),
+            self.leases.clone(),
+            fence,
+            stop,
+            lost,
+        ))
+    }
+}
+
+/// One lease this host works under.
 struct Worker {
     epoch: u64,
     /// Set when the lease was lost: stop without releasing.
@@ -117,16 +300,16 @@ struct Seen {
     since: Instant,
 }
 
+/// Keep `me`'s leases of one kind: renew what it holds, notice what it
+/// lost, create leases for what is new, and take free, expired or (to
+/// balance) stolen ones, starting a worker for each.
 async fn coordinate(
-    engine: Arc<Engine>,
-    store: Arc<DynamoStore>,
-    state: Arc<ShardsState>,
-    settings: ShardSettings,
-    kinesis: aws_sdk_kinesis::Client,
+    what: Arc<dyn Leased>,
     leases: Leases,
+    me: String,
+    lease_duration: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let me = settings.host.clone();
     let mut workers: HashMap<String, Worker> = HashMap::new();
     let mut seen: HashMap<String, Seen> = HashMap::new();
     let mut listed: Option<Instant> = None;
@@ -137,69 +320,59 @@ async fn coordinate(
         let ended: Vec<String> = workers
             .iter()
             .filter(|(_, w)| w.task.is_finished())
-            .map(|(shard, _)| shard.clone())
+            .map(|(name, _)| name.clone())
             .collect();
         if !ended.is_empty() {
             listed = None;
         }
-        let failed: Vec<String> = state
-            .failed
-            .lock()
-            .expect("failed lock")
-            .keys()
-            .cloned()
-            .collect();
-        for shard in ended {
-            if !failed.contains(&shard) {
-                workers.remove(&shard);
+        let failed = what.failed();
+        for name in ended {
+            if !failed.contains(&name) {
+                workers.remove(&name);
             }
         }
 
         // Renew.
-        let renewals = workers.iter().map(|(shard, worker)| {
+        let renewals = workers.iter().map(|(name, worker)| {
             let leases = leases.clone();
             let me = me.clone();
-            let shard = shard.clone();
+            let name = name.clone();
             let epoch = worker.epoch;
-            async move { (shard.clone(), leases.renew(&shard, &me, epoch).await) }
+            async move { (name.clone(), leases.renew(&name, &me, epoch).await) }
         });
-        for (shard, renewed) in futures::future::join_all(renewals).await {
+        for (name, renewed) in futures::future::join_all(renewals).await {
             match renewed {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!(%shard, "lease lost to another host; stopping its worker");
-                    if let Some(worker) = workers.remove(&shard) {
+                    tracing::warn!(lease = %name, "lease lost to another host; stopping its worker");
+                    if let Some(worker) = workers.remove(&name) {
                         worker.lost.store(true, Ordering::Relaxed);
                     }
-                    state.failed.lock().expect("failed lock").remove(&shard);
+                    what.lost(&name);
                 }
-                Err(error) => tracing::warn!(%shard, %error, "cannot renew lease"),
+                Err(error) => tracing::warn!(lease = %name, %error, "cannot renew lease"),
             }
         }
 
-        if listed.is_none_or(|at| at.elapsed() >= LIST_SHARDS_EVERY) {
-            match kinesis::list_shards(&kinesis, &settings.stream).await {
-                Ok(shards) => {
+        if listed.is_none_or(|at| at.elapsed() >= what.list_every()) {
+            match what.list().await {
+                Ok(names) => {
                     listed = Some(Instant::now());
-                    for shard in shards {
-                        if !seen.contains_key(&shard.id)
-                            && let Err(error) = leases.create(&shard.id, &shard.parents).await
+                    for (name, parents) in names {
+                        if !seen.contains_key(&name)
+                            && let Err(error) = leases.create(&name, &parents).await
                         {
-                            tracing::warn!(shard = %shard.id, %error, "cannot create lease");
+                            tracing::warn!(lease = %name, %error, "cannot create lease");
                         }
                     }
                 }
-                Err(error) => tracing::warn!(%error, "cannot list shards"),
+                Err(error) => tracing::warn!(%error, "cannot list what to lease"),
             }
         }
 
         match leases.list().await {
             Ok(all) => {
-                store.shards_finished(
-                    all.iter()
-                        .filter(|lease| lease.finished())
-                        .map(|lease| lease.shard.clone()),
-                );
+                what.read(&all);
                 for lease in &all {
                     let entry = seen.entry(lease.shard.clone()).or_insert(Seen {
                         owner: lease.owner.clone(),
@@ -217,55 +390,41 @@ async fn coordinate(
                     if let Some(worker) = workers.get(&lease.shard)
                         && (lease.owner.as_deref() != Some(&me) || lease.epoch != worker.epoch)
                     {
-                        tracing::warn!(shard = %lease.shard, "lease taken by another host; stopping its worker");
+                        tracing::warn!(lease = %lease.shard, "lease taken by another host; stopping its worker");
                         worker.lost.store(true, Ordering::Relaxed);
                         workers.remove(&lease.shard);
-                        state
-                            .failed
-                            .lock()
-                            .expect("failed lock")
-                            .remove(&lease.shard);
+                        what.lost(&lease.shard);
                     }
                 }
                 let expired = |lease: &Lease| {
                     lease.owner.as_deref() != Some(&me)
                         && seen
                             .get(&lease.shard)
-                            .is_some_and(|s| s.since.elapsed() >= settings.lease_duration)
+                            .is_some_and(|s| s.since.elapsed() >= lease_duration)
                 };
                 if !*stop.borrow() {
                     for lease in leases::plan(&all, &expired, &me).take {
                         match leases.take(&lease, &me).await {
                             Ok(Some(epoch)) => {
-                                tracing::info!(shard = %lease.shard, epoch, previous = ?lease.owner, "took lease");
+                                tracing::info!(lease = %lease.shard, epoch, previous = ?lease.owner, "took lease");
                                 let lost = Arc::new(AtomicBool::new(false));
-                                let task = tokio::spawn(work(
-                                    engine.clone(),
-                                    state.clone(),
-                                    settings.clone(),
-                                    kinesis.clone(),
-                                    leases.clone(),
-                                    lease.clone(),
-                                    epoch,
-                                    stop.clone(),
-                                    lost.clone(),
-                                ));
+                                let task =
+                                    what.start(lease.clone(), epoch, stop.clone(), lost.clone());
                                 workers.insert(lease.shard.clone(), Worker { epoch, lost, task });
                             }
                             Ok(None) => {
-                                tracing::debug!(shard = %lease.shard, "lease changed before it could be taken")
+                                tracing::debug!(lease = %lease.shard, "lease changed before it could be taken")
                             }
                             Err(error) => {
-                                tracing::warn!(shard = %lease.shard, %error, "cannot take lease")
+                                tracing::warn!(lease = %lease.shard, %error, "cannot take lease")
                             }
                         }
                     }
                 }
-                state.joined.store(true, Ordering::Relaxed);
             }
             Err(error) => tracing::warn!(%error, "cannot read the lease table"),
         }
-        *state.held.lock().expect("held lock") = workers.keys().cloned().collect();
+        what.held(workers.keys().cloned().collect());
 
         if *stop.borrow() {
             break;
@@ -279,12 +438,12 @@ async fn coordinate(
     // renewing until they are done.
     while !workers.is_empty() {
         workers.retain(|_, w| !w.task.is_finished());
-        for (shard, worker) in &workers {
-            let _ = leases.renew(shard, &me, worker.epoch).await;
+        for (name, worker) in &workers {
+            let _ = leases.renew(name, &me, worker.epoch).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    state.held.lock().expect("held lock").clear();
+    what.held(Vec::new());
 }
 
 /// Read one shard from its checkpoint, batch after batch, until the shard

@@ -1,20 +1,40 @@
-//! The timers of the HTTP ingest's lane, fired on the host's clock: a timer
-//! a rule asked for is fired within a second of due even when no event
-//! arrives (at once when a test moves the clock by hand), through the lane
-//! like a request, so it is ordered with the events of its bucket and
-//! committed atomically with its outcome. Buckets untouched past their
-//! rule's state time-to-live are removed the same way. Nothing is kept in
-//! memory: the store's indexes by due time are read again before each
-//! wait, so timers survive a restart and fire after it.
+//! Timers fired on the host's clock: a timer a rule asked for is fired
+//! within a second of due even when no event arrives (at once when a test
+//! moves the clock by hand), committed atomically with its outcome. Buckets
+//! untouched past their rule's state time-to-live are removed the same way.
+//! Nothing is kept in memory: the store's indexes by due time are read again
+//! before each wait, so timers survive a restart and fire after it.
+//!
+//! Who fires them:
+//! - With the HTTP ingest ([`drive`]), its one lane: through the lane like a
+//!   request, so they are ordered with the events of their bucket.
+//! - With Kinesis and DynamoDB ([`fire_partition`]), the holder of each
+//!   timer partition's lease, through a lane of the partition's own, fenced
+//!   by that lease; the bucket's version orders a firing against events
+//!   that another host's shard lane commits to the same bucket. A host that
+//!   crashes with timers pending loses its leases when they expire, and
+//!   the hosts that take them over fire what is due, late by at most the
+//!   lease duration.
 
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::http::{HttpIngest, PARTITION};
+use tokio::sync::watch;
 
-/// The longest wait between looks at the store's next timer: a timer set
-/// meanwhile by another writer is seen within it.
+use super::http::{HttpIngest, PARTITION};
+use super::leases::Leases;
+use crate::engine::{Engine, EngineError, Lane};
+use crate::store::{Fence, Progress, StoreError};
+
+/// The longest wait between looks at the HTTP lane's next timer: a timer
+/// set meanwhile by another writer is seen within it.
 const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest wait between looks at a timer partition's index: timers set
+/// by other hosts are seen within it, so they fire within a second of due.
+/// Each look is one DynamoDB query of one item.
+const PARTITION_WAIT: Duration = Duration::from_millis(500);
 
 /// Fire `ingest`'s due timers until it is dropped.
 pub(super) async fn drive(ingest: Weak<HttpIngest>) {
@@ -24,8 +44,7 @@ pub(super) async fn drive(ingest: Weak<HttpIngest>) {
             return;
         };
         let engine = host.engine().clone();
-        let mut moved = engine.clock().moves();
-        let mut set = engine.timers_set();
+        let wake = Wake::new(&engine);
         let now = engine.clock().now_ms();
         let wait = match engine.next_due(PARTITION).await {
             Ok(Some(due)) if due <= now => match host.fire_timers(now).await {
@@ -46,9 +65,7 @@ pub(super) async fn drive(ingest: Weak<HttpIngest>) {
             },
             Ok(next) => {
                 failures = 0;
-                next.map_or(MAX_WAIT, |due| {
-                    Duration::from_millis((due - now) as u64).min(MAX_WAIT)
-                })
+                until(next, now, MAX_WAIT)
             }
             Err(error) => {
                 failures += 1;
@@ -57,15 +74,124 @@ pub(super) async fn drive(ingest: Weak<HttpIngest>) {
             }
         };
         drop(host);
+        wake.after(wait, None).await;
+    }
+}
+
+/// Fire the due timers of the timer partition `fence` leases, until the
+/// host stops or the lease is lost; then release it.
+pub(super) async fn fire_partition(
+    engine: Arc<Engine>,
+    leases: Leases,
+    fence: Fence,
+    mut stop: watch::Receiver<bool>,
+    lost: Arc<AtomicBool>,
+) {
+    let partition = fence.shard.clone();
+    let lane = Arc::new(Lane::new(&partition));
+    let stopping = |stop: &watch::Receiver<bool>| *stop.borrow() || lost.load(Ordering::Relaxed);
+    let mut failures = 0;
+    // What the partition's previous holder fired but may not have published.
+    while let Err(error) = engine.flush(&lane).await {
+        tracing::warn!(%partition, %error, "cannot publish the timer partition's outbox");
+        failures += 1;
+        crate::backoff::sleep(failures).await;
+        if stopping(&stop) {
+            break;
+        }
+    }
+    while !stopping(&stop) {
+        let wake = Wake::new(&engine);
+        let now = engine.clock().now_ms();
+        let wait = match engine.next_due(&partition).await {
+            Ok(Some(due)) if due <= now => {
+                let progress = Progress::Timers {
+                    fence: fence.clone(),
+                };
+                match engine.fire_timers(&lane, now, progress).await {
+                    Ok(fired) => {
+                        failures = 0;
+                        if fired > 0 {
+                            continue;
+                        }
+                        PARTITION_WAIT
+                    }
+                    Err(EngineError::Store(StoreError::Fenced(_))) => {
+                        tracing::warn!(%partition, "timer partition's lease lost: firing discarded");
+                        lost.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(%partition, %error, "cannot fire due timers; trying again");
+                        crate::backoff::delay(failures)
+                    }
+                }
+            }
+            Ok(next) => {
+                failures = 0;
+                until(next, now, PARTITION_WAIT)
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%partition, %error, "cannot read the timer partition's next timer");
+                crate::backoff::delay(failures)
+            }
+        };
+        wake.after(wait, Some(&mut stop)).await;
+    }
+    engine.settle(&lane).await;
+    if !lost.load(Ordering::Relaxed) {
+        match leases.release(&partition, &fence.owner, fence.epoch).await {
+            Ok(_) => tracing::info!(%partition, "timer partition's lease released"),
+            Err(error) => {
+                tracing::warn!(%partition, %error, "cannot release the timer partition's lease")
+            }
+        }
+    }
+}
+
+/// How long to wait for `next` (due, epoch milliseconds) from `now`, at
+/// most `longest`.
+fn until(next: Option<i64>, now: i64, longest: Duration) -> Duration {
+    next.map_or(longest, |due| {
+        Duration::from_millis(due.saturating_sub(now).max(0) as u64).min(longest)
+    })
+}
+
+/// What ends a wait early: the host's clock moved by hand (a test), or a
+/// commit on this host set a timer.
+struct Wake {
+    moved: Option<watch::Receiver<i64>>,
+    set: watch::Receiver<u64>,
+}
+
+impl Wake {
+    /// Taken before reading the next timer, so nothing set after is missed.
+    fn new(engine: &Engine) -> Self {
+        Wake {
+            moved: engine.clock().moves(),
+            set: engine.timers_set(),
+        }
+    }
+
+    /// Wait `wait`, or less if woken, or the host stops.
+    async fn after(mut self, wait: Duration, stop: Option<&mut watch::Receiver<bool>>) {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = async {
-                match &mut moved {
+                match &mut self.moved {
                     Some(moved) => { let _ = moved.changed().await; }
                     None => std::future::pending::<()>().await,
                 }
             } => {}
-            _ = set.changed() => {}
+            _ = self.set.changed() => {}
+            _ = async {
+                match stop {
+                    Some(stop) => { let _ = stop.wait_for(|stop| *stop).await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
         }
     }
 }

@@ -16,6 +16,18 @@
 //!
 //! A lease owner serves reads from its cache: steady state reads nothing.
 //!
+//! Pending timers are indexed by due time: beside its bucket item, a bucket
+//! with a timer has an index item in one of [`TIMER_PARTITIONS`] timer
+//! partitions (by a hash of the bucket), keyed by due time, written and
+//! removed in the bucket's transaction, so the index never disagrees with
+//! the buckets. Bucket state does not belong to a shard (any shard's events
+//! may reach a bucket), so timers are not fired by shard owners: each timer
+//! partition has a lease of its own, shared out among the hosts like the
+//! shards' (`lease#{stream}#timers`), and its holder fires the partition's
+//! due timers through a lane of its own, fenced by that lease. A firing and
+//! an event batch touching the same bucket on different hosts resolve like
+//! any two writers, through the bucket's version.
+//!
 //! The outbox is this store's too: a commit's alerts are written as outbox
 //! items of its shard; once published they are deleted along with the
 //! shard's next commits (as many as fit beside its writes; the rest wait
@@ -104,6 +116,8 @@ struct Planned {
     id: BucketId,
     new: Cached,
     put: Put,
+    /// Its timer's index items to write and remove.
+    index: Vec<TransactWriteItem>,
     alerts: Vec<AlertRecord>,
     /// Bytes it adds to the transaction, alerts included.
     size: usize,
@@ -129,6 +143,46 @@ pub fn bucket_pk(id: &BucketId) -> String {
 const MAX_PLAIN_KEY_BYTES: usize = 1024;
 
 const BUCKET_SK: &str = "state";
+
+/// Timer partitions of a stream: how many hosts can share the firing of its
+/// timers. Fixed, because a bucket's partition must not move: looking at
+/// one costs one small query per half second (see `source::timers`).
+pub const TIMER_PARTITIONS: u32 = 8;
+
+/// The timer partitions' names, which their leases and lanes go by.
+pub fn timer_partitions() -> impl Iterator<Item = String> {
+    (0..TIMER_PARTITIONS).map(|p| format!("timers-{p}"))
+}
+
+/// The timer partition holding `id`'s timer.
+pub fn timer_partition(id: &BucketId) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(bucket_pk(id).as_bytes());
+    let p = u32::from_le_bytes(hash[..4].try_into().expect("four bytes")) % TIMER_PARTITIONS;
+    format!("timers-{p}")
+}
+
+/// The lease "stream" of `stream`'s timer partitions.
+pub fn timer_leases(stream: &str) -> String {
+    format!("{stream}#timers")
+}
+
+fn timers_pk(stream: &str, partition: &str) -> String {
+    format!("timers#{stream}#{partition}")
+}
+
+/// An index item's sort key: due time first, so a query reads the due ones
+/// in order; then the bucket, hashed (sort keys take at most 1 KiB).
+fn timer_sk(due: i64, id: &BucketId) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(bucket_pk(id).as_bytes());
+    format!("{:020}#{}", due.max(0), hex::encode(&hash[..16]))
+}
+
+/// Sort keys of timers due at or before `until` are below this.
+fn due_bound(until: i64) -> String {
+    format!("{:020}", until.max(-1).saturating_add(1))
+}
 
 pub fn outbox_pk(stream: &str, shard: &str) -> String {
     format!("outbox#{stream}#{shard}")
@@ -328,12 +382,14 @@ impl DynamoStore {
         Ok(buckets)
     }
 
-    /// Commit one batch of `fence`'s shard; see the module docs.
+    /// Commit one batch of `fence`'s shard (read up to `last`), or one
+    /// firing of `fence`'s timer partition (nothing read); see the module
+    /// docs.
     async fn commit_shard(
         &self,
         fence: &Fence,
         writes: Vec<BucketWrite>,
-        last: SeqNo,
+        last: Option<SeqNo>,
         checkpoint: Option<Checkpoint>,
         now_ms: i64,
     ) -> Result<Outbox> {
@@ -361,7 +417,9 @@ impl DynamoStore {
             let old = self.cached(&write.id).unwrap_or_default();
             let mut new = old.clone();
             new.version = old.version + 1;
-            new.applied.insert(fence.shard.clone(), last.clone());
+            if let Some(last) = &last {
+                new.applied.insert(fence.shard.clone(), last.clone());
+            }
             {
                 let finished = self.finished.lock().expect("finished lock");
                 new.applied.retain(|shard, _| !finished.contains(shard));
@@ -427,6 +485,7 @@ impl DynamoStore {
                     .expression_attribute_values(":version", n(old.version))
             };
             let put = put.build().map_err(build_err)?;
+            let index = self.index_changes(&write.id, old.timer, new.timer)?;
             let alert_bytes: usize = write
                 .alerts
                 .iter()
@@ -436,6 +495,7 @@ impl DynamoStore {
                 id: write.id,
                 new,
                 put,
+                index,
                 alerts: write.alerts,
                 size: size + alert_bytes,
             });
@@ -446,14 +506,24 @@ impl DynamoStore {
         let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];
         let mut actions = 0;
         let mut bytes = 0;
-        for (i, Planned { alerts, size, .. }) in planned.iter().enumerate() {
+        for (
+            i,
+            Planned {
+                alerts,
+                size,
+                index,
+                ..
+            },
+        ) in planned.iter().enumerate()
+        {
             let outbox_items = if alerts.is_empty() {
                 0
             } else {
                 1 + size / MAX_OUTBOX_ITEM_BYTES
             };
+            let bucket_actions = 1 + index.len() + outbox_items;
             if !chunks.last().expect("a chunk").is_empty()
-                && (actions + 1 + outbox_items + 2 > MAX_ACTIONS - 4
+                && (actions + bucket_actions + 2 > MAX_ACTIONS - 4
                     || bytes + size > MAX_TRANSACTION_BYTES)
             {
                 chunks.push(Vec::new());
@@ -461,7 +531,7 @@ impl DynamoStore {
                 bytes = 0;
             }
             chunks.last_mut().expect("a chunk").push(i);
-            actions += 1 + outbox_items;
+            actions += bucket_actions;
             bytes += size;
         }
 
@@ -488,11 +558,16 @@ impl DynamoStore {
                     id,
                     new,
                     put,
+                    index,
                     alerts,
                     ..
                 } = planned[i].take().expect("planned once");
                 items.push(TransactWriteItem::builder().put(put).build());
                 roles.push(Some(id.clone()));
+                for action in index {
+                    items.push(action);
+                    roles.push(None);
+                }
                 chunk_alerts.extend(alerts);
                 updated.push((id, new));
             }
@@ -502,7 +577,7 @@ impl DynamoStore {
                     .outbox_serial
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = OutboxKey {
-                    pk: outbox_pk(&fence.stream, &fence.shard),
+                    pk: outbox_pk(&self.stream, &fence.shard),
                     sk: format!("{:012}#{:014}#{serial:012}", fence.epoch, now_ms),
                 };
                 let put = Put::builder()
@@ -631,6 +706,143 @@ impl DynamoStore {
             }
         };
         Ok(committed)
+    }
+
+    /// The index actions of a bucket whose timer goes from `old` to `new`.
+    fn index_changes(
+        &self,
+        id: &BucketId,
+        old: Option<i64>,
+        new: Option<i64>,
+    ) -> Result<Vec<TransactWriteItem>> {
+        if old == new {
+            return Ok(Vec::new());
+        }
+        let pk = timers_pk(&self.stream, &timer_partition(id));
+        let mut actions = Vec::new();
+        if let Some(at) = old {
+            let delete = Delete::builder()
+                .table_name(&self.table.name)
+                .key(PK, s(&pk))
+                .key(SK, s(timer_sk(at, id)))
+                .build()
+                .map_err(build_err)?;
+            actions.push(TransactWriteItem::builder().delete(delete).build());
+        }
+        if let Some(at) = new {
+            let put = Put::builder()
+                .table_name(&self.table.name)
+                .item(PK, s(&pk))
+                .item(SK, s(timer_sk(at, id)))
+                .item("tenant", s(&id.tenant))
+                .item("rule", s(&id.rule))
+                .item("bucket", s(&id.bucket))
+                .item("due", n(at))
+                .build()
+                .map_err(build_err)?;
+            actions.push(TransactWriteItem::builder().put(put).build());
+        }
+        Ok(actions)
+    }
+
+    /// What `partition`'s index holds due by `until`, earliest first.
+    async fn indexed_timers(
+        &self,
+        partition: &str,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(BucketId, i64)>> {
+        Usage::count(&self.table.usage.timer_requests);
+        let pk = timers_pk(&self.stream, partition);
+        let mut pages = self
+            .table
+            .client
+            .query()
+            .table_name(&self.table.name)
+            .key_condition_expression("#pk = :pk AND #sk < :bound")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#sk", SK)
+            .expression_attribute_values(":pk", s(&pk))
+            .expression_attribute_values(":bound", s(due_bound(until)))
+            .consistent_read(true)
+            .limit(i32::try_from(limit.min(1000)).unwrap_or(1000))
+            .into_paginator()
+            .items()
+            .send();
+        let mut due = Vec::new();
+        while due.len() < limit
+            && let Some(item) = pages.next().await
+        {
+            let item = item.map_err(store_err)?;
+            let text = |name: &str| {
+                item.get(name)
+                    .and_then(|v| v.as_s().ok())
+                    .cloned()
+                    .ok_or_else(|| unreadable(format!("timer index item of {pk} without `{name}`")))
+            };
+            let at = item
+                .get("due")
+                .and_then(|v| v.as_n().ok())
+                .and_then(|v| v.parse::<i64>().ok())
+                .ok_or_else(|| unreadable(format!("timer index item of {pk} without `due`")))?;
+            let id = BucketId {
+                tenant: text("tenant")?,
+                rule: text("rule")?,
+                bucket: text("bucket")?,
+            };
+            due.push((id, at));
+        }
+        Ok(due)
+    }
+
+    /// Remove an index item whose bucket no longer has that timer (its item
+    /// was deleted by DynamoDB's TTL, or it expired first), if the bucket
+    /// is still as read.
+    async fn drop_stale_timer(&self, id: &BucketId, at: i64, item: &Cached) -> Result<()> {
+        tracing::debug!(tenant = %id.tenant, rule = %id.rule, bucket = %id.bucket, due = at, "timer index item without its timer: removed");
+        let delete = Delete::builder()
+            .table_name(&self.table.name)
+            .key(PK, s(timers_pk(&self.stream, &timer_partition(id))))
+            .key(SK, s(timer_sk(at, id)))
+            .build()
+            .map_err(build_err)?;
+        let check = ConditionCheck::builder()
+            .table_name(&self.table.name)
+            .key(PK, s(bucket_pk(id)))
+            .key(SK, s(BUCKET_SK));
+        let check = if item.version == 0 {
+            check
+                .condition_expression("attribute_not_exists(#pk)")
+                .expression_attribute_names("#pk", PK)
+        } else {
+            check
+                .condition_expression("#version = :version")
+                .expression_attribute_names("#version", "version")
+                .expression_attribute_values(":version", n(item.version))
+        };
+        let check = check.build().map_err(build_err)?;
+        Usage::count(&self.table.usage.timer_requests);
+        let sent = self
+            .table
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().condition_check(check).build())
+            .transact_items(TransactWriteItem::builder().delete(delete).build())
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            // Changed meanwhile: its writer keeps the index right.
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_transaction_canceled_exception()) =>
+            {
+                self.forget(std::slice::from_ref(id));
+                Ok(())
+            }
+            Err(error) => Err(store_err(error)),
+        }
     }
 
     /// The alerts of every outbox item of `shard`, oldest first, with their
@@ -803,16 +1015,19 @@ impl StateStore for DynamoStore {
     }
 
     async fn commit(&self, commit: Commit) -> Result<Outbox> {
-        let Progress::Shard {
-            fence,
-            last,
-            checkpoint,
-        } = commit.progress
-        else {
-            return Err(StoreError::Invalid(
-                "the DynamoDB store commits shard batches only: its source must be `kinesis:<stream>`"
-                    .to_owned(),
-            ));
+        let (fence, last, checkpoint) = match commit.progress {
+            Progress::Shard {
+                fence,
+                last,
+                checkpoint,
+            } => (fence, Some(last), checkpoint),
+            Progress::Timers { fence } => (fence, None, None),
+            Progress::Receipts(_) | Progress::Nothing => {
+                return Err(StoreError::Invalid(
+                    "the DynamoDB store commits shard batches and timer firings only: its source must be `kinesis:<stream>`"
+                        .to_owned(),
+                ));
+            }
         };
         self.commit_shard(&fence, commit.writes, last, checkpoint, commit.now_ms)
             .await
@@ -858,14 +1073,48 @@ impl StateStore for DynamoStore {
     async fn due_timers(
         &self,
         partition: &str,
-        _until: i64,
-        _limit: usize,
+        until: i64,
+        limit: usize,
     ) -> Result<Vec<(BucketId, i64)>> {
-        Err(no_timer_index(partition))
+        let indexed = self.indexed_timers(partition, until, limit).await?;
+        if indexed.is_empty() {
+            return Ok(indexed);
+        }
+        // Read the buckets again: another host may have changed them.
+        let ids: Vec<BucketId> = indexed.iter().map(|(id, _)| id.clone()).collect();
+        self.forget(&ids);
+        Usage::count(&self.table.usage.timer_requests);
+        self.fetch(ids).await?;
+        let mut due = Vec::with_capacity(indexed.len());
+        for (id, at) in indexed {
+            let item = self.cached(&id).unwrap_or_default();
+            // Expired before it was due: the timer went with the state.
+            let expired = item.state.is_some()
+                && item
+                    .expires_at
+                    .is_some_and(|expires| expires <= at.div_euclid(1000));
+            if item.timer == Some(at) && !expired {
+                due.push((id, at));
+            } else {
+                self.drop_stale_timer(&id, at, &item).await?;
+            }
+        }
+        Ok(due)
     }
 
     async fn next_timer(&self, partition: &str) -> Result<Option<i64>> {
-        Err(no_timer_index(partition))
+        Ok(self
+            .indexed_timers(partition, i64::MAX - 1, 1)
+            .await?
+            .first()
+            .map(|(_, at)| *at))
+    }
+
+    async fn pending_timers(&self, ids: &[BucketId]) -> Result<Vec<Option<i64>>> {
+        Ok(ids
+            .iter()
+            .map(|id| self.cached(id).and_then(|item| item.timer))
+            .collect())
     }
 
     /// None: DynamoDB's TTL deletes expired bucket items (up to days late),
@@ -882,12 +1131,4 @@ impl StateStore for DynamoStore {
     async fn next_expiry(&self, _partition: &str) -> Result<Option<i64>> {
         Ok(None)
     }
-}
-
-/// Buckets keep their pending timer, but this store has no index of them by
-/// due time yet, so no host fires them.
-fn no_timer_index(partition: &str) -> StoreError {
-    StoreError::Invalid(format!(
-        "the DynamoDB store does not index timers by due time yet (partition `{partition}`): with Kinesis and DynamoDB, `on-timer` is not called"
-    ))
 }

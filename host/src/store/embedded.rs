@@ -345,6 +345,18 @@ impl Embedded {
         Ok(first.map(|(key, _)| key.value().0))
     }
 
+    /// Each bucket's pending timer.
+    pub(super) fn timers_of(&self, ids: &[BucketId]) -> Result<Vec<Option<i64>>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let timers = tx.open_table(TIMERS).map_err(err)?;
+        ids.iter()
+            .map(|id| {
+                let key = (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
+                Ok(timers.get(key).map_err(err)?.map(|v| v.value()))
+            })
+            .collect()
+    }
+
     /// When the earliest pending timer is due.
     pub(super) fn next_timer(&self) -> Result<Option<i64>> {
         let tx = self.db.begin_read().map_err(err)?;
@@ -642,9 +654,9 @@ impl StateStore for EmbeddedStore {
         match commit.progress {
             Progress::Receipts(receipts) => changes.receipts = receipts,
             Progress::Nothing => {}
-            Progress::Shard { fence, .. } => {
+            Progress::Shard { fence, .. } | Progress::Timers { fence } => {
                 return Err(StoreError::Invalid(format!(
-                    "the embedded store keeps no shard leases (shard `{}`): use state `dynamodb:<table>` with a Kinesis source",
+                    "the embedded store keeps no leases (`{}`): use state `dynamodb:<table>` with a Kinesis source",
                     fence.shard
                 )));
             }
@@ -719,6 +731,11 @@ impl StateStore for EmbeddedStore {
 
     async fn next_timer(&self, _partition: &str) -> Result<Option<i64>> {
         self.blocking(|store| store.next_timer()).await
+    }
+
+    async fn pending_timers(&self, ids: &[BucketId]) -> Result<Vec<Option<i64>>> {
+        let ids = ids.to_vec();
+        self.blocking(move |store| store.timers_of(&ids)).await
     }
 
     async fn expired(

@@ -92,6 +92,10 @@ pub enum Progress {
         last: SeqNo,
         checkpoint: Option<Checkpoint>,
     },
+    /// Timers of a timer partition fired under the lease `fence` proves
+    /// (its `shard` is the partition): several hosts share the firing of
+    /// the DynamoDB store's timers as they share the stream's shards.
+    Timers { fence: Fence },
     /// Nothing to record (a file replayed from its start).
     Nothing,
 }
@@ -195,6 +199,11 @@ pub trait StateStore: Send + Sync {
 
     /// When the earliest pending timer `partition` fires is due.
     async fn next_timer(&self, partition: &str) -> Result<Option<i64>>;
+
+    /// The pending timer of each of `ids` as the last [`load`](Self::load)
+    /// read it: a timer fires only if it is still the bucket's, not one an
+    /// event changed since the index was read.
+    async fn pending_timers(&self, ids: &[BucketId]) -> Result<Vec<Option<i64>>>;
 
     /// Buckets `partition` removes that were untouched past their rule's
     /// state time-to-live by `until`, at most `limit`. A store that deletes
