@@ -20,6 +20,7 @@ mod params;
 mod state;
 pub mod testing;
 mod times;
+pub mod windows;
 
 pub use context::{Alert, Context, Error, Severity};
 pub use event::{Event, Events, Field};
