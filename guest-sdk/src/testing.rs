@@ -160,6 +160,25 @@ impl<R: Rule> Harness<R> {
         )
     }
 
+    /// Store `state` for `bucket` as a version with state schema `schema`
+    /// (`name@version` `written_by`) would have, to test
+    /// [`Rule::upgrade_state`].
+    pub fn store_older<S: serde::Serialize>(
+        &mut self,
+        bucket: &str,
+        schema: u32,
+        written_by: &str,
+        state: &S,
+    ) {
+        let codec = crate::state::Codec {
+            label: written_by.to_owned(),
+            schema,
+            reset_older: false,
+        };
+        let bytes = codec.encode(state).expect("the older state encodes");
+        self.states.insert(bucket.to_owned(), bytes);
+    }
+
     /// The bucket's pending timer.
     pub fn timer(&self, bucket: &str) -> Option<i64> {
         self.timers.get(bucket).copied()

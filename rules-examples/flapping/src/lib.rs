@@ -2,21 +2,27 @@
 //! `max_changes` times (a parameter, default 3) within `window` of event time
 //! (default 10 minutes). One bucket per machine. A change is an event whose
 //! state differs from the machine's previous one (the first event seen is not
-//! a change). With the defaults, the 4th change within a 10-minute window
-//! fires `flapping-{episode}`; while the episode lasts nothing fires again.
-//! The episode ends, and its alert resolves, once there has been no change for
-//! a window: noticed either by the next event (its time is more than a window
-//! after the last change) or by a timer set for the last change plus a
-//! window.
+//! a change).
+//!
+//! Changes are kept in [session windows](tocsin_rule::windows) of event time
+//! with a gap of `window`: a session is an *episode* of changes, each less
+//! than a window after the one before. With the defaults, the 4th change
+//! within ten minutes fires `flapping-{episode}`, once per episode. The
+//! episode ends, and its alert resolves, when its session closes: once the
+//! watermark (the newest event time less `allowed_lateness`, default 5 s)
+//! passes a window after its last change — noticed by the next event, or by
+//! a timer set for that time plus the lateness when no event comes. Events
+//! whose episode has already closed are late: dropped and counted.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity};
+use tocsin_rule::windows::{self, Accumulate, Shape, Window, Windows};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, OldState, Rule, Severity};
 
 pub struct Flapping;
 
-/// `{"max_changes": 5, "window": "1h"}`.
+/// `{"max_changes": 5, "window": "1h", "allowed_lateness": "30s"}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
@@ -26,6 +32,9 @@ pub struct Params {
     /// episode.
     #[serde(with = "tocsin_rule::duration")]
     pub window: Duration,
+    /// How far behind the newest event an event may come and still count.
+    #[serde(with = "tocsin_rule::duration")]
+    pub allowed_lateness: Duration,
 }
 
 impl Default for Params {
@@ -33,13 +42,14 @@ impl Default for Params {
         Params {
             max_changes: 3,
             window: Duration::from_secs(10 * 60),
+            allowed_lateness: windows::DEFAULT_ALLOWED_LATENESS,
         }
     }
 }
 
 impl Params {
-    fn window_ms(&self) -> i64 {
-        i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
+    fn episodes(&self) -> Shape {
+        Shape::session(self.window)
     }
 }
 
@@ -47,35 +57,78 @@ impl Params {
 pub struct State {
     /// The machine's latest state.
     pub last_state: Option<String>,
-    /// Event times of the changes within a window of the latest one.
-    pub changes: Vec<i64>,
-    /// Event time of the latest change.
-    pub last_change: Option<i64>,
-    /// Episodes so far; the active or latest one is `flapping-{episode}`.
-    pub episode: u64,
-    /// Whether an episode is active (its alert is firing).
-    pub active: bool,
+    /// Open episodes (normally one).
+    pub episodes: Windows<Episode>,
+    /// Episodes that fired so far; the latest is `flapping-{fired}`.
+    pub fired: u64,
 }
 
-impl State {
-    fn key(&self) -> String {
-        format!("flapping-{}", self.episode)
-    }
+/// One episode of changes.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Episode {
+    /// Event times of its changes within a window of its latest one.
+    pub changes: Vec<i64>,
+    /// The numbers of its alerts that fired (one, or more if a late change
+    /// merged two episodes that had both fired).
+    pub alerts: Vec<u64>,
+}
 
-    /// Ends the active episode at `ended_at` (event or processing time):
-    /// resolves its alert and forgets the changes that left the window.
-    fn end_episode(&mut self, window: i64, ctx: &mut Context<'_>, ended_at: i64) {
-        let machine = ctx.bucket();
-        let alert = Alert::resolved(self.key(), format!("{machine} is no longer flapping"))
+impl Accumulate for Episode {
+    type Item = ();
+    fn add(&mut self, at: i64, (): ()) {
+        let i = self.changes.partition_point(|&t| t <= at);
+        self.changes.insert(i, at);
+    }
+    fn merge(&mut self, other: Self) {
+        self.changes.extend(other.changes);
+        self.changes.sort_unstable();
+        self.alerts.extend(other.alerts);
+    }
+}
+
+/// What version 1.1 stored (state schema 1).
+#[derive(Deserialize)]
+struct StateV1 {
+    last_state: Option<String>,
+    changes: Vec<i64>,
+    last_change: Option<i64>,
+    episode: u64,
+    active: bool,
+}
+
+fn key(number: u64) -> String {
+    format!("flapping-{number}")
+}
+
+/// Resolves the alerts of an episode that closed.
+fn resolve(ctx: &mut Context<'_>, episode: Window<Episode>, late: u64) {
+    let machine = ctx.bucket().to_owned();
+    for number in episode.acc.alerts {
+        let alert = Alert::resolved(key(number), format!("{machine} is no longer flapping"))
             .severity(Severity::Warning)
-            .field("machineId", machine)
-            .field("episode", self.episode)
-            .field("last_change", self.last_change)
-            .field("at", ended_at);
+            .field("machineId", &machine)
+            .field("episode", number)
+            .field("last_change", episode.acc.changes.last())
+            .field("late_events", late);
         ctx.emit(alert);
-        self.active = false;
-        self.changes
-            .retain(|&t| t >= ended_at.saturating_sub(window));
+    }
+}
+
+/// Set the timer for the next episode that fired to close, or none.
+fn arm(params: &Params, state: &State, ctx: &mut Context<'_>) {
+    let due = state
+        .episodes
+        .open()
+        .iter()
+        .filter(|w| !w.acc.alerts.is_empty())
+        .map(|w| {
+            w.end
+                .saturating_add(windows::millis(params.allowed_lateness))
+        })
+        .min();
+    match due {
+        Some(due) => ctx.set_timer(due),
+        None => ctx.cancel_timer(),
     }
 }
 
@@ -84,11 +137,12 @@ impl Rule for Flapping {
     type State = State;
 
     fn manifest(_: &Params) -> Manifest {
-        Manifest::new("flapping", "1.1.0")
+        Manifest::new("flapping", "1.2.0")
             .when_equals("eventType", "machineStatusChange")
             .bucket_by(["machineId"])
             .event_time("time")
             .fields(["state"])
+            .state_schema(2)
     }
 
     fn evaluate(
@@ -97,75 +151,109 @@ impl Rule for Flapping {
         events: Events<'_>,
         ctx: &mut Context<'_>,
     ) -> Result<(), Error> {
-        let window = params.window_ms();
+        let window = windows::millis(params.window);
+        let lateness = params.allowed_lateness;
         let machine = ctx.bucket().to_owned();
         for event in events.iter() {
             let machine_state = event.require_str("state")?;
             let at = event.time();
-
-            if state.active
-                && let Some(last_change) = state.last_change
-                && at - last_change > window
-            {
-                state.end_episode(window, ctx, at);
-                ctx.cancel_timer();
-            }
-
+            let late = state.episodes.late();
+            let mut closed = Vec::new();
             let changed = match state.last_state.as_deref() {
-                Some(previous) if previous == machine_state => continue,
-                Some(_) => true,
+                Some(previous) => previous != machine_state,
                 None => false, // the first event seen is not a change
             };
+            let taken = if changed {
+                state
+                    .episodes
+                    .add(params.episodes(), lateness, at, (), &mut |w| closed.push(w))
+            } else {
+                state
+                    .episodes
+                    .advance(lateness, at, &mut |w| closed.push(w));
+                true
+            };
+            for episode in closed {
+                resolve(ctx, episode, late);
+            }
+            if !taken {
+                continue; // late: its episode is over
+            }
             state.last_state = Some(machine_state.to_owned());
             if !changed {
                 continue;
             }
 
-            let last_change = state.last_change.map_or(at, |t| t.max(at));
-            state.last_change = Some(last_change);
-            state.changes.push(at);
-            state
+            let episode = state
+                .episodes
+                .containing_mut(at)
+                .expect("a change taken is in an open episode");
+            let newest = *episode.acc.changes.last().expect("it has this change");
+            episode
+                .acc
                 .changes
-                .retain(|&t| t >= last_change.saturating_sub(window));
-
-            if !state.active && state.changes.len() > params.max_changes {
-                state.episode += 1;
-                state.active = true;
+                .retain(|&t| t >= newest.saturating_sub(window));
+            if episode.acc.alerts.is_empty() && episode.acc.changes.len() > params.max_changes {
+                state.fired += 1;
+                episode.acc.alerts.push(state.fired);
                 let alert = Alert::firing(
-                    state.key(),
+                    key(state.fired),
                     format!(
                         "{machine} is flapping: {} state changes within {}",
-                        state.changes.len(),
+                        episode.acc.changes.len(),
                         tocsin_rule::format_duration(params.window),
                     ),
                 )
                 .severity(Severity::Warning)
                 .field("machineId", &machine)
-                .field("episode", state.episode)
-                .field("changes", &state.changes)
+                .field("episode", state.fired)
+                .field("changes", &episode.acc.changes)
                 .field("state", machine_state);
                 ctx.emit(alert);
             }
-            if state.active {
-                ctx.set_timer(last_change.saturating_add(window));
-            }
         }
+        arm(params, state, ctx);
         Ok(())
     }
 
     fn on_timer(params: &Params, state: &mut State, ctx: &mut Context<'_>) -> Result<(), Error> {
-        let Some(last_change) = state.last_change.filter(|_| state.active) else {
-            return Ok(());
-        };
-        let window = params.window_ms();
-        let due = last_change.saturating_add(window);
-        let now = ctx.now();
-        if now >= due {
-            state.end_episode(window, ctx, now);
-        } else {
-            ctx.set_timer(due);
+        let late = state.episodes.late();
+        let mut closed = Vec::new();
+        state
+            .episodes
+            .close_by(params.allowed_lateness, ctx.now(), &mut |w| closed.push(w));
+        for episode in closed {
+            resolve(ctx, episode, late);
         }
+        arm(params, state, ctx);
         Ok(())
+    }
+
+    fn upgrade_state(params: &Params, old: OldState<'_>) -> Result<State, String> {
+        let old: StateV1 = old.decode()?;
+        let open = match (old.changes.first(), old.last_change) {
+            (Some(&first), Some(last)) => vec![Window {
+                start: first,
+                end: last.saturating_add(windows::millis(params.window)),
+                acc: Episode {
+                    changes: old.changes,
+                    alerts: if old.active {
+                        vec![old.episode]
+                    } else {
+                        vec![]
+                    },
+                },
+            }],
+            _ => vec![],
+        };
+        let watermark = old
+            .last_change
+            .map(|t| t.saturating_sub(windows::millis(params.allowed_lateness)));
+        Ok(State {
+            last_state: old.last_state,
+            episodes: Windows::resume(open, watermark),
+            fired: old.episode,
+        })
     }
 }
 
@@ -181,6 +269,9 @@ mod tests {
     /// 2026-01-01T00:00:00Z in epoch milliseconds.
     const T0: i64 = 1_767_225_600_000;
     const MINUTE: i64 = 60_000;
+    const SECOND: i64 = 1_000;
+    /// The default allowed lateness.
+    const LATENESS: i64 = 5 * SECOND;
 
     /// A status event `minutes` after `T0` (as an RFC 3339 time).
     fn status(state: &str, minutes: i64) -> serde_json::Value {
@@ -220,7 +311,7 @@ mod tests {
         let rule = Harness::<Flapping>::new();
         let manifest = rule.manifest().as_abi();
         assert_eq!(manifest.name, "flapping");
-        assert_eq!(manifest.version, "1.1.0");
+        assert_eq!(manifest.version, "1.2.0");
         assert_eq!(manifest.bucket_key, ["machineId"]);
         assert_eq!(manifest.fields, ["state"]);
         assert_eq!(
@@ -267,22 +358,29 @@ mod tests {
                 T0 + 5 * MINUTE
             ])
         );
-        assert_eq!(rule.timer(MACHINE), Some(T0 + 15 * MINUTE));
+        // The episode closes a window after its last change, plus the lateness.
+        assert_eq!(rule.timer(MACHINE), Some(T0 + 15 * MINUTE + LATENESS));
 
         let more = rule
             .evaluate(MACHINE, &[status("running", 6), status("stopped", 7)])
             .unwrap();
         assert!(more.is_empty(), "one alert per episode: {more:?}");
-        assert_eq!(rule.timer(MACHINE), Some(T0 + 17 * MINUTE));
+        assert_eq!(rule.timer(MACHINE), Some(T0 + 17 * MINUTE + LATENESS));
+        let state = rule.state(MACHINE).unwrap();
+        assert_eq!(state.last_state.as_deref(), Some("stopped"));
+        assert_eq!(state.fired, 1);
+        let open = state.episodes.open();
+        assert_eq!(open.len(), 1);
         assert_eq!(
-            rule.state(MACHINE),
-            Some(State {
-                last_state: Some("stopped".to_owned()),
+            (open[0].start, open[0].end),
+            (T0 + 2 * MINUTE, T0 + 17 * MINUTE)
+        );
+        assert_eq!(
+            open[0].acc,
+            Episode {
                 changes: (2..=7).map(|m| T0 + m * MINUTE).collect(),
-                last_change: Some(T0 + 7 * MINUTE),
-                episode: 1,
-                active: true,
-            })
+                alerts: vec![1],
+            }
         );
     }
 
@@ -305,11 +403,16 @@ mod tests {
         assert!(alerts.is_empty(), "{alerts:?}");
         let state = rule.state(MACHINE).unwrap();
         assert_eq!(
-            state.changes,
+            state.episodes.open().len(),
+            1,
+            "one episode, never quiet for 10 min"
+        );
+        assert_eq!(
+            state.episodes.open()[0].acc.changes,
             [T0 + 9 * MINUTE, T0 + 12 * MINUTE, T0 + 16 * MINUTE],
             "changes older than the window are pruned"
         );
-        assert!(!state.active);
+        assert_eq!(state.fired, 0);
         assert_eq!(rule.timer(MACHINE), None, "no episode, no timer");
     }
 
@@ -321,7 +424,10 @@ mod tests {
         // Last change at minute 4; minute 14 is exactly 10 minutes later: not yet over.
         let alerts = rule.evaluate(MACHINE, &[status("running", 14)]).unwrap();
         assert!(alerts.is_empty(), "{alerts:?}");
-        assert!(rule.state(MACHINE).unwrap().active);
+        assert_eq!(
+            rule.state(MACHINE).unwrap().episodes.open()[0].acc.alerts,
+            [1]
+        );
 
         let alerts = rule.evaluate(MACHINE, &[status("running", 15)]).unwrap();
         assert_eq!(
@@ -333,10 +439,8 @@ mod tests {
             rule.state(MACHINE),
             Some(State {
                 last_state: Some("running".to_owned()),
-                changes: vec![],
-                last_change: Some(T0 + 4 * MINUTE),
-                episode: 1,
-                active: false,
+                episodes: Windows::resume(vec![], Some(T0 + 15 * MINUTE - LATENESS)),
+                fired: 1,
             })
         );
 
@@ -371,9 +475,15 @@ mod tests {
             [("flapping-1", false, "machine-03 is no longer flapping")]
         );
         let state = rule.state(MACHINE).unwrap();
-        assert_eq!(state.changes, [T0 + 20 * MINUTE]);
-        assert_eq!(state.last_change, Some(T0 + 20 * MINUTE));
-        assert!(!state.active);
+        let open = state.episodes.open();
+        assert_eq!(open.len(), 1, "a new episode");
+        assert_eq!(
+            open[0].acc,
+            Episode {
+                changes: vec![T0 + 20 * MINUTE],
+                alerts: vec![]
+            }
+        );
     }
 
     #[test]
@@ -381,22 +491,25 @@ mod tests {
         let mut rule = Harness::<Flapping>::new();
         rule.set_now(T0 + 4 * MINUTE);
         flap(&mut rule);
-        assert_eq!(rule.timer(MACHINE), Some(T0 + 14 * MINUTE));
+        assert_eq!(rule.timer(MACHINE), Some(T0 + 14 * MINUTE + LATENESS));
 
         // Called early (say the host was asked before a later change): nothing, re-armed.
         let early = rule.on_timer(MACHINE, T0 + 13 * MINUTE).unwrap();
         assert!(early.is_empty());
-        assert_eq!(rule.timer(MACHINE), Some(T0 + 14 * MINUTE));
+        assert_eq!(rule.timer(MACHINE), Some(T0 + 14 * MINUTE + LATENESS));
+        let early = rule.on_timer(MACHINE, T0 + 14 * MINUTE).unwrap();
+        assert!(
+            early.is_empty(),
+            "within the lateness a change may still come"
+        );
 
-        let alerts = rule.on_timer(MACHINE, T0 + 14 * MINUTE).unwrap();
+        let alerts = rule.on_timer(MACHINE, T0 + 14 * MINUTE + LATENESS).unwrap();
         assert_eq!(
             summary(&alerts),
             [("flapping-1", false, "machine-03 is no longer flapping")]
         );
         assert_eq!(rule.timer(MACHINE), None);
-        let state = rule.state(MACHINE).unwrap();
-        assert!(!state.active);
-        assert_eq!(state.changes, [T0 + 4 * MINUTE], "only the window is kept");
+        assert!(rule.state(MACHINE).unwrap().episodes.open().is_empty());
 
         // The episode is over: neither the timer nor the next event resolves again.
         assert!(rule.on_timer(MACHINE, T0 + 30 * MINUTE).unwrap().is_empty());
@@ -419,7 +532,8 @@ mod tests {
             rule.state("machine-04"),
             Some(State {
                 last_state: Some("stopped".to_owned()),
-                ..State::default()
+                episodes: Windows::resume(vec![], Some(T0 + 5 * MINUTE - LATENESS)),
+                fired: 0,
             })
         );
     }
@@ -469,6 +583,9 @@ mod tests {
         assert_eq!(summary(&alerts)[0].0, "flapping-1");
         assert!(!alerts[0].is_firing());
 
+        let rule = Harness::<Flapping>::with_params_json(r#"{"allowed_lateness": "1m"}"#).unwrap();
+        assert_eq!(rule.params().allowed_lateness, Duration::from_secs(60));
+
         let err = Harness::<Flapping>::with_params_json(r#"{"window": "soon"}"#)
             .err()
             .unwrap();
@@ -476,5 +593,86 @@ mod tests {
             err.starts_with("`window`: `soon` is not a duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_change_whose_episode_has_closed_is_late_dropped_and_counted() {
+        let mut rule = Harness::<Flapping>::new();
+        flap(&mut rule);
+        // Minute 20 closes the episode (1–14 min); a change at minute 3
+        // arriving after it is late.
+        let alerts = rule.evaluate(MACHINE, &[status("running", 20)]).unwrap();
+        assert_eq!(summary(&alerts)[0].0, "flapping-1");
+        let alerts = rule.evaluate(MACHINE, &[status("stopped", 3)]).unwrap();
+        assert!(alerts.is_empty(), "{alerts:?}");
+        let state = rule.state(MACHINE).unwrap();
+        assert_eq!(state.episodes.late(), 1);
+        assert_eq!(
+            state.last_state.as_deref(),
+            Some("running"),
+            "a late event changes nothing"
+        );
+        assert!(state.episodes.open().is_empty());
+
+        // Late by less than the allowed lateness: counted in its episode.
+        let alerts = rule
+            .evaluate(
+                MACHINE,
+                &[
+                    status("stopped", 30),
+                    json!({"machineId": MACHINE, "state": "running", "time": "2026-01-01T00:30:10Z"}),
+                    json!({"machineId": MACHINE, "state": "stopped", "time": "2026-01-01T00:30:06Z"}),
+                ],
+            )
+            .unwrap();
+        assert!(alerts.is_empty());
+        let state = rule.state(MACHINE).unwrap();
+        assert_eq!(state.episodes.late(), 1);
+        assert_eq!(state.episodes.open()[0].acc.changes.len(), 3);
+    }
+
+    #[test]
+    fn a_state_of_version_1_1_is_upgraded_with_its_firing_episode() {
+        #[derive(Serialize)]
+        struct StateV1 {
+            last_state: Option<String>,
+            changes: Vec<i64>,
+            last_change: Option<i64>,
+            episode: u64,
+            active: bool,
+        }
+        let mut rule = Harness::<Flapping>::new();
+        rule.store_older(
+            MACHINE,
+            1,
+            "flapping@1.1.0",
+            &StateV1 {
+                last_state: Some("running".to_owned()),
+                changes: (1..=4).map(|m| T0 + m * MINUTE).collect(),
+                last_change: Some(T0 + 4 * MINUTE),
+                episode: 2,
+                active: true,
+            },
+        );
+        // The old timer was due at the last change plus the window: early now.
+        assert!(rule.on_timer(MACHINE, T0 + 14 * MINUTE).unwrap().is_empty());
+        assert_eq!(rule.timer(MACHINE), Some(T0 + 14 * MINUTE + LATENESS));
+        let alerts = rule.on_timer(MACHINE, T0 + 14 * MINUTE + LATENESS).unwrap();
+        assert_eq!(
+            summary(&alerts),
+            [("flapping-2", false, "machine-03 is no longer flapping")]
+        );
+        let alerts = rule
+            .evaluate(
+                MACHINE,
+                &[
+                    status("stopped", 30),
+                    status("running", 31),
+                    status("stopped", 32),
+                    status("running", 33),
+                ],
+            )
+            .unwrap();
+        assert_eq!(summary(&alerts)[0].0, "flapping-3", "numbering goes on");
     }
 }
