@@ -3,17 +3,20 @@
 //! fires `sim-clone` once when a call comes through a different switch than
 //! an earlier call of the same IMSI no more than `window` apart in event time
 //! (a parameter, default 5 s), and never again for that IMSI. The state keeps
-//! only the calls of the last `window` before the newest call seen, and
-//! whether the alert has fired.
+//! the calls of the last `window` before the newest call seen
+//! ([`Recent`](tocsin_rule::windows::Recent)), and whether the alert has
+//! fired. A call more than `allowed_lateness` (default 5 s) behind the newest
+//! is late: dropped and counted.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tocsin_rule::{Alert, Context, Error, Events, Manifest, Rule, Severity, json};
+use tocsin_rule::windows::{self, Recent};
+use tocsin_rule::{Alert, Context, Error, Events, Manifest, OldState, Rule, Severity, json};
 
 pub struct SimFraud;
 
-/// `{"window": "2s"}`.
+/// `{"window": "2s", "allowed_lateness": "10s"}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
@@ -21,29 +24,39 @@ pub struct Params {
     /// clone.
     #[serde(with = "tocsin_rule::duration")]
     pub window: Duration,
+    /// How far behind the newest call a call may come and still count.
+    #[serde(with = "tocsin_rule::duration")]
+    pub allowed_lateness: Duration,
 }
 
 impl Default for Params {
     fn default() -> Self {
         Params {
             window: Duration::from_secs(5),
+            allowed_lateness: windows::DEFAULT_ALLOWED_LATENESS,
         }
     }
 }
 
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// Recent calls, within the window of the newest one.
-    pub calls: Vec<Call>,
+    /// Recent calls' switches, within the window of the newest call.
+    pub calls: Recent<String>,
     /// Whether `sim-clone` has fired for this IMSI; it never fires again.
     pub fired: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Call {
-    pub switch: String,
-    /// Event time, epoch milliseconds.
-    pub at: i64,
+/// What version 1.1 stored (state schema 1).
+#[derive(Deserialize)]
+struct StateV1 {
+    calls: Vec<CallV1>,
+    fired: bool,
+}
+
+#[derive(Deserialize)]
+struct CallV1 {
+    switch: String,
+    at: i64,
 }
 
 const ALERT_KEY: &str = "sim-clone";
@@ -53,11 +66,12 @@ impl Rule for SimFraud {
     type State = State;
 
     fn manifest(_: &Params) -> Manifest {
-        Manifest::new("sim-fraud", "1.1.0")
+        Manifest::new("sim-fraud", "1.2.0")
             .when_equals("eventType", "call")
             .bucket_by(["imsi"])
             .event_time("time")
             .fields(["switch"])
+            .state_schema(2)
     }
 
     fn evaluate(
@@ -66,7 +80,7 @@ impl Rule for SimFraud {
         events: Events<'_>,
         ctx: &mut Context<'_>,
     ) -> Result<(), Error> {
-        let window = i64::try_from(params.window.as_millis()).unwrap_or(i64::MAX);
+        let window = windows::millis(params.window);
         if state.fired {
             return Ok(());
         }
@@ -75,22 +89,31 @@ impl Rule for SimFraud {
             let at = event.time();
             let clone = state
                 .calls
-                .iter()
-                .find(|c| c.switch != switch && (at - c.at).abs() <= window);
-            if let Some(earlier) = clone {
+                .items()
+                .find(|(t, s)| s.as_str() != switch && (at - t).abs() <= window)
+                .map(|(t, s)| (t, s.clone()));
+            let taken = state.calls.add(
+                params.window,
+                params.allowed_lateness,
+                at,
+                switch.to_owned(),
+            );
+            if !taken {
+                continue; // late: dropped and counted
+            }
+            if let Some((earlier_at, earlier)) = clone {
                 let imsi = ctx.bucket();
                 let alert = Alert::firing(
                     ALERT_KEY,
                     format!(
-                        "SIM {imsi} cloned: calls via {} and {switch} {} ms apart",
-                        earlier.switch,
-                        (at - earlier.at).abs()
+                        "SIM {imsi} cloned: calls via {earlier} and {switch} {} ms apart",
+                        (at - earlier_at).abs()
                     ),
                 )
                 .severity(Severity::Critical)
                 .detail(json!({
                     "imsi": imsi,
-                    "first": { "switch": earlier.switch, "at": earlier.at },
+                    "first": { "switch": earlier, "at": earlier_at },
                     "second": { "switch": switch, "at": at },
                 }));
                 ctx.emit(alert);
@@ -98,16 +121,17 @@ impl Rule for SimFraud {
                 state.calls.clear();
                 return Ok(());
             }
-            state.calls.push(Call {
-                switch: switch.to_owned(),
-                at,
-            });
-            let newest = state.calls.iter().map(|c| c.at).max().unwrap_or(at);
-            state
-                .calls
-                .retain(|c| c.at >= newest.saturating_sub(window));
         }
         Ok(())
+    }
+
+    fn upgrade_state(_: &Params, old: OldState<'_>) -> Result<State, String> {
+        let old: StateV1 = old.decode()?;
+        let calls = old.calls.into_iter().map(|c| (c.at, c.switch)).collect();
+        Ok(State {
+            calls: Recent::resume(calls, None),
+            fired: old.fired,
+        })
     }
 }
 
@@ -124,11 +148,13 @@ mod tests {
         json!({"eventType": "call", "clientId": "client-04", "imsi": IMSI, "switch": switch, "time": time})
     }
 
-    fn call_at(switch: &str, at: i64) -> Call {
-        Call {
-            switch: switch.to_owned(),
-            at,
-        }
+    /// The calls the state keeps, as `(switch, at)`.
+    fn calls(state: &State) -> Vec<(&str, i64)> {
+        state
+            .calls
+            .items()
+            .map(|(at, s)| (s.as_str(), at))
+            .collect()
     }
 
     /// 2026-01-01T00:00:00Z in epoch milliseconds.
@@ -139,7 +165,7 @@ mod tests {
         let rule = Harness::<SimFraud>::new();
         let manifest = rule.manifest().as_abi();
         assert_eq!(manifest.name, "sim-fraud");
-        assert_eq!(manifest.version, "1.1.0");
+        assert_eq!(manifest.version, "1.2.0");
         assert_eq!(manifest.bucket_key, ["imsi"]);
         assert_eq!(manifest.fields, ["switch"]);
         assert_eq!(
@@ -176,13 +202,9 @@ mod tests {
             .evaluate(IMSI, &[call("UK", "2026-01-01T00:00:00Z")])
             .unwrap();
         assert!(alerts.is_empty());
-        assert_eq!(
-            rule.state(IMSI),
-            Some(State {
-                calls: vec![call_at("UK", T0)],
-                fired: false
-            })
-        );
+        let state = rule.state(IMSI).unwrap();
+        assert_eq!(calls(&state), [("UK", T0)]);
+        assert!(!state.fired);
 
         let alerts = rule
             .evaluate(IMSI, &[call("FR", "2026-01-01T00:00:05Z")])
@@ -205,13 +227,9 @@ mod tests {
                 "second": {"switch": "FR", "at": T0 + 5_000},
             })
         );
-        assert_eq!(
-            rule.state(IMSI),
-            Some(State {
-                calls: vec![],
-                fired: true
-            })
-        );
+        let fired = rule.state(IMSI).unwrap();
+        assert_eq!(calls(&fired), []);
+        assert!(fired.fired);
 
         let again = rule
             .evaluate(
@@ -223,13 +241,7 @@ mod tests {
             )
             .unwrap();
         assert!(again.is_empty(), "fires once per IMSI: {again:?}");
-        assert_eq!(
-            rule.state(IMSI),
-            Some(State {
-                calls: vec![],
-                fired: true
-            })
-        );
+        assert_eq!(rule.state(IMSI), Some(fired), "nothing more is kept");
     }
 
     #[test]
@@ -248,11 +260,8 @@ mod tests {
             .unwrap();
         assert!(alerts.is_empty(), "{alerts:?}");
         assert_eq!(
-            rule.state(IMSI),
-            Some(State {
-                calls: vec![call_at("FR", T0 + 7_001), call_at("FR", T0 + 9_000)],
-                fired: false,
-            }),
+            calls(&rule.state(IMSI).unwrap()),
+            [("FR", T0 + 7_001), ("FR", T0 + 9_000)],
             "calls more than 5 s before the newest are pruned"
         );
     }
@@ -283,13 +292,12 @@ mod tests {
             .evaluate(IMSI, &[call("ES", "2026-01-01T00:00:14Z")])
             .unwrap();
         assert!(alerts.is_empty(), "6 s apart: {alerts:?}");
+        let state = rule.state(IMSI).unwrap();
+        assert_eq!(calls(&state), [("UK", T0 + 20_000)]);
         assert_eq!(
-            rule.state(IMSI),
-            Some(State {
-                calls: vec![call_at("UK", T0 + 20_000)],
-                fired: false,
-            }),
-            "the late call is already outside the window"
+            state.calls.late(),
+            1,
+            "6 s behind the newest call: late, dropped and counted"
         );
     }
 
@@ -306,10 +314,7 @@ mod tests {
             )
             .unwrap();
         assert!(alerts.is_empty());
-        assert_eq!(
-            rule.state(other).unwrap().calls,
-            [call_at("FR", T0 + 1_000)]
-        );
+        assert_eq!(calls(&rule.state(other).unwrap()), [("FR", T0 + 1_000)]);
     }
 
     #[test]
@@ -322,5 +327,55 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(err.to_string(), "bad event #0: `switch` must be a string");
+    }
+
+    #[test]
+    fn the_allowed_lateness_is_a_parameter() {
+        let mut rule =
+            Harness::<SimFraud>::with_params_json(r#"{"allowed_lateness": "10s"}"#).unwrap();
+        rule.evaluate(IMSI, &[call("UK", "2026-01-01T00:00:20Z")])
+            .unwrap();
+        // 6 s behind: within 10 s of lateness, but not within the 5 s window.
+        let alerts = rule
+            .evaluate(IMSI, &[call("ES", "2026-01-01T00:00:14Z")])
+            .unwrap();
+        assert!(alerts.is_empty());
+        let state = rule.state(IMSI).unwrap();
+        assert_eq!(state.calls.late(), 0);
+        assert_eq!(calls(&state), [("UK", T0 + 20_000)], "outside the window");
+    }
+
+    #[test]
+    fn a_state_of_version_1_1_is_upgraded() {
+        #[derive(Serialize)]
+        struct CallV1 {
+            switch: &'static str,
+            at: i64,
+        }
+        #[derive(Serialize)]
+        struct StateV1 {
+            calls: Vec<CallV1>,
+            fired: bool,
+        }
+        let mut rule = Harness::<SimFraud>::new();
+        rule.store_older(
+            IMSI,
+            1,
+            "sim-fraud@1.1.0",
+            &StateV1 {
+                calls: vec![CallV1 {
+                    switch: "UK",
+                    at: T0,
+                }],
+                fired: false,
+            },
+        );
+        let alerts = rule
+            .evaluate(IMSI, &[call("FR", "2026-01-01T00:00:02Z")])
+            .unwrap();
+        assert_eq!(
+            alerts[0].title(),
+            "SIM 234150999999999 cloned: calls via UK and FR 2000 ms apart"
+        );
     }
 }
