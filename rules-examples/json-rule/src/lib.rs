@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
-use tocsin_rule::{Alert, Context, Error, Event, Events, Field, Manifest, Rule, Severity};
+use tocsin_rule::windows::{self, Recent};
+use tocsin_rule::{
+    Alert, Context, Error, Event, Events, Field, Manifest, OldState, Rule, Severity,
+};
 
 pub struct JsonRule;
 
@@ -35,6 +38,7 @@ pub struct Params {
     pub alert: AlertOn,
     pub severity: SeverityName,
     pub event_time: Option<String>,
+    pub allowed_lateness: Duration,
 }
 
 /// [`Params`] as read, before the checks that span fields.
@@ -53,6 +57,10 @@ struct ParamsJson {
     /// A top-level field with each event's time (RFC 3339 or epoch ms);
     /// default: the time the host accepted the event.
     event_time: Option<String>,
+    /// How far behind its partition's newest event an event may come and
+    /// still count in a window.
+    #[serde(with = "tocsin_rule::duration")]
+    allowed_lateness: Duration,
 }
 
 impl Default for ParamsJson {
@@ -65,6 +73,7 @@ impl Default for ParamsJson {
             alert: AlertOn::default(),
             severity: SeverityName::default(),
             event_time: None,
+            allowed_lateness: windows::DEFAULT_ALLOWED_LATENESS,
         }
     }
 }
@@ -109,6 +118,7 @@ impl TryFrom<ParamsJson> for Params {
             alert: p.alert,
             severity: p.severity,
             event_time: p.event_time,
+            allowed_lateness: p.allowed_lateness,
         })
     }
 }
@@ -240,11 +250,6 @@ impl Having {
             }
         }
     }
-
-    fn window_ms(&self) -> i64 {
-        self.window()
-            .map_or(0, |w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX))
-    }
 }
 
 /// When alerts are raised.
@@ -294,9 +299,24 @@ pub struct Partition {
     pub holds: bool,
     /// The latest value of the condition's property, as text.
     pub last: Option<String>,
-    /// `count`: times of the counted events; `changes`: times of the
-    /// changes; both within the window of the newest.
-    pub times: Vec<i64>,
+    /// `count`: the counted events; `changes`: the changes; both within
+    /// the window of the partition's newest event.
+    pub window: Recent<()>,
+}
+
+/// What version 1.0 stored (state schema 1).
+#[derive(Deserialize)]
+struct StateV1 {
+    partitions: BTreeMap<String, PartitionV1>,
+    all_firing: bool,
+    raised: u64,
+}
+
+#[derive(Deserialize)]
+struct PartitionV1 {
+    holds: bool,
+    last: Option<String>,
+    times: Vec<i64>,
 }
 
 impl Rule for JsonRule {
@@ -304,7 +324,7 @@ impl Rule for JsonRule {
     type State = State;
 
     fn manifest(params: &Params) -> Manifest {
-        let mut manifest = Manifest::new(params.name.as_str(), "1.0.0");
+        let mut manifest = Manifest::new(params.name.as_str(), "1.1.0").state_schema(2);
         for w in &params.where_ {
             manifest = if w.equals.is_any() {
                 manifest.when_exists(&w.property)
@@ -343,7 +363,7 @@ impl Rule for JsonRule {
                 .get_mut(key.as_str())
                 .expect("inserted above");
             let was = partition.holds;
-            let count = update(params.evaluate.having.as_ref(), partition, &event);
+            let count = update(params, partition, &event);
             let holds = partition.holds;
             let severity = Severity::from(params.severity);
             // The latest value, for the words of an alert: read only when
@@ -409,6 +429,28 @@ impl Rule for JsonRule {
         }
         Ok(())
     }
+
+    fn upgrade_state(_: &Params, old: OldState<'_>) -> Result<State, String> {
+        let old: StateV1 = old.decode()?;
+        let partitions = old
+            .partitions
+            .into_iter()
+            .map(|(key, p)| {
+                let times = p.times.into_iter().map(|t| (t, ())).collect();
+                let partition = Partition {
+                    holds: p.holds,
+                    last: p.last,
+                    window: Recent::resume(times, None),
+                };
+                (key, partition)
+            })
+            .collect();
+        Ok(State {
+            partitions,
+            all_firing: old.all_firing,
+            raised: old.raised,
+        })
+    }
 }
 
 tocsin_rule::export!(JsonRule);
@@ -427,15 +469,17 @@ fn literal(value: &Json) -> tocsin_rule::Literal {
 }
 
 /// Bring `partition` up to date with `event`; what `count` or `changes`
-/// now counts.
-fn update(having: Option<&Having>, partition: &mut Partition, event: &Event<'_>) -> usize {
+/// now counts. An event more than the allowed lateness behind the
+/// partition's newest is late for a window: dropped and counted, it changes
+/// nothing.
+fn update(params: &Params, partition: &mut Partition, event: &Event<'_>) -> usize {
     let at = event.time();
-    let Some(having) = having else {
+    let Some(having) = params.evaluate.having.as_ref() else {
         partition.holds = true;
         return 0;
     };
     let field = having.property().map(|p| event.get(p));
-    match having {
+    let (window, counted) = match having {
         Having::Latest { equals, .. } => {
             let field = field.unwrap_or(Field::Absent);
             partition.holds = equals.matches(field);
@@ -446,35 +490,43 @@ fn update(having: Option<&Having>, partition: &mut Partition, event: &Event<'_>)
             }
             return 0;
         }
-        Having::Count { equals, .. } => {
-            let counted = match (equals, field) {
-                (Some(equals), Some(field)) => equals.matches(field),
-                _ => true,
-            };
-            if counted {
-                partition.times.push(at);
+        Having::Count { window, equals, .. } => {
+            let late = !partition
+                .window
+                .advance(*window, params.allowed_lateness, at);
+            if late {
+                return partition.window.len();
             }
             if let Some(field) = field {
                 remember(&mut partition.last, field);
             }
+            let counted = match (equals, field) {
+                (Some(equals), Some(field)) => equals.matches(field),
+                _ => true,
+            };
+            (window, counted)
         }
-        Having::Changes { .. } => {
+        Having::Changes { window, .. } => {
+            let late = !partition
+                .window
+                .advance(*window, params.allowed_lateness, at);
+            if late {
+                return partition.window.len();
+            }
             // The first value is not a change; an event without the
             // property changes nothing.
             let had = partition.last.is_some();
-            if let Some(field) = field
-                && remember(&mut partition.last, field)
-                && had
-            {
-                partition.times.push(at);
-            }
+            let changed = field.is_some_and(|field| remember(&mut partition.last, field));
+            (window, changed && had)
         }
+    };
+    if counted {
+        partition
+            .window
+            .add(*window, params.allowed_lateness, at, ());
     }
-    let newest = partition.times.iter().copied().max().unwrap_or(at);
-    let since = newest.saturating_sub(having.window_ms());
-    partition.times.retain(|&t| t >= since);
-    partition.holds = partition.times.len() >= having.threshold();
-    partition.times.len()
+    partition.holds = partition.window.len() >= having.threshold();
+    partition.window.len()
 }
 
 /// Keep `field` as the latest value; whether it differs from the one kept
@@ -771,6 +823,95 @@ mod tests {
                 false,
                 "m1: 1 change of state within 10m".into()
             )]
+        );
+    }
+
+    #[test]
+    fn an_event_later_than_the_allowed_lateness_is_dropped_and_counted() {
+        let params = |lateness: Json| {
+            let mut params = json!({
+                "partitionBy": ["machineId"],
+                "eventTime": "time",
+                "evaluate": {"having": {"calc": "changes", "property": "state", "window": "10m", "threshold": 2}},
+            });
+            if !lateness.is_null() {
+                params["allowedLateness"] = lateness;
+            }
+            params
+        };
+        let at = |state: &str, second: u32| json!({"machineId": "m1", "state": state, "time": format!("2026-01-01T00:00:{second:02}Z")});
+        let events = [at("running", 10), at("stopped", 20), at("running", 14)];
+
+        // 6 s behind the newest event: late by the default 5 s.
+        let mut strict = rule(params(Json::Null));
+        assert!(strict.evaluate("", &events).unwrap().is_empty());
+        let m1 = &strict.state("").unwrap().partitions["m1"];
+        assert_eq!((m1.window.len(), m1.window.late()), (1, 1));
+        assert_eq!(
+            m1.last.as_deref(),
+            Some("stopped"),
+            "a late event changes nothing"
+        );
+
+        let mut patient = rule(params(json!("10s")));
+        let alerts = patient.evaluate("", &events).unwrap();
+        assert_eq!(
+            seen(&alerts),
+            [(
+                "m1".into(),
+                true,
+                "m1: 2 changes of state within 10m".into()
+            )]
+        );
+        assert_eq!(patient.state("").unwrap().partitions["m1"].window.late(), 0);
+
+        assert!(
+            error(params(json!("a while")))
+                .starts_with("`allowedLateness`: `a while` is not a duration"),
+            "{}",
+            error(params(json!("a while")))
+        );
+    }
+
+    #[test]
+    fn a_state_of_version_1_0_is_upgraded() {
+        #[derive(Serialize)]
+        struct PartitionV1 {
+            holds: bool,
+            last: Option<String>,
+            times: Vec<i64>,
+        }
+        #[derive(Serialize)]
+        struct StateV1 {
+            partitions: BTreeMap<String, PartitionV1>,
+            all_firing: bool,
+            raised: u64,
+        }
+        let mut rule = rule(json!({
+            "partitionBy": ["machineId"],
+            "evaluate": {"having": {"calc": "count", "window": "1m", "threshold": 2}},
+        }));
+        rule.set_now(1_000_000);
+        let old = PartitionV1 {
+            holds: false,
+            last: None,
+            times: vec![990_000],
+        };
+        rule.store_older(
+            "",
+            1,
+            "json-rule@1.0.0",
+            &StateV1 {
+                partitions: [("m1".to_owned(), old)].into(),
+                all_firing: false,
+                raised: 0,
+            },
+        );
+        let alerts = rule.evaluate("", &[json!({"machineId": "m1"})]).unwrap();
+        assert_eq!(
+            seen(&alerts),
+            [("m1".into(), true, "m1: 2 events within 1m".into())],
+            "the event counted before the upgrade still counts"
         );
     }
 
