@@ -14,6 +14,7 @@ mod alloc;
 mod context;
 mod event;
 mod json;
+pub mod lifecycle;
 mod manifest;
 mod mem;
 mod params;

@@ -32,6 +32,30 @@ pub mod duration {
         serializer.collect_str(&humantime::format_duration(*duration))
     }
 
+    /// An optional duration parameter: `null` or absent is `None`. Use it
+    /// with `#[serde(with = "tocsin_rule::duration::option")]`.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        #[derive(Deserialize, Serialize)]
+        struct Text(#[serde(with = "super")] Duration);
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            Ok(Option::<Text>::deserialize(deserializer)?.map(|Text(d)| d))
+        }
+
+        pub fn serialize<S: Serializer>(
+            duration: &Option<Duration>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            duration.map(Text).serialize(serializer)
+        }
+    }
+
     struct DurationVisitor;
 
     impl Visitor<'_> for DurationVisitor {
