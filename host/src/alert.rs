@@ -1,6 +1,8 @@
 //! Alerts as the host publishes them: the rule's alert plus where it came
 //! from, under an id that is the same whenever the same input is processed
-//! again, so consumers can deduplicate.
+//! again, so consumers can deduplicate; and a fingerprint that is the same
+//! for every notification of one alert (its firing, its repeats, its
+//! resolution), as Alertmanager's is.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -38,8 +40,12 @@ pub enum Severity {
 /// One published alert.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertRecord {
-    /// Deterministic: see [`alert_id`].
+    /// This notification's id, deterministic: see [`alert_id`].
     pub id: String,
+    /// The alert's identity, shared by all its notifications: see
+    /// [`fingerprint`].
+    #[serde(default)]
+    pub fingerprint: String,
     pub tenant: String,
     /// The rule's name (without version).
     pub rule: String,
@@ -58,6 +64,10 @@ pub struct AlertRecord {
     /// of `GET /v1/tenants/{tenant}/alerts?after=`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// The id of the tenant's silence that matched it: kept and published,
+    /// not to be notified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silenced_by: Option<String>,
 }
 
 /// An alert's detail: the JSON text the rule wrote, checked once and then
@@ -128,6 +138,17 @@ pub fn alert_id(origin: Origin<'_>, key: &str, status: Status, seq: usize) -> St
     hex::encode(&hash.finalize()[..16])
 }
 
+/// SHA-256 (first 64 bits, hex) of the tenant, rule, bucket and key: the
+/// same for the firing, every repeat and the resolution of one alert.
+pub fn fingerprint(tenant: &str, rule: &str, bucket: &str, key: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [tenant, rule, bucket, key] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(&hash.finalize()[..8])
+}
+
 impl AlertRecord {
     /// The record of the `seq`-th alert a call for `origin` emitted.
     pub fn new(
@@ -144,6 +165,7 @@ impl AlertRecord {
         let key = bounded_key(alert.key);
         AlertRecord {
             id: alert_id(origin, &key, status, seq),
+            fingerprint: fingerprint(origin.tenant, origin.rule, origin.bucket, &key),
             tenant: origin.tenant.to_owned(),
             rule: origin.rule.to_owned(),
             rule_version: rule_version.to_owned(),
@@ -166,6 +188,7 @@ impl AlertRecord {
             },
             at,
             seq: None,
+            silenced_by: None,
         }
     }
 }

@@ -98,6 +98,7 @@ pub struct Metrics {
     registry: Registry,
     rule_events: Family<RuleLabels, Counter>,
     rule_alerts: Family<RuleLabels, Counter>,
+    rule_alerts_silenced: Family<RuleLabels, Counter>,
     rule_fuel: Family<RuleLabels, Counter>,
     rule_seconds: Family<RuleLabels, Histogram, fn() -> Histogram>,
     rule_failures: Family<FailureLabels, Counter>,
@@ -128,6 +129,7 @@ impl Metrics {
         let metrics = Metrics {
             rule_events: Family::default(),
             rule_alerts: Family::default(),
+            rule_alerts_silenced: Family::default(),
             rule_fuel: Family::default(),
             rule_seconds: Family::new_with_constructor(seconds_histogram),
             rule_failures: Family::default(),
@@ -155,6 +157,11 @@ impl Metrics {
             "rule_alerts",
             "Alerts a rule raised, per tenant and rule",
             metrics.rule_alerts.clone(),
+        );
+        registry.register(
+            "rule_alerts_silenced",
+            "Alerts a rule raised that a silence of its tenant matched (kept and published, marked silenced_by), per tenant and rule",
+            metrics.rule_alerts_silenced.clone(),
         );
         registry.register(
             "rule_fuel",
@@ -251,6 +258,15 @@ impl Metrics {
                 tenant: OTHER.to_owned(),
                 rule: OTHER.to_owned(),
             }
+        }
+    }
+
+    /// Alerts a silence matched, by `(tenant, rule)`.
+    pub fn silenced(&self, alerts: &[(String, String)]) {
+        for (tenant, rule) in alerts {
+            self.rule_alerts_silenced
+                .get_or_create(&self.labels(tenant, rule))
+                .inc();
         }
     }
 

@@ -164,7 +164,8 @@ impl Server {
                 let engine = Arc::new(
                     Engine::new(catalogue, store.clone(), sink, clock)
                         .with_dead_letters(open_dead_letters(&config).await?)
-                        .with_fair_share(config.fair_share()),
+                        .with_fair_share(config.fair_share())
+                        .with_silences(registry.silences()),
                 );
                 registry.on_resume(engine.clone());
                 let (ingest, lane) = HttpIngest::start(
@@ -212,7 +213,8 @@ impl Server {
                 let engine = Arc::new(
                     Engine::new(catalogue, store.clone(), sink, clock)
                         .with_dead_letters(open_dead_letters(&config).await?)
-                        .with_fair_share(config.fair_share()),
+                        .with_fair_share(config.fair_share())
+                        .with_silences(registry.silences()),
                 );
                 registry.on_resume(engine.clone());
                 let settings = ShardSettings {
@@ -375,7 +377,7 @@ pub async fn replay(
     let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
     // The rules uploaded to this data directory's registry run too.
     let (_stop, stopped) = watch::channel(false);
-    open_registry(
+    let registry = open_registry(
         config,
         Arc::new(store.registry()),
         runtime,
@@ -391,8 +393,11 @@ pub async fn replay(
     // The engine's clock follows `clock`, and moves on to `until` at the end.
     let host_clock = Arc::new(crate::clock::ManualClock::new(clock.now_ms()));
     // A replay keeps its batches whole: its alerts come in the file's order.
-    let engine =
-        Arc::new(Engine::new(catalogue, store, alerts, host_clock.clone()).with_fair_share(None));
+    let engine = Arc::new(
+        Engine::new(catalogue, store, alerts, host_clock.clone())
+            .with_fair_share(None)
+            .with_silences(registry.silences()),
+    );
     let lane = Arc::new(Lane::new("file"));
     let mut source = FileSource::new(input, name, &config.tenant_field, config.max_batch_events);
     let started = Instant::now();

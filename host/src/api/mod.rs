@@ -1,7 +1,7 @@
 //! The HTTP API of a host: ingest (with the HTTP source), the rule registry
-//! (upload, versions, activation), tenant tokens and quotas, alerts (list
-//! and live stream) and bucket state (with the embedded store, which keeps
-//! them), the Kinesis source's status, health and readiness, and the
+//! (upload, versions, activation), tenant tokens and quotas, silences,
+//! alerts (list and live stream) and bucket state (with the embedded store,
+//! which keeps them), the Kinesis source's status, health and readiness, and the
 //! OpenAPI document of all of it at `GET /v1/openapi.json`, generated from
 //! the routes themselves.
 //!
@@ -15,6 +15,7 @@ mod alerts;
 mod dead_letters;
 mod events;
 mod rules;
+mod silences;
 mod tenants;
 
 use std::sync::Arc;
@@ -112,6 +113,8 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .routes(routes!(tenants::create_token, tenants::list_tokens))
         .routes(routes!(tenants::revoke_token))
         .routes(routes!(tenants::get_quotas, tenants::put_quotas))
+        .routes(routes!(silences::create_silence, silences::list_silences))
+        .routes(routes!(silences::delete_silence))
         .with_state(state)
         .split_for_parts();
     let openapi = Arc::new(openapi);

@@ -35,6 +35,7 @@ use crate::catalogue::Catalogue;
 use crate::clock::Clock;
 use crate::event::Incoming;
 use crate::metrics::{Metrics, RuleTally};
+use crate::registry::silences::Silences;
 use crate::runtime::{LoadedRule, StateChange, TimerChange};
 use crate::sink::dead_letters::{DeadLetter, DeadLetterSink, dead_letter_id};
 use crate::sink::{AlertSink, SinkError};
@@ -423,6 +424,9 @@ pub struct Engine {
     fair_share: Option<Duration>,
     /// Counts commits that set a timer: whatever fires timers looks again.
     timers_set: watch::Sender<u64>,
+    /// The tenants' silences, which mark the alerts they match as they
+    /// commit.
+    silences: Option<Arc<Silences>>,
 }
 
 impl Engine {
@@ -453,7 +457,14 @@ impl Engine {
                 .expect("a thread pool for the rules"),
             fair_share: Some(apart::DEFAULT_FAIR_SHARE),
             timers_set: watch::Sender::new(0),
+            silences: None,
         }
+    }
+
+    /// Mark the alerts `silences` match as they commit (`silenced_by`).
+    pub fn with_silences(mut self, silences: Arc<Silences>) -> Self {
+        self.silences = Some(silences);
+        self
     }
 
     /// Told after each commit that set a timer.
@@ -1561,6 +1572,14 @@ impl Engine {
             .writes
             .iter()
             .any(|w| matches!(w.timer, TimerChange::Set(_)));
+        // Marked before they are durable: the alert log and the stream
+        // hold the same record.
+        let silenced = match &self.silences {
+            Some(silences) => {
+                silences.mark(commit.writes.iter_mut().flat_map(|w| w.alerts.iter_mut()))
+            }
+            None => Vec::new(),
+        };
         let started = Instant::now();
         let outbox = match self.store.commit(commit).await {
             Ok(outbox) => outbox,
@@ -1615,6 +1634,7 @@ impl Engine {
             self.logs
                 .append(&tally.tenant, &tally.rule, std::mem::take(&mut tally.log));
         }
+        self.metrics.silenced(&silenced);
         self.metrics.committed(
             &tallies,
             &dead_letters,

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod dynamo;
 pub mod embedded;
 pub mod quota;
+pub mod silences;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,6 +28,7 @@ use crate::runtime::{
 };
 use auth::{Caller, TokenRecord};
 use quota::{EventRates, QuotaExceeded, Quotas};
+use silences::{NewSilence, Silence, SilenceView, Silences};
 use store::{Expect, RegistryStore, StoreError};
 
 /// Versions a rule keeps; older ones (never the active one) are pruned.
@@ -220,6 +222,10 @@ fn quota_key(tenant: &str) -> String {
     format!("quota/{tenant}")
 }
 
+fn silence_key(tenant: &str, id: &str) -> String {
+    format!("silence/{tenant}/{id}")
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -233,6 +239,8 @@ struct View {
     rules: BTreeMap<(String, String), (RuleDoc, u64)>,
     tokens: HashMap<String, TokenRecord>,
     quotas: HashMap<String, (Quotas, u64)>,
+    /// By tenant, then id.
+    silences: HashMap<String, BTreeMap<String, Silence>>,
 }
 
 /// What this host runs of one registered rule.
@@ -260,6 +268,8 @@ pub struct Registry {
     rates: EventRates,
     /// The engine whose quarantines a resume lifts.
     engine: std::sync::OnceLock<std::sync::Weak<crate::engine::Engine>>,
+    /// The tenants' silences, compiled for the engine.
+    silences: Arc<Silences>,
 }
 
 impl Registry {
@@ -284,6 +294,7 @@ impl Registry {
             refreshing: tokio::sync::Mutex::new(()),
             rates: EventRates::default(),
             engine: std::sync::OnceLock::new(),
+            silences: Arc::default(),
         });
         registry.load_all().await?;
         Ok(registry)
@@ -360,6 +371,16 @@ impl Registry {
             let tenant = key.trim_start_matches("quota/").to_owned();
             view.quotas
                 .insert(tenant, (decode(&doc.value)?, doc.revision));
+        }
+        for (_, doc) in self.store.list("silence/").await? {
+            let silence: Silence = decode(&doc.value)?;
+            view.silences
+                .entry(silence.tenant.clone())
+                .or_default()
+                .insert(silence.id.clone(), silence);
+        }
+        for (tenant, silences) in &view.silences {
+            self.silences.set(tenant, silences.values());
         }
         let tenants: HashSet<String> = view.rules.keys().map(|(t, _)| t.clone()).collect();
         *self.view.write().expect("view lock") = view;
@@ -440,6 +461,20 @@ impl Registry {
                 {
                     self.lift_quarantine(tenant, rule);
                 }
+            } else if let Some(rest) = key.strip_prefix("silence/") {
+                let Some((tenant, id)) = rest.rsplit_once('/') else {
+                    continue;
+                };
+                let silences = view.silences.entry(tenant.to_owned()).or_default();
+                match doc {
+                    Some(doc) => {
+                        silences.insert(id.to_owned(), decode(&doc.value)?);
+                    }
+                    None => {
+                        silences.remove(id);
+                    }
+                }
+                self.silences.set(tenant, silences.values());
             } else if let Some(tenant) = key.strip_prefix("quota/") {
                 match doc {
                     Some(doc) => {
@@ -647,6 +682,110 @@ impl Registry {
         }
         self.refresh().await?;
         Ok(quotas)
+    }
+
+    /// The tenants' silences, as the engine marks alerts with them.
+    pub fn silences(&self) -> Arc<Silences> {
+        self.silences.clone()
+    }
+
+    /// Keep a new silence for `tenant`; ended ones older than
+    /// [`silences::KEEP_ENDED`] go.
+    pub async fn create_silence(
+        &self,
+        tenant: &str,
+        new: NewSilence,
+        by: &Caller,
+        now_ms: i64,
+    ) -> Result<SilenceView, RegistryError> {
+        validate_tenant(tenant)?;
+        let id = auth::new_token().0;
+        // The host's clock, which also decides whether alerts are silenced.
+        let now = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(now_rfc3339);
+        let silence = new.into_silence(tenant, id.clone(), by.name(), &now)?;
+        let stale_before = now_ms.saturating_sub(silences::KEEP_ENDED.as_millis() as i64);
+        let (stale, kept): (Vec<_>, Vec<_>) = self
+            .silence_list(tenant)
+            .into_iter()
+            .partition(|s| SilenceView::new(s.clone(), stale_before).state == "expired");
+        for old in stale {
+            let key = silence_key(tenant, &old.id);
+            if let Some(doc) = self.store.get(&key).await? {
+                match self.store.write(&key, None, Expect::At(doc.revision)).await {
+                    // Another host pruned or deleted it first.
+                    Ok(_) | Err(StoreError::Conflict) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if kept.len() >= silences::MAX_SILENCES {
+            return Err(RegistryError::Conflict(format!(
+                "tenant `{tenant}` has {} silences, the most kept; delete some (ended ones go {} days after they end)",
+                kept.len(),
+                silences::KEEP_ENDED.as_secs() / 86_400
+            )));
+        }
+        self.store
+            .write(
+                &silence_key(tenant, &id),
+                Some(&encode(&silence)),
+                Expect::Absent,
+            )
+            .await?;
+        self.refresh().await?;
+        Ok(SilenceView::new(silence, now_ms))
+    }
+
+    /// `tenant`'s silences, ended ones too, by start.
+    pub fn silence_views(&self, tenant: &str, now_ms: i64) -> Vec<SilenceView> {
+        self.silence_list(tenant)
+            .into_iter()
+            .map(|s| SilenceView::new(s, now_ms))
+            .collect()
+    }
+
+    fn silence_list(&self, tenant: &str) -> Vec<Silence> {
+        let view = self.view.read().expect("view lock");
+        let mut list: Vec<Silence> = view
+            .silences
+            .get(tenant)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        list.sort_by(|a, b| (&a.starts_at, &a.id).cmp(&(&b.starts_at, &b.id)));
+        list
+    }
+
+    /// Remove a silence of `tenant`: the alerts it matched are published
+    /// unmarked from then on, on every host within [`FOLLOW_EVERY`].
+    pub async fn delete_silence(
+        &self,
+        tenant: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<SilenceView, RegistryError> {
+        let key = silence_key(tenant, id);
+        loop {
+            let Some(doc) = self.store.get(&key).await? else {
+                return Err(RegistryError::NotFound(format!(
+                    "tenant `{tenant}` has no silence `{id}`"
+                )));
+            };
+            let silence: Silence = decode(&doc.value)?;
+            match self.store.write(&key, None, Expect::At(doc.revision)).await {
+                Ok(_) => {
+                    self.refresh().await?;
+                    return Ok(SilenceView::new(silence, now_ms));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Take `events` from `tenant`'s events-per-second quota.
