@@ -473,6 +473,7 @@ async fn a_partially_failed_put_records_is_retried_without_duplicating_ids() {
     let alerts: Vec<AlertRecord> = (0..1200)
         .map(|i| AlertRecord {
             id: format!("alert-{i:04}"),
+            fingerprint: format!("{i:016x}"),
             tenant: format!("client-{:02}", i % 7),
             rule: "test-event".into(),
             rule_version: "1.0.0".into(),
@@ -484,6 +485,7 @@ async fn a_partially_failed_put_records_is_retried_without_duplicating_ids() {
             detail: tocsin::alert::Detail::from_value(&serde_json::json!({ "n": i })),
             at: 0,
             seq: None,
+            silenced_by: None,
         })
         .collect();
     sink.put(&alerts).await.unwrap();

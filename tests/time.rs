@@ -16,8 +16,12 @@ use tocsin_test_support::components;
 const T0: i64 = 1_767_225_600_000;
 
 fn config(data_dir: &Path) -> Config {
+    config_with(data_dir, json!({"running_for": "2s", "forget_after": "1h"}))
+}
+
+fn config_with(data_dir: &Path, params: Value) -> Config {
     let mut rule = RuleEntry::new("client-01", components::STILL_RUNNING);
-    rule.params = Some(json!({"running_for": "2s", "forget_after": "1h"}));
+    rule.params = Some(params);
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_owned(),
@@ -47,7 +51,11 @@ struct Host {
 
 impl Host {
     async fn start(data_dir: &Path, clock: &ManualClock) -> Host {
-        let server = Server::start(config(data_dir), Arc::new(clock.clone()))
+        Host::start_with(config(data_dir), clock).await
+    }
+
+    async fn start_with(config: Config, clock: &ManualClock) -> Host {
+        let server = Server::start(config, Arc::new(clock.clone()))
             .await
             .expect("server starts");
         let base = format!("http://{}", server.addr());
@@ -217,5 +225,146 @@ async fn buckets_untouched_past_their_time_to_live_are_removed_and_storage_stays
         clock.advance(30 * 60 * 1000);
     }
     assert!(flat.is_some_and(|bytes| bytes > 0));
+    host.server.stop().await.unwrap();
+}
+
+/// 2026-01-01T00:00:00Z plus `ms`, as RFC 3339.
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(T0 + ms) * 1_000_000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// The alert lifecycle's repeat interval and a tenant's silence, as a user
+/// of the HTTP API sees them: a repeat carries the alert's key and
+/// fingerprint under a new id; silenced alerts are kept, marked and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeats_keep_the_fingerprint_and_silenced_alerts_are_kept_and_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let params = json!({"running_for": "2s", "forget_after": "1h", "repeat_interval": "10s"});
+    let host = Host::start_with(config_with(dir.path(), params), &clock).await;
+    let silences = format!("{}/v1/tenants/client-01/silences", host.base);
+
+    let refused = host
+        .http
+        .post(&silences)
+        .json(&json!({"matchers": {"bucket": "machine-04"}, "ends_at": "next week", "created_by": "ops", "comment": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let error: Value = refused.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("`ends_at`: `next week` is not an RFC 3339 time"),
+        "{error}"
+    );
+
+    let created = host
+        .http
+        .post(&silences)
+        .json(&json!({
+            "matchers": {"bucket": "machine-04"},
+            "starts_at": rfc3339(0), "ends_at": rfc3339(3_600_000),
+            "created_by": "ops", "comment": "machine-04 is being serviced",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let silence: Value = created.json().await.unwrap();
+    assert_eq!(silence["state"], "active");
+    let id = silence["id"].as_str().unwrap().to_owned();
+    let listed: Vec<Value> = host
+        .http
+        .get(&silences)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["comment"], "machine-04 is being serviced");
+
+    host.post(&machine_status("machine-03", "running")).await;
+    host.post(&machine_status("machine-04", "running")).await;
+    clock.set(T0 + 2_500);
+    let alerts = host.alerts_when(2).await;
+    let by_machine = |alerts: &[Value], machine: &str| -> Vec<Value> {
+        alerts
+            .iter()
+            .filter(|a| a["bucket"] == machine)
+            .cloned()
+            .collect()
+    };
+    let m3 = by_machine(&alerts, "machine-03");
+    let m4 = by_machine(&alerts, "machine-04");
+    assert_eq!(m3[0]["status"], "firing");
+    assert!(m3[0].get("silenced_by").is_none(), "{m3:?}");
+    assert_eq!(m4[0]["status"], "firing", "a silenced alert is kept");
+    assert_eq!(m4[0]["silenced_by"], id.as_str());
+
+    // Ten seconds on, both are published again: same key and fingerprint,
+    // a new id.
+    clock.set(T0 + 13_000);
+    let alerts = host.alerts_when(4).await;
+    let m3 = by_machine(&alerts, "machine-03");
+    assert_eq!(m3.len(), 2, "{alerts:?}");
+    assert_eq!(m3[1]["key"], m3[0]["key"]);
+    assert_eq!(m3[1]["fingerprint"], m3[0]["fingerprint"]);
+    assert_ne!(m3[1]["id"], m3[0]["id"]);
+    assert_eq!(m3[1]["detail"]["repeat"], true);
+    assert_eq!(
+        by_machine(&alerts, "machine-04")[1]["silenced_by"],
+        id.as_str()
+    );
+
+    let metrics = host
+        .http
+        .get(format!("{}/metrics", host.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let silenced = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("tocsin_rule_alerts_silenced_total{") && l.contains("still-running")
+        })
+        .unwrap_or_else(|| panic!("no silenced count in {metrics}"));
+    assert!(silenced.ends_with(" 2"), "{silenced}");
+
+    // Deleted, the silence marks nothing more; a second delete names it.
+    let deleted = host
+        .http
+        .delete(format!("{silences}/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    let again = host
+        .http
+        .delete(format!("{silences}/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    let error: Value = again.json().await.unwrap();
+    assert_eq!(
+        error["error"],
+        format!("tenant `client-01` has no silence `{id}`")
+    );
+    clock.set(T0 + 23_000);
+    let alerts = host.alerts_when(6).await;
+    let m4 = by_machine(&alerts, "machine-04");
+    assert_eq!(m4.len(), 3, "{alerts:?}");
+    assert!(m4[2].get("silenced_by").is_none(), "{m4:?}");
     host.server.stop().await.unwrap();
 }
