@@ -618,14 +618,7 @@ fn the_cli_manages_a_running_hosts_rules_with_tokens() {
         .env("TOCSIN_OPERATOR_TOKEN", OPERATOR)
         .env("RUST_LOG", "warn");
     let (child, base) = support::spawn_serve(&mut command);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _host = Kill(child);
+    let _host = support::Kill(child);
 
     let token = tocsin_env(
         &["tenant", "token", "client-01"],
@@ -817,14 +810,7 @@ fn the_cli_reads_a_rules_logs_and_dead_letters_and_resumes_it() {
         .arg(format!("evil={}", components::HOSTILE))
         .env("RUST_LOG", "error");
     let (child, base) = support::spawn_serve(&mut command);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _host = Kill(child);
+    let _host = support::Kill(child);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     for n in 0..3 {
         let body = [

@@ -249,10 +249,7 @@ impl<A: Accumulate> Windows<A> {
                 session.acc.add(at, item);
                 // Merge until nothing overlaps: a merged session is longer
                 // and may reach the next one.
-                loop {
-                    let Some(i) = self.open.iter().position(|w| overlaps(w, &session)) else {
-                        break;
-                    };
+                while let Some(i) = self.open.iter().position(|w| overlaps(w, &session)) {
                     let other = self.open.remove(i);
                     session.start = session.start.min(other.start);
                     session.end = session.end.max(other.end);

@@ -163,7 +163,7 @@ fn bench_call(c: &mut Criterion, runtime: &Runtime) {
     let name = "any-machine-stopped";
     let wasm = std::fs::read(seed_component(name)).unwrap();
     let rule = runtime.load("client-01", name, &wasm).unwrap();
-    let (prepared, _) = tocsin_rule::__private::prepared::<R>(());
+    let (prepared, _) = tocsin_rule::__private::prepared::<R>(Default::default());
     let line = r#"{"eventType":"machineStatusChange","clientId":"client-01","machineId":"machine-01","state":"running"}"#;
     let event = Incoming::parse(line, "clientId", NOW).unwrap();
     let (buckets, _) = batch::route(rule.manifest(), &[&event]);

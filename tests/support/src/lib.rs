@@ -177,6 +177,17 @@ pub fn spawn_serve(command: &mut std::process::Command) -> (std::process::Child,
     (child, base)
 }
 
+/// A child process killed (and reaped) when this goes out of scope, also
+/// when the test fails.
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
