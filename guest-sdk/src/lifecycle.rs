@@ -72,12 +72,24 @@ pub enum Phase {
     /// Its condition holds, not yet for `for`.
     Pending { since: i64 },
     /// Published firing; `cleared` since when its condition has not held
-    /// (within `keep_firing_for`), `notified` when it was last published.
+    /// (within `keep_firing_for`), `notified` when it was last published
+    /// (kept only with a repeat interval). No time is kept that no duration
+    /// uses, so a rule without them keeps a state that does not depend on
+    /// when its events arrived: a replay or a re-read stores the same bytes.
     Firing {
-        since: i64,
-        notified: i64,
+        notified: Option<i64>,
         cleared: Option<i64>,
     },
+}
+
+impl Phase {
+    /// Fired at `at`.
+    fn firing(timing: &Timing, at: i64) -> Phase {
+        Phase::Firing {
+            notified: timing.repeat_interval.map(|_| at),
+            cleared: None,
+        }
+    }
 }
 
 /// The alerts of a bucket that are pending or firing, by key.
@@ -111,17 +123,17 @@ impl Lifecycle {
                 self.alerts.remove(key);
                 None
             }
-            (
-                Some(Phase::Firing {
-                    notified, cleared, ..
-                }),
-                true,
-            ) => {
+            (Some(Phase::Firing { notified, cleared }), true) => {
                 *cleared = None;
-                match timing.repeat_interval {
-                    Some(every) if at.saturating_sub(*notified) >= millis(every) => {
-                        *notified = at;
+                match (timing.repeat_interval, *notified) {
+                    (Some(every), Some(last)) if at.saturating_sub(last) >= millis(every) => {
+                        *notified = Some(at);
                         Some(Transition::Repeat)
+                    }
+                    // A repeat interval given since it fired counts from now.
+                    (Some(_), None) => {
+                        *notified = Some(at);
+                        None
                     }
                     _ => None,
                 }
@@ -147,11 +159,7 @@ impl Lifecycle {
             match phase {
                 Phase::Pending { since } => {
                     if now.saturating_sub(*since) >= millis(timing.pending_for) {
-                        *phase = Phase::Firing {
-                            since: now,
-                            notified: now,
-                            cleared: None,
-                        };
+                        *phase = Phase::firing(timing, now);
                         changed.push((key.clone(), Transition::Firing));
                     }
                 }
@@ -167,12 +175,11 @@ impl Lifecycle {
                 Phase::Firing {
                     notified,
                     cleared: None,
-                    ..
                 } => {
-                    if let Some(every) = timing.repeat_interval
-                        && now.saturating_sub(*notified) >= millis(every)
+                    if let (Some(every), Some(last)) = (timing.repeat_interval, *notified)
+                        && now.saturating_sub(last) >= millis(every)
                     {
-                        *notified = now;
+                        *notified = Some(now);
                         changed.push((key.clone(), Transition::Repeat));
                     }
                 }
@@ -194,7 +201,8 @@ impl Lifecycle {
                 } => Some(cleared.saturating_add(millis(timing.keep_firing_for))),
                 Phase::Firing { notified, .. } => timing
                     .repeat_interval
-                    .map(|every| notified.saturating_add(millis(every))),
+                    .zip(notified)
+                    .map(|(every, last)| last.saturating_add(millis(every))),
             })
             .min()
     }
@@ -238,8 +246,7 @@ impl Lifecycle {
         self.alerts.insert(
             key.to_owned(),
             Phase::Firing {
-                since,
-                notified: since,
+                notified: Some(since),
                 cleared: None,
             },
         );
@@ -252,14 +259,8 @@ impl Lifecycle {
         if at.saturating_sub(since) < millis(timing.pending_for) {
             return None;
         }
-        self.alerts.insert(
-            key.to_owned(),
-            Phase::Firing {
-                since: at,
-                notified: at,
-                cleared: None,
-            },
-        );
+        self.alerts
+            .insert(key.to_owned(), Phase::firing(timing, at));
         Some(Transition::Firing)
     }
 }
@@ -295,6 +296,13 @@ mod tests {
         );
         assert_eq!(alerts.observe(&t, "k", false, 4 * S), None);
         assert_eq!(alerts, Lifecycle::default(), "nothing is kept");
+        // Firing without durations keeps no time: arrival times do not
+        // make two runs' states differ.
+        let mut one = Lifecycle::default();
+        let mut two = Lifecycle::default();
+        one.observe(&t, "k", true, 5);
+        two.observe(&t, "k", true, 7_000);
+        assert_eq!(one, two);
         assert_eq!(alerts.next_due(&t), None);
     }
 
