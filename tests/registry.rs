@@ -653,6 +653,9 @@ async fn the_openapi_document_describes_every_route() {
         "DELETE /v1/tenants/{tenant}/tokens/{id}",
         "GET /v1/tenants/{tenant}/quotas",
         "PUT /v1/tenants/{tenant}/quotas",
+        "POST /v1/tenants/{tenant}/silences",
+        "GET /v1/tenants/{tenant}/silences",
+        "DELETE /v1/tenants/{tenant}/silences/{id}",
     ];
     routes.sort();
     assert_eq!(documented, routes);
