@@ -281,7 +281,7 @@ fn a_rule_failure_names_tenant_rule_and_cause() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("line 2: rule `any-machine-stopped@1.0.0` of tenant `c`: rejected event"),
+        err.contains("line 2: rule `any-machine-stopped@1.1.0` of tenant `c`: rejected event"),
         "{err}"
     );
     assert!(err.contains("`state` must be a string"), "{err}");
@@ -530,7 +530,7 @@ fn inspect_prints_manifest_and_imports() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("rule:        any-machine-stopped@1.0.0"),
+        text.contains("rule:        any-machine-stopped@1.1.0"),
         "{text}"
     );
     assert!(
