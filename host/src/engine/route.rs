@@ -135,7 +135,8 @@ pub fn event_time(manifest: &Manifest, index: usize, event: &Incoming) -> Result
     }
 }
 
-fn parse_rfc3339(s: &str) -> Option<i64> {
+/// An RFC 3339 time as epoch milliseconds, as the host reads event times.
+pub(crate) fn parse_rfc3339(s: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }

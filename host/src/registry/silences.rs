@@ -18,6 +18,7 @@ use wildmatch::WildMatch;
 
 use super::RegistryError;
 use crate::alert::AlertRecord;
+use crate::engine::route::parse_rfc3339 as parse_time;
 
 /// Silences a tenant may keep, ended ones included.
 pub const MAX_SILENCES: usize = 1_000;
@@ -104,12 +105,6 @@ impl SilenceView {
 /// Epoch milliseconds of a time already validated.
 fn millis(rfc3339: &str) -> i64 {
     parse_time(rfc3339).unwrap_or(i64::MIN)
-}
-
-fn parse_time(text: &str) -> Option<i64> {
-    let t =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 impl NewSilence {

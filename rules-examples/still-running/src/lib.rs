@@ -59,7 +59,7 @@ impl Default for Params {
 
 impl Params {
     fn running_for_ms(&self) -> i64 {
-        i64::try_from(self.running_for.as_millis()).unwrap_or(i64::MAX)
+        tocsin_rule::windows::millis(self.running_for)
     }
 
     fn timing(&self) -> Timing {
