@@ -7,14 +7,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
+use tocsin::catalogue::StaticCatalogue;
 use tocsin::clock::ManualClock;
 use tocsin::config::{Config, RuleEntry};
+use tocsin::engine::Scratch;
 use tocsin::engine::route;
-use tocsin::engine::run as pipeline;
 use tocsin::event::Incoming;
-use tocsin::runtime::{
-    Cause, Limits, LoadedRule, RuleError, RuleSettings, Runtime, RuntimeConfig, StateChange,
-};
+use tocsin::runtime::{Cause, Limits, LoadedRule, RuleError, RuleSettings, Runtime, RuntimeConfig};
 use tocsin::sink::writer::WriterSink;
 use tocsin::store::{AlertLog, embedded::EmbeddedStore};
 use tocsin_rule::testing::Harness;
@@ -73,18 +72,22 @@ fn hostile(attack: &str) -> String {
     json!({"clientId": "evil", "attack": attack}).to_string()
 }
 
-/// One batch through `rule`, no state stored: the first bucket's alerts
-/// (key and detail) or its failure.
+/// One `evaluate` call of `rule` over `lines` as one bucket, no state
+/// stored (the sandbox alone, as the engine calls it): the alerts (key and
+/// detail) or the failure.
 fn run_once(rule: &LoadedRule, lines: &[String], now: i64) -> Result<Vec<(String, Value)>, Cause> {
     let events = events(lines, now);
     let refs: Vec<&Incoming> = events.iter().collect();
-    let run = pipeline::run_rule(rule, &refs, now, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
-    let bucket = run.buckets.into_iter().next().expect("one bucket");
-    let outcome = bucket.result.map_err(|e| e.cause)?;
-    Ok(outcome
+    let (buckets, _) = route::route(rule.manifest(), &refs);
+    let bucket = buckets.into_iter().next().expect("one bucket");
+    let last = &events[*bucket.members.last().unwrap()].position;
+    let output = rule
+        .evaluate(&bucket.key, None, &bucket.batch, now, last)
+        .map_err(|e| e.cause)?;
+    Ok(output
         .alerts
-        .into_iter()
-        .map(|a| (a.key, a.detail.to_value()))
+        .iter()
+        .map(|a| (a.key.to_owned(), serde_json::from_str(a.detail).unwrap()))
         .collect())
 }
 
@@ -326,33 +329,20 @@ async fn one_component_runs_under_two_names_for_one_tenant() {
     );
 }
 
-/// Run the seed events for `tenant` through `rule` (batches of 4, state
-/// carried): each alert as (bucket, key, status).
-fn seed_alerts(rule: &LoadedRule, tenant: &str) -> Vec<(String, String, String)> {
+/// Run the seed events for `tenant` through `rule` on the engine (batches
+/// of 4, state carried): each alert as (bucket, key, status).
+fn seed_alerts(rule: LoadedRule, tenant: &str) -> Vec<(String, String, String)> {
     let all = events(&support::seed_events(), NOW);
-    let mine: Vec<&Incoming> = all.iter().filter(|e| e.tenant == tenant).collect();
-    let mut states: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mine: Vec<Incoming> = all.into_iter().filter(|e| e.tenant == tenant).collect();
+    let catalogue = StaticCatalogue::from_rules([rule]).unwrap();
+    let scratch = Scratch::new(Arc::new(catalogue), NOW).unwrap();
     let mut alerts = Vec::new();
     for chunk in mine.chunks(4) {
-        let run = pipeline::run_rule(rule, chunk, NOW, |bucket| {
-            Ok::<_, ()>(states.get(bucket).cloned())
-        })
-        .unwrap();
-        for bucket in run.buckets {
-            let outcome = bucket.result.unwrap();
-            match outcome.state {
-                StateChange::Unchanged => {}
-                StateChange::Set(bytes) => {
-                    states.insert(bucket.key.clone(), bytes);
-                }
-                StateChange::Delete => {
-                    states.remove(&bucket.key);
-                }
-            }
-            for alert in outcome.alerts {
-                let status = serde_json::to_value(alert.status).unwrap();
-                alerts.push((alert.bucket, alert.key, status.as_str().unwrap().to_owned()));
-            }
+        let ran = scratch.run(chunk.to_vec()).unwrap();
+        assert!(ran.rejected.is_empty(), "{:?}", ran.rejected);
+        for alert in ran.alerts {
+            let status = serde_json::to_value(alert.status).unwrap();
+            alerts.push((alert.bucket, alert.key, status.as_str().unwrap().to_owned()));
         }
     }
     alerts
@@ -387,8 +377,8 @@ fn the_seed_rules_written_as_json_rule_parameters_alert_as_the_rust_ones() {
         )
         .unwrap();
         assert_eq!(data.name(), rule);
-        let rust_alerts = seed_alerts(&rust, tenant);
-        let data_alerts = seed_alerts(&data, tenant);
+        let rust_alerts = seed_alerts(rust, tenant);
+        let data_alerts = seed_alerts(data, tenant);
         assert!(!rust_alerts.is_empty(), "{rule} raises alerts on the seed");
         let (rust, data) = match rule {
             // Bucket per machine / partition per machine.
@@ -517,9 +507,10 @@ fn a_rule_written_from_the_wit_alone_runs_as_the_sdk_one() {
     let sdk = load(&runtime, "client-02", components::ANY_MACHINE_STOPPED);
     let plain = load(&runtime, "client-02", components::PLAIN_WIT);
     assert_eq!(plain.label(), "plain-wit@1.0.0");
-    let expected = seed_alerts(&sdk, "client-02");
+    let expected = seed_alerts(sdk, "client-02");
     assert!(!expected.is_empty());
-    assert_eq!(seed_alerts(&plain, "client-02"), expected);
+    let again = load(&runtime, "client-02", components::PLAIN_WIT);
+    assert_eq!(seed_alerts(again, "client-02"), expected);
 
     let stopped = [
         json!({"eventType": "machineStatusChange", "clientId": "client-02",

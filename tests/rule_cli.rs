@@ -260,8 +260,16 @@ fn a_rule_failure_names_tenant_rule_and_cause() {
     );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
+    // Run as the host runs it: the failing event is bisected out and
+    // reported by its line, the other is applied, and the test fails.
     assert!(
-        err.contains("rule `hostile@0.1.0` of tenant `evil`: ran out of fuel"),
+        err.contains("-: line 2: rule `hostile@0.1.0` of tenant `evil`: ran out of fuel"),
+        "{err}"
+    );
+    assert!(!err.contains("line 1:"), "{err}");
+    assert!(err.contains("events: 2 (1 applied)"), "{err}");
+    assert!(
+        err.ends_with("error: -: the rule did not apply 1 of 2 events (listed above)\n"),
         "{err}"
     );
 
@@ -295,7 +303,7 @@ fn a_rule_failure_names_tenant_rule_and_cause() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("bucket `` (batch from line 1): rule `hostile@0.1.0` of tenant `evil`: rejected event #999 of the batch: made up"),
+        err.contains("line 1: rule `hostile@0.1.0` of tenant `evil`: rejected event #999 of the batch: made up"),
         "{err}"
     );
 }
@@ -696,86 +704,143 @@ fn the_cli_manages_a_running_hosts_rules_with_tokens() {
     );
 }
 
-/// `tocsin rule new` makes a crate that builds both ways on its own and
-/// whose component passes `tocsin rule test` on its sample events at once.
+/// A tenant's first hour, from an empty directory outside this repository
+/// with the `tocsin` binary alone (copied there) and a `HOME` that knows
+/// nothing of the checkout: `rule new` → `cargo test` → a build with cargo
+/// and with cargo-component → `rule test` passes → upload to a running
+/// host with a tenant token → post events → read the alerts.
 #[test]
-fn a_new_rule_crate_builds_both_ways_and_passes_rule_test() {
+fn a_new_user_goes_from_rule_new_to_alerts_outside_the_repository() {
+    const OPERATOR: &str = "the-operator-token-of-the-journey-test-0123";
     let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("hot-machines");
-    let created = tocsin_env(
-        &[
-            "rule",
-            "new",
-            "hot-machines",
-            "--dir",
-            dir.to_str().unwrap(),
-        ],
-        &[],
+    let home = work.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let bin = work.path().join("bin/tocsin");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_tocsin"), &bin).unwrap();
+    let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .canonicalize()
+        .unwrap();
+    // The toolchain stays where rustup put it; nothing else is inherited.
+    let real_home = std::path::PathBuf::from(std::env::var_os("HOME").unwrap());
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| real_home.join(".cargo"));
+    let rustup_home = std::env::var_os("RUSTUP_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| real_home.join(".rustup"));
+    let user = |program: &std::path::Path, args: &[&str], dir: &std::path::Path| -> Output {
+        let mut command = Command::new(program);
+        command.args(args).current_dir(dir).env_clear();
+        for var in ["PATH", "LANG", "TMPDIR"] {
+            if let Some(value) = std::env::var_os(var) {
+                command.env(var, value);
+            }
+        }
+        command
+            .env("HOME", &home)
+            .env("CARGO_HOME", &cargo_home)
+            .env("RUSTUP_HOME", &rustup_home)
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", program.display()))
+    };
+
+    let version = user(&bin, &["--version"], work.path());
+    assert_eq!(
+        stdout(&version),
+        format!(
+            "tocsin {} (hosts tocsin:rule@0.2.0 components)\n",
+            env!("CARGO_PKG_VERSION")
+        )
     );
+
+    let created = user(&bin, &["rule", "new", "hot-machines"], work.path());
     assert!(created.status.success(), "{}", stderr(&created));
-    for file in ["Cargo.toml", "src/lib.rs", "events.ndjson", "README.md"] {
-        assert!(dir.join(file).exists(), "{file}");
+    let dir = work.path().join("hot-machines");
+    for file in [
+        "Cargo.toml",
+        "src/lib.rs",
+        "events.ndjson",
+        "README.md",
+        "vendor/tocsin-rule/Cargo.toml",
+        "vendor/tocsin-rule/src/lib.rs",
+        "vendor/tocsin-rule/wit/rule.wit",
+    ] {
+        assert!(dir.join(file).is_file(), "{file}");
     }
-    let again = tocsin_env(
-        &[
-            "rule",
-            "new",
-            "hot-machines",
-            "--dir",
-            dir.to_str().unwrap(),
-        ],
-        &[],
+    // Nothing written points outside the crate.
+    let mut pending = vec![dir.clone()];
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                !text.contains(checkout.to_str().unwrap()) && !text.contains("path = \"/"),
+                "{} points outside the crate",
+                path.display()
+            );
+        }
+    }
+    let wit = std::fs::read_to_string(dir.join("vendor/tocsin-rule/wit/rule.wit")).unwrap();
+    assert_eq!(
+        wit,
+        std::fs::read_to_string(checkout.join("wit/rule.wit")).unwrap(),
+        "the carried contract is the host's"
     );
-    assert!(
-        stderr(&again).contains("exists: choose a new directory"),
-        "{}",
-        stderr(&again)
+
+    // Refusals name what is wrong.
+    let again = user(&bin, &["rule", "new", "hot-machines"], work.path());
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(
+        stderr(&again),
+        "error: hot-machines is not empty: give a new or empty directory\n"
     );
-    let bad = tocsin_env(&["rule", "new", "Hot_Machines"], &[]);
+    let bad = user(&bin, &["rule", "new", "Hot_Machines"], work.path());
+    assert_eq!(bad.status.code(), Some(1));
     assert!(
-        stderr(&bad).contains("must start with a lowercase letter"),
+        stderr(&bad).contains("`Hot_Machines` is not a valid rule crate name"),
         "{}",
         stderr(&bad)
     );
 
-    // Builds share a target directory across runs of the suite.
-    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("rule-new");
-    let cargo = |args: &[&str]| {
-        let output = Command::new("cargo")
-            .args(args)
-            .current_dir(&dir)
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .unwrap();
+    let cargo = std::path::Path::new("cargo");
+    for args in [
+        &["test", "--quiet"][..],
+        &["build", "--release", "--quiet", "--target", "wasm32-wasip2"],
+        &["component", "build", "--release", "--quiet"],
+    ] {
+        let output = user(cargo, args, &dir);
         assert!(
             output.status.success(),
             "cargo {args:?}: {}",
             stderr(&output)
         );
-    };
-    cargo(&["test", "--quiet"]);
-    cargo(&["build", "--release", "--quiet", "--target", "wasm32-wasip2"]);
-    cargo(&["component", "build", "--release", "--quiet"]);
-    let events = dir.join("events.ndjson");
+    }
+    let mut components = Vec::new();
     for built in ["wasm32-wasip2", "wasm32-wasip1"] {
-        let wasm = target.join(built).join("release/hot_machines.wasm");
-        let out = tocsin(
+        let wasm = dir
+            .join("target")
+            .join(built)
+            .join("release/hot_machines.wasm");
+        let size = std::fs::metadata(&wasm).unwrap().len();
+        eprintln!("{built}: {} ({size} bytes)", wasm.display());
+        assert!(size < 300_000, "{built}: {size} bytes");
+        let out = user(
+            &bin,
             &[
                 "rule",
                 "test",
                 wasm.to_str().unwrap(),
                 "--events",
-                events.to_str().unwrap(),
-                "--now",
-                "0",
+                "events.ndjson",
             ],
-            None,
+            &dir,
         );
         assert!(out.status.success(), "{built}: {}", stderr(&out));
-        let alerts = alerts(&out);
-        let shapes: Vec<(String, String)> = alerts
+        let shapes: Vec<(String, String)> = alerts(&out)
             .iter()
             .map(|a| {
                 (
@@ -792,8 +857,90 @@ fn a_new_rule_crate_builds_both_ways_and_passes_rule_test() {
             ],
             "{built}"
         );
-        assert_eq!(alerts[0]["rule"], "hot-machines");
+        components.push(wasm);
     }
+
+    // A host with an operator; the tenant gets a token and uploads.
+    let data = work.path().join("data");
+    let mut serve = Command::new(&bin);
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .current_dir(work.path())
+        .env("HOME", &home)
+        .env("TOCSIN_OPERATOR_TOKEN", OPERATOR)
+        .env("RUST_LOG", "warn");
+    let (child, base) = support::spawn_serve(&mut serve);
+    let _host = support::Kill(child);
+    let token = tocsin_env(
+        &["tenant", "token", "my-tenant"],
+        &[("TOCSIN_URL", &base), ("TOCSIN_TOKEN", OPERATOR)],
+    );
+    assert!(token.status.success(), "{}", stderr(&token));
+    let token = stdout(&token).trim().to_owned();
+    let as_tenant = [
+        ("TOCSIN_URL", base.as_str()),
+        ("TOCSIN_TOKEN", token.as_str()),
+    ];
+    let upload = tocsin_env(
+        &[
+            "rule",
+            "upload",
+            components[0].to_str().unwrap(),
+            "--tenant",
+            "my-tenant",
+            "--name",
+            "hot-machines",
+        ],
+        &as_tenant,
+    );
+    assert!(upload.status.success(), "{}", stderr(&upload));
+
+    let curl = |args: &[&str]| -> String {
+        let output = Command::new("curl")
+            .args(["--silent", "--show-error", "--fail-with-body"])
+            .args(["--header", &format!("Authorization: Bearer {token}")])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "curl {args:?}: {}",
+            stderr(&output)
+        );
+        stdout(&output)
+    };
+    let events = dir.join("events.ndjson");
+    let answer = curl(&[
+        "--data-binary",
+        &format!("@{}", events.display()),
+        "--header",
+        "Content-Type: application/x-ndjson",
+        &format!("{base}/v1/events"),
+    ]);
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["accepted"], 6, "{answer}");
+    let listed = curl(&[&format!("{base}/v1/tenants/my-tenant/alerts")]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let alerts: Vec<(&str, &str, &str)> = listed
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .map(|a| {
+            (
+                a["rule"].as_str().unwrap(),
+                a["key"].as_str().unwrap(),
+                a["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            ("hot-machines", "too-hot", "firing"),
+            ("hot-machines", "too-hot", "resolved")
+        ]
+    );
 }
 
 /// `tocsin rule logs` prints why a rule's calls failed, `tocsin tenant
@@ -966,4 +1113,78 @@ fn replay_until_fires_the_timers_due_by_then_once() {
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert_eq!(alerts[0]["key"], "still-running-1");
     assert!(stderr(&out).contains("timers fired: 1"), "{}", stderr(&out));
+}
+
+/// `--until` fires exactly the timers due at or before it, each at its due
+/// time, in order, on the wall clock as on a fixed one: a replay of a past
+/// morning with `--until 08:09` must not fire the 08:10 timer (it did:
+/// the clock was today's, long past every timer in the file).
+#[test]
+fn until_fires_exactly_the_timers_due_by_then_each_at_its_due_time() {
+    let at = |minute: u32| format!("2026-11-20T08:{minute:02}:00Z");
+    let ms = |minute: i64| 1_795_161_600_000i64 + minute * 60_000;
+    let status = |machine: &str, state: &str, minute: u32| {
+        serde_json::json!({
+            "eventType": "machineStatusChange", "clientId": "client-01",
+            "machineId": machine, "state": state, "time": at(minute),
+        })
+        .to_string()
+    };
+    let file = events_file(&[
+        status("machine-01", "running", 0),
+        status("machine-03", "running", 3),
+        status("machine-02", "running", 5),
+        status("machine-03", "stopped", 7),
+    ]);
+    let params = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(params.path(), r#"{"running_for": "10m"}"#).unwrap();
+    let run = |until: &str| {
+        let out = tocsin(
+            &[
+                "rule",
+                "test",
+                components::STILL_RUNNING,
+                "--events",
+                file.path().to_str().unwrap(),
+                "--params",
+                params.path().to_str().unwrap(),
+                "--until",
+                until,
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let fired: Vec<(String, i64)> = alerts(&out)
+            .iter()
+            .map(|a| {
+                (
+                    a["bucket"].as_str().unwrap().to_owned(),
+                    a["at"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        (fired, stderr(&out))
+    };
+    let (fired, summary) = run(&at(9));
+    assert_eq!(fired, [], "nothing is due by 08:09");
+    assert!(summary.contains("timers fired: 0"), "{summary}");
+
+    let (fired, summary) = run(&at(10));
+    assert_eq!(
+        fired,
+        [("machine-01".to_owned(), ms(10))],
+        "due at 08:10 exactly"
+    );
+    assert!(summary.contains("timers fired: 1"), "{summary}");
+
+    let (fired, summary) = run(&at(30));
+    assert_eq!(
+        fired,
+        [
+            ("machine-01".to_owned(), ms(10)),
+            ("machine-02".to_owned(), ms(15))
+        ],
+        "each at its due time, in order; the stopped machine's timer was cancelled"
+    );
+    assert!(summary.contains("timers fired: 2"), "{summary}");
 }

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use tocsin::alert::AlertRecord;
-use tocsin::engine::run as pipeline;
+use tocsin::catalogue::StaticCatalogue;
+use tocsin::engine::{Scratch, route};
 use tocsin::event::Incoming;
 use tocsin::runtime::{Cause, Limits, LoadedRule, Output, RuleError, Runtime, RuntimeConfig};
 use tocsin_test_support::{self as support, components};
@@ -29,8 +30,9 @@ fn load(runtime: &Runtime, tenant: &str, path: &str) -> Result<LoadedRule, RuleE
     runtime.load(tenant, path, &wasm)
 }
 
-/// Run every seed event through `rule` in batches of `batch_size`, state
-/// carried from batch to batch, and return each tenant's alerts.
+/// Run every seed event through `rule` (for both clients) in batches of
+/// `batch_size` through the engine, state carried from batch to batch, and
+/// return each tenant's alerts.
 fn run_seed(
     runtime: &Runtime,
     rule: &str,
@@ -46,36 +48,17 @@ fn run_seed(
             event
         })
         .collect();
-    let mut rules = BTreeMap::new();
-    let mut states: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+    let rules = support::CLIENTS
+        .iter()
+        .map(|tenant| load(runtime, tenant, path).unwrap());
+    let catalogue = StaticCatalogue::from_rules(rules).unwrap();
+    let scratch = Scratch::new(std::sync::Arc::new(catalogue), 1_000).unwrap();
     let mut alerts: BTreeMap<String, Vec<AlertRecord>> = BTreeMap::new();
     for chunk in events.chunks(batch_size) {
-        for (tenant, indices) in pipeline::by_tenant(chunk) {
-            let rule = rules
-                .entry(tenant.to_owned())
-                .or_insert_with(|| load(runtime, tenant, path).unwrap());
-            let refs: Vec<&Incoming> = indices.iter().map(|&i| &chunk[i]).collect();
-            let run = pipeline::run_rule(rule, &refs, 1_000, |bucket| {
-                Ok::<_, ()>(states.get(&(tenant.to_owned(), bucket.to_owned())).cloned())
-            })
-            .unwrap();
-            for bucket in run.buckets {
-                let outcome = bucket.result.unwrap_or_else(|e| panic!("{rule:?}: {e}"));
-                let key = (tenant.to_owned(), bucket.key);
-                match outcome.state {
-                    tocsin::runtime::StateChange::Unchanged => {}
-                    tocsin::runtime::StateChange::Set(bytes) => {
-                        states.insert(key, bytes);
-                    }
-                    tocsin::runtime::StateChange::Delete => {
-                        states.remove(&key);
-                    }
-                }
-                alerts
-                    .entry(tenant.to_owned())
-                    .or_default()
-                    .extend(outcome.alerts);
-            }
+        let ran = scratch.run(chunk.to_vec()).unwrap();
+        assert!(ran.rejected.is_empty(), "{rule}: {:?}", ran.rejected);
+        for alert in ran.alerts {
+            alerts.entry(alert.tenant.clone()).or_default().push(alert);
         }
     }
     alerts
@@ -160,32 +143,50 @@ fn alert_ids_are_deterministic_and_unique() {
     assert_eq!(unique.len(), ids(&first).len(), "no two alerts share an id");
 }
 
-/// State lookup for runs that start from nothing.
-fn no_state(_bucket: &str) -> Result<Option<Vec<u8>>, ()> {
-    Ok(None)
-}
-
 fn event(attack: &str) -> Incoming {
     let line = format!(r#"{{"clientId":"evil","attack":"{attack}"}}"#);
-    Incoming::parse(&line, "clientId", 0).unwrap()
+    let mut event = Incoming::parse(&line, "clientId", 0).unwrap();
+    event.position = format!("test:{attack}");
+    event
 }
 
-/// One batch of `attacks` through `rule` in one bucket: the alerts' keys
-/// and `instance_calls` details, or the failure.
+/// One `evaluate` call of `rule` over `events` as one bucket, on `stored`:
+/// the sandbox alone, as the engine calls it.
+fn call(
+    rule: &LoadedRule,
+    events: &[Incoming],
+    stored: Option<&[u8]>,
+) -> Result<tocsin::runtime::CallOutput, RuleError> {
+    let refs: Vec<&Incoming> = events.iter().collect();
+    let (buckets, unroutable) = route::route(rule.manifest(), &refs);
+    assert!(unroutable.is_empty());
+    let bucket = buckets.into_iter().next().expect("one bucket");
+    let last = &events[*bucket.members.last().unwrap()].position;
+    rule.evaluate(&bucket.key, stored, &bucket.batch, 0, last)
+}
+
+/// One call of `rule` over `attacks` in one bucket: the alerts' keys and
+/// `instance_calls` details, or the failure.
 fn attack(
     rule: &LoadedRule,
     attacks: &[&str],
 ) -> Result<Vec<(String, serde_json::Value)>, RuleError> {
     let events: Vec<Incoming> = attacks.iter().map(|a| event(a)).collect();
-    let refs: Vec<&Incoming> = events.iter().collect();
-    let run = pipeline::run_rule(rule, &refs, 0, no_state).unwrap();
-    let bucket = run.buckets.into_iter().next().expect("one bucket");
-    let outcome = bucket.result?;
-    Ok(outcome
+    let output = call(rule, &events, None)?;
+    Ok(output
         .alerts
-        .into_iter()
-        .map(|a| (a.key, a.detail.to_value()["instance_calls"].clone()))
+        .iter()
+        .map(|a| {
+            let detail: serde_json::Value = serde_json::from_str(a.detail).unwrap();
+            (a.key.to_owned(), detail["instance_calls"].clone())
+        })
         .collect())
+}
+
+/// How many alerts one call of `rule` over `events` raised.
+fn alert_count(rule: &LoadedRule, events: &[Incoming]) -> usize {
+    let output = call(rule, events, None).unwrap_or_else(|e| panic!("{e}"));
+    output.alerts.iter().count()
 }
 
 fn cause(result: Result<Vec<(String, serde_json::Value)>, RuleError>) -> Cause {
@@ -296,9 +297,11 @@ fn hostile_rules_are_stopped_with_typed_errors_and_healthy_rules_go_on() {
 
     let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
     let stopped = Incoming::parse(line, "clientId", 0).unwrap();
-    let run = pipeline::run_rule(&healthy, &[&stopped], 0, no_state).unwrap();
-    let alerts = &run.buckets[0].result.as_ref().unwrap().alerts;
-    assert_eq!(alerts.len(), 1, "the healthy tenant's rule still alerts");
+    assert_eq!(
+        alert_count(&healthy, &[stopped]),
+        1,
+        "the healthy tenant's rule still alerts"
+    );
 }
 
 #[test]
@@ -327,10 +330,10 @@ fn the_sandbox_shows_no_environment_arguments_or_files() {
     let runtime = runtime();
     let hostile = load(&runtime, "evil", components::HOSTILE).unwrap();
     let events = [event("peek")];
-    let run = pipeline::run_rule(&hostile, &[&events[0]], 0, no_state).unwrap();
-    let alert = &run.buckets[0].result.as_ref().unwrap().alerts[0];
+    let output = call(&hostile, &events, None).unwrap();
+    let alert = output.alerts.iter().next().expect("an alert");
     assert_eq!(
-        alert.detail.to_value(),
+        serde_json::from_str::<serde_json::Value>(alert.detail).unwrap(),
         serde_json::json!({"env": 0, "args": 0, "root_dir": false, "etc_passwd": false})
     );
 }
@@ -341,9 +344,7 @@ fn undecodable_state_is_a_bad_state_error() {
     let rule = load(&runtime, "client-02", components::ANY_MACHINE_STOPPED).unwrap();
     let line = r#"{"clientId":"client-02","eventType":"machineStatusChange","machineId":"m1","state":"stopped"}"#;
     let stopped = Incoming::parse(line, "clientId", 0).unwrap();
-    let run =
-        pipeline::run_rule(&rule, &[&stopped], 0, |_| Ok::<_, ()>(Some(vec![9, 9, 9]))).unwrap();
-    let error = run.buckets[0].result.clone().unwrap_err();
+    let error = call(&rule, &[stopped], Some(&[9, 9, 9])).unwrap_err();
     assert_eq!(
         error.cause,
         Cause::BadState("unknown state format 9".into())
@@ -395,17 +396,17 @@ fn a_replayed_batch_skips_what_each_bucket_already_applied() {
         })
         .collect();
     let refs: Vec<&Incoming> = events.iter().collect();
+    // The engine's own run over one rule, with the prior its store read.
     let keys = |applied: Option<&str>| -> Vec<String> {
-        let run = pipeline::run_rule_after(&rule, &refs, 0, |_| {
-            Ok::<_, ()>(tocsin::store::Prior {
-                state: None,
-                applied: applied.and_then(tocsin::event::SeqNo::new),
-            })
-        })
-        .unwrap();
+        let (buckets, _) = route::route(rule.manifest(), &refs);
+        let prior = tocsin::store::Prior {
+            state: None,
+            applied: applied.and_then(tocsin::event::SeqNo::new),
+        };
+        let run = tocsin::engine::run::run_contained(&rule, &refs, buckets, 0, [prior]);
         run.buckets
             .into_iter()
-            .flat_map(|b| b.result.unwrap().alerts)
+            .flat_map(|b| b.outcome.map(|o| o.alerts).unwrap_or_default())
             .map(|a| a.key)
             .collect()
     };
@@ -450,10 +451,8 @@ fn rules_outnumbering_the_instance_pool_all_run_and_idle_instances_are_dropped()
     .unwrap();
     for round in 0..2 {
         for rule in &rules {
-            let run =
-                pipeline::run_rule(rule, &[&event], 0, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
-            let alerts = &run.buckets[0].result.as_ref().unwrap().alerts;
-            assert_eq!(alerts.len(), 1, "round {round}, {}", rule.tenant());
+            let alerts = alert_count(rule, std::slice::from_ref(&event));
+            assert_eq!(alerts, 1, "round {round}, {}", rule.tenant());
             assert!(runtime.live_instances() <= 4);
         }
     }
@@ -465,10 +464,8 @@ fn rules_outnumbering_the_instance_pool_all_run_and_idle_instances_are_dropped()
     assert!(runtime.drop_idle_instances(std::time::Duration::ZERO) > 0);
     assert_eq!(runtime.live_instances(), 0);
     assert!(rules.iter().all(|r| !r.is_live()));
-    let run =
-        pipeline::run_rule(&rules[0], &[&event], 0, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
     assert_eq!(
-        run.buckets[0].result.as_ref().unwrap().alerts.len(),
+        alert_count(&rules[0], std::slice::from_ref(&event)),
         1,
         "started again"
     );
@@ -510,10 +507,7 @@ fn rules_started_on_many_threads_at_once_share_a_full_pool() {
             scope.spawn(move || {
                 for round in 0..40 {
                     let rule = &rules[(worker * 7 + round * 3) % rules.len()];
-                    let run =
-                        pipeline::run_rule(rule, &[event], 0, |_| Ok::<_, ()>(None::<Vec<u8>>))
-                            .unwrap();
-                    if let Err(error) = &run.buckets[0].result {
+                    if let Err(error) = call(rule, std::slice::from_ref(event), None) {
                         panic!("worker {worker}, round {round}: {error}");
                     }
                 }

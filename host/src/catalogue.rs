@@ -157,6 +157,24 @@ impl StaticCatalogue {
         })
     }
 
+    /// Rules already loaded, each for its own tenant.
+    pub fn from_rules(rules: impl IntoIterator<Item = LoadedRule>) -> Result<Self, CatalogueError> {
+        let mut by_tenant: HashMap<String, Vec<Arc<LoadedRule>>> = HashMap::new();
+        for rule in rules {
+            let tenant_rules = by_tenant.entry(rule.tenant().to_owned()).or_default();
+            if tenant_rules.iter().any(|r| r.name() == rule.name()) {
+                return Err(CatalogueError::Duplicate {
+                    tenant: rule.tenant().to_owned(),
+                    rule: rule.name().to_owned(),
+                });
+            }
+            tenant_rules.push(Arc::new(rule));
+        }
+        Ok(StaticCatalogue {
+            by_tenant: by_tenant.into_iter().map(|(t, r)| (t, r.into())).collect(),
+        })
+    }
+
     pub fn tenants(&self) -> usize {
         self.by_tenant.len()
     }

@@ -1,6 +1,6 @@
 //! The `tocsin` command: argument parsing and printing over the library.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -28,10 +28,19 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// The sandbox's instance pool in `tocsin bench`: the service's default.
 const DEFAULT_BENCH_INSTANCES: u32 = tocsin::config::DEFAULT_MAX_INSTANCES;
 
+/// `tocsin --version`: the binary's version and the rule world it hosts.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (hosts tocsin:rule@{} components)",
+        env!("CARGO_PKG_VERSION"),
+        tocsin::runtime::WORLD_VERSION
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "tocsin",
-    version,
+    version = VERSION.as_str(),
     about = "Multi-tenant streaming alert engine"
 )]
 struct Cli {
@@ -97,8 +106,9 @@ struct ReplayArgs {
     /// Events per batch [default: the config's max_batch_events].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: Option<u32>,
-    /// After the last event, move the host's clock to TIME (RFC 3339 or epoch
-    /// milliseconds): the timers due by then fire.
+    /// Never let the host's clock pass TIME (RFC 3339 or epoch milliseconds); after the
+    /// last event move it to TIME: exactly the timers due at or before TIME fire, each at
+    /// its due time, in order.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<i64>,
 }
@@ -279,12 +289,15 @@ enum RuleCommand {
     New {
         /// The rule's name: lowercase letters, digits and `-`.
         name: String,
-        /// Directory to create [default: ./NAME].
+        /// Directory to create, or an empty one to fill [default: ./NAME].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Path of the tocsin-rule SDK [default: this checkout's, else the crates.io release].
-        #[arg(long)]
+        /// Depend on a local checkout of the tocsin-rule SDK at PATH [default: the SDK this binary carries, written into the crate's vendor/tocsin-rule].
+        #[arg(long, value_name = "PATH", conflicts_with = "sdk_version")]
         sdk: Option<PathBuf>,
+        /// Depend on this release of tocsin-rule from the crate registry.
+        #[arg(long, value_name = "V")]
+        sdk_version: Option<String>,
     },
     /// Upload a component to a running host as a new version of a tenant's rule (active at once unless --inactive).
     Upload {
@@ -376,15 +389,14 @@ struct TestArgs {
     /// Fix the processing clock (epoch milliseconds or RFC 3339) for reproducible output.
     #[arg(long, value_parser = parse_time)]
     now: Option<i64>,
-    /// After the last event, move the clock to TIME (RFC 3339 or epoch milliseconds):
-    /// the timers due by then fire, each at its due time, in order.
+    /// Never let the clock pass TIME (RFC 3339 or epoch milliseconds); after the last
+    /// event move it to TIME: exactly the timers due at or before TIME fire, each at its
+    /// due time, in order.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<i64>,
     /// The rule's parameters: a JSON file [default: the rule's defaults].
     #[arg(long, value_name = "FILE")]
     params: Option<PathBuf>,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
 }
 
 /// The settings a `--params FILE` flag gives.
@@ -455,9 +467,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             params,
             runtime,
         }) => rule_inspect(&rule, params.as_deref(), &runtime),
-        Command::Rule(RuleCommand::New { name, dir, sdk }) => {
+        Command::Rule(RuleCommand::New {
+            name,
+            dir,
+            sdk,
+            sdk_version,
+        }) => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
-            cli::scaffold::create(&name, &dir, sdk.as_deref())?;
+            let sdk = match (sdk, sdk_version) {
+                (Some(path), _) => cli::scaffold::Sdk::Path(path),
+                (None, Some(version)) => cli::scaffold::Sdk::Version(version),
+                (None, None) => cli::scaffold::Sdk::Carried,
+            };
+            cli::scaffold::create(&name, &dir, &sdk)?;
             println!("created rule `{name}` in {}", dir.display());
             println!(
                 "next: cd {} && cargo test && cargo build --release --target wasm32-wasip2",
@@ -504,7 +526,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn async_main(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+fn async_main<T>(
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -880,62 +904,58 @@ async fn manage_tenants(command: TenantCommand) -> anyhow::Result<()> {
 }
 
 fn rule_test(args: TestArgs) -> anyhow::Result<()> {
-    let wasm = read_component(&args.rule)?;
-    let input: Box<dyn BufRead> = if args.events.as_os_str() == "-" {
-        Box::new(BufReader::new(std::io::stdin()))
+    // Fail on a missing component before reading a possibly long input.
+    read_component(&args.rule)?;
+    let input: Box<dyn Read + Send> = if args.events.as_os_str() == "-" {
+        Box::new(std::io::stdin())
     } else {
         let file = std::fs::File::open(&args.events)
             .with_context(|| format!("cannot read events file {}", args.events.display()))?;
-        Box::new(BufReader::new(file))
+        Box::new(file)
     };
-    let clock: Box<dyn Clock> = match args.now {
-        Some(now) => Box::new(ManualClock::new(now)),
-        None => Box::new(SystemClock),
+    let clock: Arc<dyn Clock> = match args.now {
+        Some(now) => Arc::new(ManualClock::new(now)),
+        None => Arc::new(SystemClock),
     };
-    let runtime = args.runtime.runtime()?;
     let options = rule_test::Options {
         tenant_field: args.tenant_field,
         batch_size: args.batch_size as usize,
-        settings: settings(args.params.as_deref())?,
+        name: None,
+        params: args
+            .params
+            .as_deref()
+            .map(tocsin::catalogue::read_params)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         until: args.until,
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut write_error = None;
-    let summary = rule_test::run(
-        &runtime,
-        &args.rule.display().to_string(),
-        &wasm,
-        input,
-        &options,
-        clock.as_ref(),
-        |alert| {
-            if write_error.is_none()
-                && let Err(e) = serde_json::to_writer(&mut out, alert)
-                    .map_err(std::io::Error::from)
-                    .and_then(|()| out.write_all(b"\n"))
-            {
-                write_error = Some(e);
-            }
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", args.events.display()))?;
-    if let Some(e) = write_error {
-        bail!("cannot write alerts: {e}");
+    let alerts = Arc::new(tocsin::sink::writer::WriterSink(std::sync::Mutex::new(
+        std::io::BufWriter::new(std::io::stdout()),
+    )));
+    let events = args.events.display().to_string();
+    let summary = async_main(rule_test::run(&args.rule, input, &options, clock, alerts))
+        .map_err(|e| anyhow::anyhow!("{events}: {e:#}"))?;
+    for problem in &summary.not_applied {
+        eprintln!("{events}: {problem}");
     }
-    out.flush()?;
     eprintln!(
-        "events: {} ({} matched), tenants: {}, buckets: {} ({} with state), alerts: {}, timers fired: {}, fuel: {}, time: {:.1} ms",
+        "events: {} ({} applied), tenants: {}, buckets with state: {}, alerts: {}, timers fired: {}, fuel: {}, time: {:.1} ms",
         summary.events,
-        summary.matched,
+        summary.applied,
         summary.tenants,
-        summary.buckets,
         summary.stored_buckets,
         summary.alerts,
         summary.timers,
         summary.fuel,
         summary.elapsed.as_secs_f64() * 1e3,
     );
+    if !summary.not_applied.is_empty() {
+        bail!(
+            "{events}: the rule did not apply {} of {} events (listed above)",
+            summary.not_applied.len(),
+            summary.events
+        );
+    }
     Ok(())
 }
 

@@ -27,7 +27,7 @@ use crate::source::file::FileSource;
 use crate::source::http::HttpIngest;
 use crate::source::leases::Leases;
 use crate::source::shards::{ShardSettings, Shards, ShardsState};
-use crate::store::Progress;
+use crate::store::AlertLog;
 use crate::store::dynamo::DynamoStore;
 use crate::store::embedded::EmbeddedStore;
 
@@ -345,9 +345,17 @@ pub struct ReplaySummary {
     pub bad_lines: u64,
     /// Events some rule did not apply (or none: unknown tenant).
     pub rejected: u64,
+    /// Events applied, once per rule that applied them.
+    pub applied: u64,
+    /// Tenants the events named.
+    pub tenants: u64,
+    /// Buckets of those tenants holding state at the end.
+    pub buckets_with_state: u64,
     pub alerts: u64,
     /// Timers fired.
     pub timers: u64,
+    /// Fuel the rules burnt.
+    pub fuel: u64,
     pub elapsed: Duration,
 }
 
@@ -357,13 +365,21 @@ impl ReplaySummary {
     }
 }
 
+/// The lane a replay's file goes through (one partition: the file).
+const REPLAY_PARTITION: &str = "file";
+
 /// Run every configured tenant's rules over NDJSON `input` through the
 /// engine, with state in the config's data directory (the embedded store)
 /// and alerts to `alerts` as NDJSON. Each problem (a bad line, an event a
 /// rule did not apply) goes to `report` with its line number; none stops
-/// the good lines. Timers due by `clock` fire before each batch; with
-/// `until`, the host's clock then moves to it and the timers due by then
-/// fire.
+/// the good lines.
+///
+/// The host's clock follows `clock`, but never past `until` when given:
+/// before each batch it moves to the clock's time, firing the timers due
+/// by then; after the last batch it moves to `until` (else stays), firing
+/// every timer due at or before it, each at its due time, in order (one a
+/// firing sets again within the time fires again). So a replay of events
+/// from the past with `--until` fires exactly the timers due by then.
 pub async fn replay(
     config: &Config,
     input: impl BufRead + Send + 'static,
@@ -390,24 +406,22 @@ pub async fn replay(
         catalogue.rule_count() > 0,
         "no rules: give --rule TENANT=PATH.wasm, a config file with [[rules]], or a --data-dir whose registry holds rules"
     );
-    // The engine's clock follows `clock`, and moves on to `until` at the end.
-    let host_clock = Arc::new(crate::clock::ManualClock::new(clock.now_ms()));
+    let cap = until.unwrap_or(i64::MAX);
+    let host_clock = Arc::new(crate::clock::ManualClock::new(clock.now_ms().min(cap)));
     // A replay keeps its batches whole: its alerts come in the file's order.
     let engine = Arc::new(
-        Engine::new(catalogue, store, alerts, host_clock.clone())
+        Engine::new(catalogue, store.clone(), alerts, host_clock.clone())
             .with_fair_share(None)
             .with_silences(registry.silences()),
     );
-    let lane = Arc::new(Lane::new("file"));
+    let lane = Arc::new(Lane::new(REPLAY_PARTITION));
     let mut source = FileSource::new(input, name, &config.tenant_field, config.max_batch_events);
     let started = Instant::now();
     let (mut events, mut bad_lines, mut rejected, mut timers) = (0u64, 0u64, 0u64, 0u64);
+    let mut tenants = std::collections::BTreeSet::new();
     loop {
-        let arrival = clock.now_ms().max(host_clock.now_ms());
-        host_clock.set(arrival);
-        timers += engine
-            .fire_timers(&lane, arrival, Progress::Nothing)
-            .await? as u64;
+        let arrival = clock.now_ms().min(cap).max(host_clock.now_ms());
+        timers += engine.run_clock_to(&lane, &host_clock, arrival).await?;
         // Reading may block on standard input: off the async threads.
         let (next, back) = tokio::task::spawn_blocking(move || {
             let next = source.next_batch(arrival);
@@ -425,6 +439,15 @@ pub async fn replay(
         if file_batch.batch.events.is_empty() {
             continue;
         }
+        let mut last_tenant: Option<&str> = None;
+        for event in file_batch.batch.events.iter() {
+            if last_tenant != Some(event.tenant.as_str()) {
+                last_tenant = Some(&event.tenant);
+                if !tenants.contains(&event.tenant) {
+                    tenants.insert(event.tenant.clone());
+                }
+            }
+        }
         let committed = engine.process(&lane, &file_batch.batch).await?;
         events += file_batch.batch.events.len() as u64;
         let mut last = None;
@@ -440,22 +463,27 @@ pub async fn replay(
             );
         }
     }
-    if let Some(until) = until.filter(|&until| until > host_clock.now_ms()) {
-        host_clock.set(until);
-    }
-    timers += engine
-        .fire_timers(&lane, host_clock.now_ms(), Progress::Nothing)
-        .await? as u64;
+    let end = until.unwrap_or(i64::MIN).max(host_clock.now_ms());
+    timers += engine.run_clock_to(&lane, &host_clock, end).await?;
     engine.flush(&lane).await?;
+    let mut buckets_with_state = 0;
+    for tenant in &tenants {
+        let log: &dyn AlertLog = store.as_ref();
+        buckets_with_state += log.buckets(tenant)?.len() as u64;
+    }
+    let stats = engine.stats();
+    let count =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     Ok(ReplaySummary {
         events,
         bad_lines,
         rejected,
+        applied: count(&stats.applied),
+        tenants: tenants.len() as u64,
+        buckets_with_state,
+        alerts: count(&stats.alerts),
         timers,
-        alerts: engine
-            .stats()
-            .alerts
-            .load(std::sync::atomic::Ordering::Relaxed),
+        fuel: count(&stats.fuel),
         elapsed: started.elapsed(),
     })
 }

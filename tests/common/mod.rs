@@ -17,11 +17,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tocsin::alert::AlertRecord;
 use tocsin::api::Status;
-use tocsin::catalogue::{Assignment, Catalogue, StaticCatalogue};
+use tocsin::catalogue::{Assignment, StaticCatalogue};
 use tocsin::config::{AlertsBackend, Config, DeadLettersBackend, RuleEntry, Source, StateBackend};
-use tocsin::engine::run;
 use tocsin::event::Incoming;
-use tocsin::runtime::{Runtime, RuntimeConfig, StateChange};
+use tocsin::runtime::{Runtime, RuntimeConfig};
 use tocsin::store::BucketId;
 use tocsin::store::dynamo::DynamoStore;
 use tocsin_test_support::{self as support, AlertShape};
@@ -283,26 +282,15 @@ pub fn reference(
             event
         })
         .collect();
-    let mut alerts = Vec::new();
+    let tenants: std::collections::BTreeSet<String> =
+        events.iter().map(|e| e.tenant.clone()).collect();
+    let scratch = tocsin::engine::Scratch::new(std::sync::Arc::new(catalogue), 0).unwrap();
+    let ran = scratch.run(events).unwrap();
+    assert!(ran.rejected.is_empty(), "{:?}", ran.rejected);
+    let alerts = ran.alerts.iter().map(shape).collect();
     let mut states = BTreeMap::new();
-    for (tenant, indices) in run::by_tenant(&events) {
-        let tenant_events: Vec<&Incoming> = indices.iter().map(|&i| &events[i]).collect();
-        for rule in catalogue.rules(tenant).unwrap().iter() {
-            let run =
-                run::run_rule(rule, &tenant_events, 0, |_| Ok::<_, ()>(None::<Vec<u8>>)).unwrap();
-            for bucket in run.buckets {
-                let outcome = bucket.result.unwrap();
-                alerts.extend(outcome.alerts.iter().map(shape));
-                if let StateChange::Set(bytes) = outcome.state {
-                    let id = BucketId {
-                        tenant: tenant.to_owned(),
-                        rule: rule.manifest().name.clone(),
-                        bucket: bucket.key,
-                    };
-                    states.insert(id, bytes);
-                }
-            }
-        }
+    for tenant in &tenants {
+        states.extend(scratch.states(tenant).unwrap());
     }
     (alerts, states)
 }

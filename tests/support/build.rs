@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
+const PROFILE: &str = "rule";
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
@@ -28,7 +29,7 @@ fn main() {
         "rules-examples",
         "tests/components",
         "guest-sdk",
-        "wit",
+        "Cargo.toml",
         "Cargo.lock",
     ] {
         println!("cargo::rerun-if-changed={}", root.join(dir).display());
@@ -38,12 +39,17 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&root)
-        .args(["build", "--release", "--locked", "--target", TARGET])
+        // The workspace's profile for rule components: what a tenant uploads.
+        .args([
+            "build",
+            "--profile",
+            PROFILE,
+            "--locked",
+            "--target",
+            TARGET,
+        ])
         .arg("--target-dir")
-        .arg(&target_dir)
-        // Components need no debug info; smaller files compile faster.
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+        .arg(&target_dir);
     // Whatever wraps this build (clippy, coverage) is not for the guests.
     for var in [
         "RUSTC_WRAPPER",
@@ -79,7 +85,7 @@ fn main() {
     for (name, _) in &crates {
         let file = target_dir
             .join(TARGET)
-            .join("release")
+            .join(PROFILE)
             .join(format!("{}.wasm", name.replace('-', "_")));
         assert!(file.exists(), "{} was not produced", file.display());
         code.push_str(&format!(

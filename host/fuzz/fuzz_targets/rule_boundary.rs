@@ -1,27 +1,32 @@
 //! The host side of the rule boundary: random stored state, random events
-//! and parameters through the example rules. Whatever the bytes, a call
-//! either returns an outcome the host can store and publish or fails with
-//! a typed error naming tenant, rule and cause; the host never panics and
-//! never keeps state the store could not hold.
+//! and parameters through the example rules, run by the engine the hosts
+//! run (a scratch engine per rule). Whatever the bytes, a batch commits:
+//! each event is applied or rejected naming the rule and why, alerts can be
+//! published, timers fire, and no state the store could not hold is kept;
+//! the host never panics.
 
 #![no_main]
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use tocsin::engine::run;
+use tocsin::catalogue::StaticCatalogue;
+use tocsin::engine::Scratch;
 use tocsin::event::Incoming;
-use tocsin::runtime::{LoadedRule, Limits, RuleSettings, Runtime, RuntimeConfig, StateChange};
+use tocsin::runtime::{Limits, RuleSettings, Runtime, RuntimeConfig};
+use tocsin::store::BucketId;
 use tocsin_test_support::components;
 
 #[derive(Debug, Arbitrary)]
 struct Input {
     rule: u8,
-    /// A stored state: `None` for a new bucket.
+    /// A stored state for every bucket the events may land in: `None` for
+    /// new buckets.
     state: Option<Vec<u8>>,
     events: Vec<Event>,
-    now: i64,
+    /// How far the clock moves before the batch (timers due by then fire).
+    later_ms: u32,
 }
 
 #[derive(Debug, Arbitrary)]
@@ -57,22 +62,29 @@ impl Event {
     }
 }
 
-fn rules() -> &'static Vec<LoadedRule> {
-    static RULES: OnceLock<Vec<LoadedRule>> = OnceLock::new();
-    RULES.get_or_init(|| {
-        let runtime = Box::leak(Box::new(
-            Runtime::new(RuntimeConfig {
-                cache_dir: None,
-                max_instances: 16,
-                limits: Limits {
-                    fuel_per_call: 20_000_000,
-                    ..Limits::default()
-                },
-                ..RuntimeConfig::default()
-            })
-            .expect("a runtime"),
-        ));
-        let mut rules = Vec::new();
+/// Every bucket key the events above can have.
+fn bucket_keys() -> Vec<String> {
+    let mut keys = vec![String::new()];
+    keys.extend((0..8).map(|m| format!("m{m}")));
+    keys.extend((0..4).map(|a| format!("a{a}")));
+    keys
+}
+
+/// One scratch engine per example rule, with the rule's name.
+fn engines() -> &'static Vec<(String, Mutex<Scratch>)> {
+    static ENGINES: OnceLock<Vec<(String, Mutex<Scratch>)>> = OnceLock::new();
+    ENGINES.get_or_init(|| {
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: None,
+            max_instances: 16,
+            limits: Limits {
+                fuel_per_call: 20_000_000,
+                ..Limits::default()
+            },
+            ..RuntimeConfig::default()
+        })
+        .expect("a runtime");
+        let mut engines = Vec::new();
         for (path, params) in [
             (components::TEST_EVENT, None),
             (components::ALL_MACHINES_STOPPED, None),
@@ -80,6 +92,7 @@ fn rules() -> &'static Vec<LoadedRule> {
             (components::FLAPPING, None),
             (components::PRICE_CHANGE, None),
             (components::SIM_FRAUD, None),
+            (components::STILL_RUNNING, None),
             (
                 components::JSON_RULE,
                 Some(tocsin_test_support::json_seed_params("all-machines-stopped")),
@@ -89,47 +102,62 @@ fn rules() -> &'static Vec<LoadedRule> {
             let wasm = std::fs::read(path).expect("a built component");
             let compiled = runtime.compile(path, &wasm).expect("compiles");
             let settings = RuleSettings { name: None, params };
-            rules.push(runtime.instantiate("fuzz", &compiled, &settings).expect("loads"));
+            let rule = runtime.instantiate("fuzz", &compiled, &settings).expect("loads");
+            let name = rule.name().to_owned();
+            let catalogue = StaticCatalogue::from_rules([rule]).expect("one rule");
+            let scratch = Scratch::new(std::sync::Arc::new(catalogue), 0).expect("a scratch engine");
+            engines.push((name, Mutex::new(scratch)));
         }
-        rules
+        engines
     })
 }
 
+/// Past the longest quarantine (an hour): a rule quarantined by an earlier
+/// input is called again, on probation.
+const PAST_QUARANTINE_MS: i64 = 2 * 3_600_000;
+
 fuzz_target!(|input: Input| {
-    let rules = rules();
-    let rule = &rules[input.rule as usize % rules.len()];
+    let engines = engines();
+    let (name, scratch) = &engines[input.rule as usize % engines.len()];
+    let scratch = scratch.lock().unwrap();
+    if let Some(state) = &input.state {
+        let states = bucket_keys().into_iter().map(|bucket| {
+            let id = BucketId {
+                tenant: "fuzz".into(),
+                rule: name.clone(),
+                bucket,
+            };
+            (id, state.clone())
+        });
+        scratch.put_states(states).expect("states are stored");
+    }
+    let later = scratch.now() + PAST_QUARANTINE_MS + i64::from(input.later_ms);
+    let fired = scratch.advance_to(later).expect("timers fire");
     let events: Vec<Incoming> = input
         .events
         .iter()
         .take(64)
         .enumerate()
         .map(|(n, e)| {
-            let mut event = Incoming::parse(&e.json(), "clientId", 0).expect("an event");
-            event.position = format!("fuzz:{n}");
+            let mut event = Incoming::parse(&e.json(), "clientId", scratch.now()).expect("an event");
+            event.position = format!("fuzz:{later}:{n}");
             event
         })
         .collect();
-    let refs: Vec<&Incoming> = events.iter().collect();
-    let state = input.state;
-    let result = run::run_rule(rule, &refs, input.now, |_| Ok::<_, ()>(state.clone()));
-    let run = result.expect("state lookups do not fail");
+    let count = events.len();
+    let ran = scratch.run(events).expect("the batch commits");
+    for alert in fired.alerts.iter().chain(&ran.alerts) {
+        assert_eq!(alert.tenant, "fuzz");
+        assert_eq!(&alert.rule, name);
+        assert!(alert.title.len() <= tocsin::alert::MAX_TITLE_BYTES + 3);
+        serde_json::to_string(alert).expect("an alert serializes");
+    }
+    for rejection in &ran.rejected {
+        assert!(rejection.index < count);
+        assert!(!rejection.reason.is_empty());
+    }
     let limits = Limits::default();
-    for bucket in run.buckets {
-        match bucket.result {
-            Ok(outcome) => {
-                if let StateChange::Set(bytes) = &outcome.state {
-                    assert!(bytes.len() <= limits.max_state_bytes);
-                }
-                for alert in &outcome.alerts {
-                    assert_eq!(alert.tenant, "fuzz");
-                    assert!(alert.title.len() <= tocsin::alert::MAX_TITLE_BYTES + 3);
-                    serde_json::to_string(alert).expect("an alert serializes");
-                }
-            }
-            Err(error) => {
-                assert_eq!(error.tenant, "fuzz");
-                assert!(!error.to_string().is_empty());
-            }
-        }
+    for (id, state) in scratch.states("fuzz").expect("states read back") {
+        assert!(state.len() <= limits.max_state_bytes, "{id:?}");
     }
 });

@@ -49,7 +49,8 @@ pub fn build_rules() -> anyhow::Result<Vec<(String, PathBuf)>> {
         .current_dir(&workspace)
         .args([
             "build",
-            "--release",
+            "--profile",
+            "rule",
             "--target",
             WASM_TARGET,
             "--target-dir",
@@ -67,7 +68,7 @@ pub fn build_rules() -> anyhow::Result<Vec<(String, PathBuf)>> {
         .iter()
         .map(|rule| {
             let file = format!("{}.wasm", rule.replace('-', "_"));
-            let path = target_dir.join(WASM_TARGET).join("release").join(file);
+            let path = target_dir.join(WASM_TARGET).join("rule").join(file);
             (rule.to_string(), path)
         })
         .collect())

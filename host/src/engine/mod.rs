@@ -21,6 +21,9 @@ pub mod apart;
 pub mod contain;
 pub mod route;
 pub mod run;
+mod scratch;
+
+pub use scratch::{Ran, Scratch, ScratchError};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,7 +35,7 @@ use tokio::sync::{OwnedMutexGuard, broadcast, oneshot, watch};
 
 use crate::alert::AlertRecord;
 use crate::catalogue::Catalogue;
-use crate::clock::Clock;
+use crate::clock::{Clock, ManualClock};
 use crate::event::Incoming;
 use crate::metrics::{Metrics, RuleTally};
 use crate::registry::silences::Silences;
@@ -227,6 +230,10 @@ pub struct Stats {
     /// Events of tenants without rules.
     pub unknown_tenant: AtomicU64,
     pub alerts: AtomicU64,
+    /// Events applied, counted once per rule that applied them.
+    pub applied: AtomicU64,
+    /// Fuel the rules burnt in committed batches.
+    pub fuel: AtomicU64,
     /// Bucket calls that failed (the bucket kept its state).
     pub rule_failures: AtomicU64,
     pub commits: AtomicU64,
@@ -1218,6 +1225,34 @@ impl Engine {
         }
     }
 
+    /// Move `clock` (this engine's clock, in a replay or a test) on to `to`,
+    /// firing each of `lane`'s timers due by then at its due time (or at
+    /// the clock's time if that has passed it), in order, so a timer a
+    /// firing sets again within the time fires again; how many fired.
+    pub async fn run_clock_to(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        clock: &ManualClock,
+        to: i64,
+    ) -> Result<u64, EngineError> {
+        let mut fired = 0;
+        let mut previous = None;
+        while let Some(due) = self.next_due(&lane.partition).await?
+            && due <= to
+        {
+            // What is still due after a firing at its time cannot fire.
+            if previous == Some(due) {
+                break;
+            }
+            previous = Some(due);
+            let at = due.max(clock.now_ms());
+            clock.set(at);
+            fired += self.fire_timers(lane, at, Progress::Nothing).await? as u64;
+        }
+        clock.set(to.max(clock.now_ms()));
+        Ok(fired)
+    }
+
     /// When `lane`'s partition next has a timer due or a bucket expiring.
     pub async fn next_due(&self, lane_partition: &str) -> Result<Option<i64>, EngineError> {
         let timer = self.store.next_timer(lane_partition).await?;
@@ -1635,6 +1670,12 @@ impl Engine {
                 .append(&tally.tenant, &tally.rule, std::mem::take(&mut tally.log));
         }
         self.metrics.silenced(&silenced);
+        for tally in &tallies {
+            self.stats
+                .applied
+                .fetch_add(tally.events, Ordering::Relaxed);
+            self.stats.fuel.fetch_add(tally.fuel, Ordering::Relaxed);
+        }
         self.metrics.committed(
             &tallies,
             &dead_letters,

@@ -1,11 +1,14 @@
-//! One rule over its routed buckets: call `evaluate` once per bucket with
-//! its stored state, and turn the outcome into state changes and alert
-//! records. Where state is kept and where alerts go is the caller's
-//! business; one bucket's failure never discards another bucket's results.
+//! One rule over its routed buckets, for the engine: call `evaluate` once
+//! per bucket with its stored state (bisecting a failed call down to the
+//! events the rule fails on), and turn the outcomes into state changes and
+//! alert records; `on-timer` likewise. Where state is kept and where alerts
+//! go is the engine's business; one bucket's failure never discards another
+//! bucket's results. Nothing else runs a rule: `rule test`, replays, the
+//! fuzz targets and the tests go through the engine ([`super::Scratch`]).
 
 use std::collections::HashMap;
 
-use super::route::{self, Bucket, Unroutable};
+use super::route::{self, Bucket};
 use crate::alert::{AlertRecord, Origin};
 use crate::event::Incoming;
 use crate::event::SeqNo;
@@ -22,108 +25,6 @@ pub struct BucketOutcome {
     pub log: Vec<LogLine>,
     /// The rule's state time-to-live, for stores that expire state.
     pub state_ttl_ms: Option<u64>,
-}
-
-/// One bucket's call: its outcome, or the rule's failure on it.
-#[derive(Debug, Clone)]
-pub struct BucketRun {
-    pub key: String,
-    /// The bucket's place among the buckets the rule was run over.
-    pub index: usize,
-    /// Indices (into the routed events) of the events in this bucket.
-    pub members: Vec<usize>,
-    pub result: Result<BucketOutcome, RuleError>,
-}
-
-/// One rule over one batch.
-#[derive(Debug, Clone, Default)]
-pub struct RuleRun {
-    /// Events that passed the rule's filter.
-    pub matched: usize,
-    pub buckets: Vec<BucketRun>,
-    /// Events the rule wanted but whose event time could not be read; they
-    /// were left out.
-    pub unroutable: Vec<Unroutable>,
-}
-
-impl RuleRun {
-    pub fn fuel(&self) -> u64 {
-        self.buckets
-            .iter()
-            .filter_map(|b| b.result.as_ref().ok())
-            .map(|o| o.fuel)
-            .sum()
-    }
-}
-
-/// Route `events` (all of the rule's tenant) and run `rule` over them.
-/// `state` yields a bucket's stored state, or the error that stops the run
-/// (no bucket may run on state it could not read); `now` is the processing
-/// time. Alert ids derive from the position of the last event of each call,
-/// so the same input yields the same ids.
-pub fn run_rule<S: AsRef<[u8]>, E>(
-    rule: &LoadedRule,
-    events: &[&Incoming],
-    now: i64,
-    mut state: impl FnMut(&str) -> Result<Option<S>, E>,
-) -> Result<RuleRun, E> {
-    let (buckets, unroutable) = route::route(rule.manifest(), events);
-    let mut priors = Vec::with_capacity(buckets.len());
-    for bucket in &buckets {
-        let stored = state(&bucket.key)?.map(|s| std::sync::Arc::from(s.as_ref()));
-        priors.push(Prior::state(stored));
-    }
-    Ok(run_buckets(rule, events, buckets, unroutable, now, priors))
-}
-
-/// [`run_rule`] for a source with sequence numbers: each bucket's events up
-/// to the one its prior applied are left out, and a bucket left with none is
-/// not called.
-pub fn run_rule_after<E>(
-    rule: &LoadedRule,
-    events: &[&Incoming],
-    now: i64,
-    mut prior: impl FnMut(&str) -> Result<Prior, E>,
-) -> Result<RuleRun, E> {
-    let (buckets, unroutable) = route::route(rule.manifest(), events);
-    let mut priors = Vec::with_capacity(buckets.len());
-    for bucket in &buckets {
-        priors.push(prior(&bucket.key)?);
-    }
-    Ok(run_buckets(rule, events, buckets, unroutable, now, priors))
-}
-
-/// Run `rule` over buckets already routed from `events`, each on its prior
-/// (`priors` in the order of `buckets`).
-pub fn run_buckets(
-    rule: &LoadedRule,
-    events: &[&Incoming],
-    buckets: Vec<Bucket>,
-    unroutable: Vec<Unroutable>,
-    now: i64,
-    priors: impl IntoIterator<Item = Prior>,
-) -> RuleRun {
-    let manifest = rule.manifest();
-    let mut run = RuleRun {
-        matched: buckets.iter().map(|b| b.members.len()).sum(),
-        buckets: Vec::with_capacity(buckets.len()),
-        unroutable,
-    };
-    let mut priors = priors.into_iter();
-    for (index, bucket) in buckets.into_iter().enumerate() {
-        let prior = priors.next().unwrap_or_default();
-        let Some(bucket) = unapplied(manifest, events, bucket, prior.applied.as_ref()) else {
-            continue;
-        };
-        let result = call(rule, events, &bucket, prior.state.as_deref(), now);
-        run.buckets.push(BucketRun {
-            key: bucket.key,
-            index,
-            members: bucket.members,
-            result,
-        });
-    }
-    run
 }
 
 /// `bucket` without the events its prior already applied (a shard read
@@ -255,7 +156,8 @@ pub struct ContainedRun {
     pub failed_calls: u32,
 }
 
-/// [`run_buckets`], except that a failed call is bisected (as Lambda's
+/// Run `rule` over buckets already routed from `events`, each on its prior
+/// (`priors` in the order of `buckets`); a failed call is bisected (as Lambda's
 /// bisect-on-error does) to find the events the rule fails on: the bucket's
 /// events are split in halves run in order, each on the state the one
 /// before it left, down to single events; the events it fails on alone are
