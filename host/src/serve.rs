@@ -374,12 +374,19 @@ const REPLAY_PARTITION: &str = "file";
 /// rule did not apply) goes to `report` with its line number; none stops
 /// the good lines.
 ///
-/// The host's clock follows `clock`, but never past `until` when given:
-/// before each batch it moves to the clock's time, firing the timers due
-/// by then; after the last batch it moves to `until` (else stays), firing
-/// every timer due at or before it, each at its due time, in order (one a
-/// firing sets again within the time fires again). So a replay of events
-/// from the past with `--until` fires exactly the timers due by then.
+/// Without `until`, the host's clock follows `clock`: before each batch the
+/// timers due by then fire. With `until`, the clock follows the events
+/// instead, as if they were happening now, and never passes `until`: it
+/// starts at the first batch's earliest event time (or `clock`'s time, or
+/// `until`, whichever is earliest) and before each batch moves on to that
+/// batch's earliest event time, firing each timer due on the way at its due
+/// time, in order; after the last batch it moves to `until` the same way.
+/// So exactly the timers due at or before `until` fire, each at its due
+/// time (a timer a batch sets for a time already passed fires at the
+/// batch's), in the order a host running at the events' pace would fire
+/// them. An event's time is what its rules' manifests say, else its
+/// top-level `time` field (RFC 3339 or epoch milliseconds), else its
+/// arrival.
 pub async fn replay(
     config: &Config,
     input: impl BufRead + Send + 'static,
@@ -408,6 +415,8 @@ pub async fn replay(
     );
     let cap = until.unwrap_or(i64::MAX);
     let host_clock = Arc::new(crate::clock::ManualClock::new(clock.now_ms().min(cap)));
+    let mut started_clock = false;
+    let rules: Arc<dyn crate::catalogue::Catalogue> = catalogue.clone();
     // A replay keeps its batches whole: its alerts come in the file's order.
     let engine = Arc::new(
         Engine::new(catalogue, store.clone(), alerts, host_clock.clone())
@@ -420,8 +429,14 @@ pub async fn replay(
     let (mut events, mut bad_lines, mut rejected, mut timers) = (0u64, 0u64, 0u64, 0u64);
     let mut tenants = std::collections::BTreeSet::new();
     loop {
-        let arrival = clock.now_ms().min(cap).max(host_clock.now_ms());
-        timers += engine.run_clock_to(&lane, &host_clock, arrival).await?;
+        // With `until` the clock moves once the batch's times are known.
+        let arrival = if until.is_some() {
+            host_clock.now_ms()
+        } else {
+            let now = clock.now_ms().max(host_clock.now_ms());
+            timers += engine.run_clock_to(&lane, &host_clock, now).await?;
+            now
+        };
         // Reading may block on standard input: off the async threads.
         let (next, back) = tokio::task::spawn_blocking(move || {
             let next = source.next_batch(arrival);
@@ -448,6 +463,16 @@ pub async fn replay(
                 }
             }
         }
+        if until.is_some()
+            && let Some(earliest) = earliest_time(rules.as_ref(), &file_batch.batch.events)
+        {
+            if !started_clock && earliest < host_clock.now_ms() {
+                host_clock.set(earliest);
+            }
+            let to = earliest.min(cap);
+            timers += engine.run_clock_to(&lane, &host_clock, to).await?;
+        }
+        started_clock = true;
         let committed = engine.process(&lane, &file_batch.batch).await?;
         events += file_batch.batch.events.len() as u64;
         let mut last = None;
@@ -486,4 +511,39 @@ pub async fn replay(
         fuel: count(&stats.fuel),
         elapsed: started.elapsed(),
     })
+}
+
+/// The earliest time of `events` as a replay's clock reads it: what each
+/// event's rules' manifests say its time is, else its top-level `time`
+/// field; `None` if no event has one.
+fn earliest_time(
+    catalogue: &dyn crate::catalogue::Catalogue,
+    events: &[crate::event::Incoming],
+) -> Option<i64> {
+    use crate::engine::route;
+    use crate::event::{Number, Value};
+    use crate::runtime::EventTime;
+    let mut earliest: Option<i64> = None;
+    for (index, event) in events.iter().enumerate() {
+        let declared: Vec<i64> = catalogue
+            .rules(&event.tenant)
+            .into_iter()
+            .flat_map(|rules| rules.to_vec())
+            .filter(|rule| matches!(rule.manifest().event_time, EventTime::Field(_)))
+            .filter_map(|rule| route::event_time(rule.manifest(), index, event).ok())
+            .collect();
+        let time = match declared.into_iter().min() {
+            Some(time) => Some(time),
+            None => match event.field("time") {
+                Some(Value::Str(text)) => route::parse_rfc3339(text),
+                Some(Value::Number(Number::Int(ms))) => Some(ms),
+                Some(Value::Number(Number::UInt(ms))) => i64::try_from(ms).ok(),
+                _ => None,
+            },
+        };
+        if let Some(time) = time {
+            earliest = Some(earliest.map_or(time, |e| e.min(time)));
+        }
+    }
+    earliest
 }
