@@ -337,7 +337,10 @@ async fn uploads_that_are_not_runnable_rules_are_refused_with_the_reason() {
             Some(("application/wasm", wasm(components::PRICE_CHANGE))),
         )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A well-formed query string whose parameters are refused, like the
+    // rule's own refusal above: 422, not 400 (the document's `params` is any
+    // string).
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         error_text(&body).starts_with("the parameters are not JSON"),
         "{body}"

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +13,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
+use super::extract::{Path, Query};
 use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::alert::AlertRecord;
 use crate::store::AlertLog;
@@ -53,12 +54,36 @@ async fn read<T: Send + 'static>(
     }
 }
 
+/// `?after=&limit=`. Signed types, checked non-negative, so what the
+/// query string may hold is what the document says: an `int64` and an
+/// `int32`, each at least 0.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct Page {
     /// Only records after this cursor (their `seq`).
-    pub(super) after: Option<u64>,
+    #[param(minimum = 0)]
+    after: Option<i64>,
     /// At most this many (and at most 1,000).
-    pub(super) limit: Option<usize>,
+    #[param(minimum = 0)]
+    limit: Option<i32>,
+}
+
+impl Page {
+    /// The cursor (default: from the start) and how many, at most `max`.
+    pub(super) fn bounds(&self, max: usize) -> Result<(u64, usize), ApiError> {
+        let negative = |name: &str| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the query string is malformed: `{name}` must be at least 0"),
+            )
+        };
+        let after = u64::try_from(self.after.unwrap_or(0)).map_err(|_| negative("after"))?;
+        let limit = match self.limit {
+            None => max,
+            Some(limit) => usize::try_from(limit).map_err(|_| negative("limit"))?,
+        };
+        Ok((after, limit.min(max)))
+    }
 }
 
 /// A tenant's alerts, oldest first (embedded store).
@@ -66,8 +91,10 @@ pub(super) struct Page {
     params(("tenant" = String, Path), Page),
     responses(
         (status = 200, description = "Alerts with their `seq`", body = Vec<Object>),
+        (status = 400, description = "A malformed path or query string: which parameter", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No alert log on this host", body = ErrorBody),
+        (status = 503, description = "The alert log cannot be read now; retry", body = ErrorBody),
     ))]
 pub(super) async fn list_alerts(
     State(state): State<Arc<AppState>>,
@@ -75,9 +102,8 @@ pub(super) async fn list_alerts(
     Query(page): Query<Page>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<AlertRecord>>, ApiError> {
-    let limit = page.limit.unwrap_or(MAX_ALERTS_PAGE).min(MAX_ALERTS_PAGE);
+    let (after, limit) = page.bounds(MAX_ALERTS_PAGE)?;
     let log = alert_log(&state, &headers, &tenant)?;
-    let after = page.after.unwrap_or(0);
     Ok(Json(
         read(log, move |log| log.alerts(&tenant, after, limit)).await?,
     ))
@@ -89,8 +115,10 @@ pub(super) async fn list_alerts(
     params(("tenant" = String, Path), Page),
     responses(
         (status = 200, description = "`text/event-stream` of `alert` events", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A malformed path or query string: which parameter", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No alert log on this host", body = ErrorBody),
+        (status = 503, description = "The alert log cannot be read now; retry", body = ErrorBody),
     ))]
 pub(super) async fn stream_alerts(
     State(state): State<Arc<AppState>>,
@@ -98,11 +126,14 @@ pub(super) async fn stream_alerts(
     Query(page): Query<Page>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Response> {
+    let (after, _) = page
+        .bounds(MAX_ALERTS_PAGE)
+        .map_err(IntoResponse::into_response)?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .or(page.after);
+        .or(page.after.map(|_| after));
     let log = alert_log(&state, &headers, &tenant).map_err(IntoResponse::into_response)?;
     // Subscribe before reading the log, so nothing falls between the two.
     let live = state.engine.subscribe();
@@ -241,8 +272,10 @@ pub(super) struct BucketView {
     params(("tenant" = String, Path)),
     responses(
         (status = 200, body = Vec<BucketView>),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No alert log on this host", body = ErrorBody),
+        (status = 503, description = "The store cannot be read now; retry", body = ErrorBody),
     ))]
 pub(super) async fn list_buckets(
     State(state): State<Arc<AppState>>,

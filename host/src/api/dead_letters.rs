@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 
 use super::alerts::Page;
+use super::extract::{Path, Query};
 use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::sink::dead_letters::DeadLetter;
 
@@ -22,8 +23,10 @@ const MAX_PAGE: usize = 1_000;
     params(("tenant" = String, Path), Page),
     responses(
         (status = 200, description = "Dead letters with their `seq`", body = Vec<Object>),
+        (status = 400, description = "A malformed path or query string: which parameter", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "This host sends dead letters to a stream", body = ErrorBody),
+        (status = 503, description = "The dead-letter log cannot be read now; retry", body = ErrorBody),
     ))]
 pub(super) async fn list_dead_letters(
     State(state): State<Arc<AppState>>,
@@ -32,8 +35,7 @@ pub(super) async fn list_dead_letters(
     headers: HeaderMap,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
     for_tenant(&state, &headers, &tenant)?;
-    let limit = page.limit.unwrap_or(MAX_PAGE).min(MAX_PAGE);
-    let after = page.after.unwrap_or(0);
+    let (after, limit) = page.bounds(MAX_PAGE)?;
     let engine = state.engine.clone();
     let read = tokio::task::spawn_blocking(move || {
         let Some(sink) = engine.dead_letters() else {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::extract::Body;
 use super::{ApiError, AppState, ErrorBody, caller, error, forbidden, operator};
 use crate::registry::auth::Caller;
 use crate::source::http::{Answer, Refusal};
@@ -72,15 +72,19 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
 /// tenant's events, within its `events_per_second` quota; a request that
 /// breaks either is refused whole.
 #[utoipa::path(post, path = "/v1/events", tag = "events",
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
+        pattern = r"^[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?$",
         description = "Retries with the same key and body get the first answer, applied once")),
-    request_body(content = String, content_type = "application/x-ndjson"),
+    // Optional: no body is no events, answered with nothing applied. The
+    // lines are read whatever the content type says.
+    request_body(content = Option<String>, content_type = "application/x-ndjson",
+        description = "Events as NDJSON lines, or a JSON array of them; bad lines are answered each with its reason"),
     responses(
         (status = 200, description = "Applied, with the lines not applied", body = Answer),
         (status = 400, description = "Not NDJSON or a JSON array", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, description = "This host reads Kinesis", body = ErrorBody),
-        (status = 413, description = "Over the body limit"),
+        (status = 413, description = "Over the body limit", body = ErrorBody),
         (status = 422, description = "Idempotency key reused for another body", body = ErrorBody),
         (status = 429, description = "Over the `events_per_second` quota", body = ErrorBody),
         (status = 503, description = "Not applied; retry", body = ErrorBody),
@@ -88,7 +92,7 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
 pub(super) async fn post_events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Response {
     let caller = match caller(&state, &headers) {
         Ok(caller) => caller,

@@ -10,10 +10,15 @@
 //! operator's token, which may do everything, or a tenant token, which may
 //! act only for its tenant. A host without an operator token serves only on
 //! loopback and treats callers without a token as the operator.
+//!
+//! Every error answer, the framework's too (a malformed path, query string
+//! or body, an unknown route, a method a route does not have), is JSON
+//! `{"error": "…"}` naming the problem, with a status the document lists.
 
 mod alerts;
 mod dead_letters;
 mod events;
+mod extract;
 mod rules;
 mod silences;
 mod tenants;
@@ -21,7 +26,7 @@ mod tenants;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, routing::get};
 use serde::{Deserialize, Serialize};
@@ -118,13 +123,28 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .with_state(state)
         .split_for_parts();
     let openapi = Arc::new(openapi);
-    router.route(
-        "/v1/openapi.json",
-        get(move || {
-            let openapi = openapi.clone();
-            async move { Json(openapi.as_ref().clone()) }
-        }),
-    )
+    router
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let openapi = openapi.clone();
+                async move { Json(openapi.as_ref().clone()) }
+            }),
+        )
+        // After every route: it applies to those registered before it.
+        // axum still adds the `Allow` header.
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("`{}` does not take {method}", uri.path()),
+            )
+        })
+        .fallback(|uri: Uri| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no route `{}`: GET /v1/openapi.json lists them", uri.path()),
+            )
+        })
 }
 
 /// The body of every error answer.

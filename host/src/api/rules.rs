@@ -4,17 +4,24 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::extract::{Body, Path, Query, from_json};
 use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::engine::contain::LogEntry;
 use crate::registry::{RuleView, VersionRecord};
 
+/// A component's bytes, as the document describes an upload: binary, not
+/// an array of numbers.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub(super) struct Component(#[allow(dead_code)] Vec<u8>);
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct Upload {
     /// The rule's parameters, as JSON (URL-encoded); default: none, the
     /// rule's own defaults.
@@ -32,24 +39,25 @@ pub(super) struct Upload {
 /// Uploading what the latest version already is answers 200 with it.
 #[utoipa::path(put, path = "/v1/tenants/{tenant}/rules/{rule}", tag = "rules",
     params(("tenant" = String, Path), ("rule" = String, Path), Upload),
-    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    request_body(content = Component, content_type = "application/wasm"),
     responses(
         (status = 201, description = "A new version", body = VersionRecord),
         (status = 200, description = "The latest version already is this", body = VersionRecord),
-        (status = 400, description = "Parameters are not JSON, or no body", body = ErrorBody),
+        (status = 400, description = "A malformed path or query string: which parameter", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Another tenant's, or over the `rules` or `component_bytes` quota", body = ErrorBody),
         (status = 409, description = "A rule of the host's config has this name", body = ErrorBody),
-        (status = 413, description = "Over the largest upload"),
+        (status = 413, description = "Over the largest upload", body = ErrorBody),
         (status = 415, description = "Not `application/wasm`", body = ErrorBody),
-        (status = 422, description = "Not a rule this host can run: why", body = ErrorBody),
+        (status = 422, description = "Not a rule this host can run (an empty body too), parameters that are not JSON, or not a valid tenant id: why", body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn put_rule(
     State(state): State<Arc<AppState>>,
     Path((tenant, rule)): Path<(String, String)>,
     Query(upload): Query<Upload>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let caller = for_tenant(&state, &headers, &tenant)?;
     let content_type = headers
@@ -69,7 +77,7 @@ pub(super) async fn put_rule(
     }
     if body.is_empty() {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "the body holds no component",
         ));
     }
@@ -79,8 +87,10 @@ pub(super) async fn put_rule(
         .map(serde_json::from_str)
         .transpose()
         .map_err(|e| {
+            // Well-formed as a query string, refused by meaning: a 422 like
+            // parameters the rule itself refuses.
             ApiError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 format!("the parameters are not JSON: {e}"),
             )
         })?;
@@ -102,6 +112,7 @@ pub(super) async fn put_rule(
     params(("tenant" = String, Path)),
     responses(
         (status = 200, body = Vec<RuleView>),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     ))]
 pub(super) async fn list_rules(
@@ -119,6 +130,7 @@ pub(super) async fn list_rules(
     params(("tenant" = String, Path), ("rule" = String, Path)),
     responses(
         (status = 200, body = RuleView),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
     ))]
@@ -137,9 +149,11 @@ pub(super) async fn get_rule(
     params(("tenant" = String, Path), ("rule" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "A rule of the host's config", body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn delete_rule(
     State(state): State<Arc<AppState>>,
@@ -164,23 +178,29 @@ pub(super) struct Activate {
     request_body = Activate,
     responses(
         (status = 200, body = RuleView),
-        (status = 400, description = "Not `{\"version\": N}`", body = ErrorBody),
+        (status = 400, description = "A malformed path, or not `{\"version\": N}`: why", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such rule or version", body = ErrorBody),
+        (status = 409, description = "A rule of the host's config", body = ErrorBody),
+        (status = 413, description = "Over the body limit", body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn activate_rule(
     State(state): State<Arc<AppState>>,
     Path((tenant, rule)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<RuleView>, ApiError> {
     for_tenant(&state, &headers, &tenant)?;
-    let Activate { version } = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body must be {{\"version\": N}}: {e}"),
-        )
-    })?;
+    let Activate { version } = serde_json::from_slice(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|body| from_json(&body))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{\"version\": N}}: {e}"),
+            )
+        })?;
     Ok(Json(
         state.registry.activate(&tenant, &rule, version).await?,
     ))
@@ -194,6 +214,7 @@ pub(super) async fn activate_rule(
     params(("tenant" = String, Path), ("rule" = String, Path)),
     responses(
         (status = 200, body = Vec<LogEntry>),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
     ))]
@@ -213,8 +234,10 @@ pub(super) async fn rule_logs(
     params(("tenant" = String, Path), ("rule" = String, Path)),
     responses(
         (status = 200, description = "Resumed; `was_quarantined` says whether this host had it quarantined", body = Object),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn resume_rule(
     State(state): State<Arc<AppState>>,

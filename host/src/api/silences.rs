@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::extract::{Body, Path, from_json};
 use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::registry::silences::{NewSilence, SilenceView};
 
@@ -20,24 +20,29 @@ use crate::registry::silences::{NewSilence, SilenceView};
     request_body = NewSilence,
     responses(
         (status = 201, body = SilenceView),
-        (status = 400, description = "Not a silence object", body = ErrorBody),
+        (status = 400, description = "A malformed path, or not a silence object: which field, and why", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, description = "The tenant keeps the most silences", body = ErrorBody),
+        (status = 413, description = "Over the body limit", body = ErrorBody),
         (status = 422, description = "A matcher, time, author or comment is refused", body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn create_silence(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let caller = for_tenant(&state, &headers, &tenant)?;
-    let new: NewSilence = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("not a silence object: {e}"),
-        )
-    })?;
+    let new: NewSilence = serde_json::from_slice(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|body| from_json(&body))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("not a silence object: {e}"),
+            )
+        })?;
     let now = state.engine.clock().now_ms();
     let silence = state
         .registry
@@ -51,6 +56,7 @@ pub(super) async fn create_silence(
     params(("tenant" = String, Path)),
     responses(
         (status = 200, body = Vec<SilenceView>),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     ))]
 pub(super) async fn list_silences(
@@ -68,8 +74,10 @@ pub(super) async fn list_silences(
     params(("tenant" = String, Path), ("id" = String, Path)),
     responses(
         (status = 200, description = "Removed", body = SilenceView),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn delete_silence(
     State(state): State<Arc<AppState>>,

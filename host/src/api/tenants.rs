@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::extract::{Body, Path, from_json};
 use super::{ApiError, AppState, ErrorBody, for_tenant, operator};
 use crate::registry::quota::Quotas;
 use crate::registry::{TokenView, validate_tenant};
@@ -28,8 +28,10 @@ pub struct NewToken {
     params(("tenant" = String, Path)),
     responses(
         (status = 201, body = NewToken),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 422, description = "Not a valid tenant id", body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn create_token(
     State(state): State<Arc<AppState>>,
@@ -47,6 +49,7 @@ pub(super) async fn create_token(
     params(("tenant" = String, Path)),
     responses(
         (status = 200, body = Vec<TokenView>),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     ))]
 pub(super) async fn list_tokens(
@@ -63,8 +66,10 @@ pub(super) async fn list_tokens(
     params(("tenant" = String, Path), ("id" = String, Path)),
     responses(
         (status = 200, description = "Revoked", body = TokenView),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn revoke_token(
     State(state): State<Arc<AppState>>,
@@ -80,6 +85,7 @@ pub(super) async fn revoke_token(
     params(("tenant" = String, Path)),
     responses(
         (status = 200, body = Quotas),
+        (status = 400, description = "A malformed path", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     ))]
 pub(super) async fn get_quotas(
@@ -98,15 +104,17 @@ pub(super) async fn get_quotas(
     request_body = Quotas,
     responses(
         (status = 200, body = Quotas),
-        (status = 400, description = "Not a quotas object", body = ErrorBody),
+        (status = 400, description = "A malformed path, or not a quotas object: which field, and why", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 422, body = ErrorBody),
+        (status = 413, description = "Over the body limit", body = ErrorBody),
+        (status = 422, description = "Not a valid tenant id, or a quota that must be positive is 0", body = ErrorBody),
+        (status = 503, description = "The registry cannot be written now; retry", body = ErrorBody),
     ))]
 pub(super) async fn put_quotas(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Quotas>, ApiError> {
     operator(&state, &headers, "set quotas")?;
     validate_tenant(&tenant)?;
@@ -126,6 +134,6 @@ pub(super) async fn put_quotas(
     if let serde_json::Value::Object(merged) = &mut quotas {
         merged.extend(given);
     }
-    let quotas: Quotas = serde_json::from_value(quotas).map_err(|e| bad(e.to_string()))?;
+    let quotas: Quotas = from_json(&quotas).map_err(bad)?;
     Ok(Json(state.registry.set_quotas(&tenant, quotas).await?))
 }
