@@ -284,15 +284,20 @@ pub fn reference(
         .collect();
     let tenants: std::collections::BTreeSet<String> =
         events.iter().map(|e| e.tenant.clone()).collect();
-    let scratch = tocsin::engine::Scratch::new(std::sync::Arc::new(catalogue), 0).unwrap();
-    let ran = scratch.run(events).unwrap();
-    assert!(ran.rejected.is_empty(), "{:?}", ran.rejected);
-    let alerts = ran.alerts.iter().map(shape).collect();
-    let mut states = BTreeMap::new();
-    for tenant in &tenants {
-        states.extend(scratch.states(tenant).unwrap());
-    }
-    (alerts, states)
+    // The scratch engine blocks on its own runtime: off the test's.
+    std::thread::spawn(move || {
+        let scratch = tocsin::engine::Scratch::new(std::sync::Arc::new(catalogue), 0).unwrap();
+        let ran = scratch.run(events).unwrap();
+        assert!(ran.rejected.is_empty(), "{:?}", ran.rejected);
+        let alerts = ran.alerts.iter().map(shape).collect();
+        let mut states = BTreeMap::new();
+        for tenant in &tenants {
+            states.extend(scratch.states(tenant).unwrap());
+        }
+        (alerts, states)
+    })
+    .join()
+    .unwrap()
 }
 
 pub async fn stored_states(aws: &Aws, table: &str) -> BTreeMap<BucketId, Vec<u8>> {

@@ -59,7 +59,9 @@ impl AlertSink for Published {
     }
 }
 
-/// An engine over `catalogue`'s rules on a scratch store.
+/// An engine over `catalogue`'s rules on a scratch store. Its methods block
+/// on a runtime of its own: call them from a thread that is not driving an
+/// async runtime.
 pub struct Scratch {
     engine: Arc<Engine>,
     lane: Arc<Lane>,
