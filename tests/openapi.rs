@@ -97,7 +97,13 @@ impl Host {
         let host = Host {
             base: format!("http://{}", server.addr()),
             server,
-            http: reqwest::Client::new(),
+            // A fresh connection per request: the host closes one after
+            // refusing a body too large to read, and a pooled client would
+            // send the next request down it (a broken pipe, not an answer).
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
         };
         (host, dir)
     }
