@@ -523,27 +523,24 @@ fn earliest_time(
     use crate::engine::route;
     use crate::event::{Number, Value};
     use crate::runtime::EventTime;
-    let mut earliest: Option<i64> = None;
-    for (index, event) in events.iter().enumerate() {
-        let declared: Vec<i64> = catalogue
-            .rules(&event.tenant)
-            .into_iter()
-            .flat_map(|rules| rules.to_vec())
-            .filter(|rule| matches!(rule.manifest().event_time, EventTime::Field(_)))
-            .filter_map(|rule| route::event_time(rule.manifest(), index, event).ok())
-            .collect();
-        let time = match declared.into_iter().min() {
-            Some(time) => Some(time),
-            None => match event.field("time") {
+    events
+        .iter()
+        .enumerate()
+        .filter_map(|(index, event)| {
+            // Its rules' declared times first.
+            let declared = catalogue.rules(&event.tenant).and_then(|rules| {
+                rules
+                    .iter()
+                    .filter(|rule| matches!(rule.manifest().event_time, EventTime::Field(_)))
+                    .filter_map(|rule| route::event_time(rule.manifest(), index, event).ok())
+                    .min()
+            });
+            declared.or_else(|| match event.field("time") {
                 Some(Value::Str(text)) => route::parse_rfc3339(text),
                 Some(Value::Number(Number::Int(ms))) => Some(ms),
                 Some(Value::Number(Number::UInt(ms))) => i64::try_from(ms).ok(),
                 _ => None,
-            },
-        };
-        if let Some(time) = time {
-            earliest = Some(earliest.map_or(time, |e| e.min(time)));
-        }
-    }
-    earliest
+            })
+        })
+        .min()
 }

@@ -86,16 +86,27 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 /// `u64`) and a minimum: serde alone would take a `u32` up to 2^32 - 1
 /// where the document promises at most 2^31 - 1, so every top-level
 /// integer field is checked against its schema first.
-pub(super) fn from_json<T>(body: &serde_json::Value) -> Result<T, String>
+pub(super) fn from_json<T>(mut body: serde_json::Value) -> Result<T, String>
 where
     T: DeserializeOwned + utoipa::PartialSchema,
 {
-    let mut body = body.clone();
     check_integers(&T::schema(), &mut body)?;
     serde_path_to_error::deserialize(&body).map_err(|e| match e.path().to_string() {
         path if path == "." => e.inner().to_string(),
         path => format!("`{path}`: {}", e.inner()),
     })
+}
+
+/// The JSON `body` as a `T` ([`from_json`]), or a 400 saying it is not
+/// `what` and why.
+pub(super) fn json_body<T>(body: &[u8], what: &str) -> Result<T, ApiError>
+where
+    T: DeserializeOwned + utoipa::PartialSchema,
+{
+    serde_json::from_slice(body)
+        .map_err(|e| e.to_string())
+        .and_then(from_json)
+        .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, format!("{what}: {e}")))
 }
 
 /// Each integer field of `value` that `schema` describes is within the

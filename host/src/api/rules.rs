@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::extract::{Body, Path, Query, from_json};
+use super::extract::{Body, Path, Query, json_body};
 use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::engine::contain::LogEntry;
 use crate::registry::{RuleView, VersionRecord};
@@ -192,15 +192,7 @@ pub(super) async fn activate_rule(
     Body(body): Body,
 ) -> Result<Json<RuleView>, ApiError> {
     for_tenant(&state, &headers, &tenant)?;
-    let Activate { version } = serde_json::from_slice(&body)
-        .map_err(|e| e.to_string())
-        .and_then(|body| from_json(&body))
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be {{\"version\": N}}: {e}"),
-            )
-        })?;
+    let Activate { version } = json_body(&body, "the body must be {\"version\": N}")?;
     Ok(Json(
         state.registry.activate(&tenant, &rule, version).await?,
     ))

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::extract::{Body, Path, from_json};
+use super::extract::{Body, Path, json_body};
 use super::{ApiError, AppState, ErrorBody, for_tenant};
 use crate::registry::silences::{NewSilence, SilenceView};
 
@@ -34,15 +34,7 @@ pub(super) async fn create_silence(
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     let caller = for_tenant(&state, &headers, &tenant)?;
-    let new: NewSilence = serde_json::from_slice(&body)
-        .map_err(|e| e.to_string())
-        .and_then(|body| from_json(&body))
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("not a silence object: {e}"),
-            )
-        })?;
+    let new: NewSilence = json_body(&body, "not a silence object")?;
     let now = state.engine.clock().now_ms();
     let silence = state
         .registry

@@ -134,6 +134,6 @@ pub(super) async fn put_quotas(
     if let serde_json::Value::Object(merged) = &mut quotas {
         merged.extend(given);
     }
-    let quotas: Quotas = from_json(&quotas).map_err(bad)?;
+    let quotas: Quotas = from_json(quotas).map_err(bad)?;
     Ok(Json(state.registry.set_quotas(&tenant, quotas).await?))
 }
