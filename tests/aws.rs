@@ -117,7 +117,7 @@ async fn a_lone_host_holds_every_shard_reads_nothing_in_steady_state_and_release
 
     // A graceful stop releases every lease.
     host.stop().await.unwrap();
-    let leases = Leases::new(
+    let leases = lease_group(
         tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table),
         &names.events,
     );
@@ -309,13 +309,19 @@ fn write(id: &BucketId, state: &[u8]) -> BucketWrite {
 fn shard_commit(fence: &Fence, writes: Vec<BucketWrite>, seq: &str) -> Commit {
     Commit {
         writes,
-        progress: Progress::Shard {
-            fence: fence.clone(),
-            last: SeqNo::new(seq).unwrap(),
-            checkpoint: Some(Checkpoint::At(SeqNo::new(seq).unwrap())),
-        },
+        progress: Progress::shard(
+            fence.clone(),
+            SeqNo::new(seq).unwrap(),
+            Some(Checkpoint::At(SeqNo::new(seq).unwrap())),
+        ),
+        partition: fence.shard.clone(),
         now_ms: 1_700_000_000_000,
     }
+}
+
+/// The leases of `group` in the deployment's table.
+fn lease_group(table: tocsin::aws::Table, group: &str) -> Leases {
+    Leases::new(Arc::new(DynamoStore::new(table, group)), group)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,8 +330,8 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
     let names = setup(&aws, 1).await;
     let again = tocsin::aws::init(
         &aws.config,
-        &names.events,
-        &names.table,
+        Some(&names.events),
+        Some(&names.table),
         &[&names.alerts, &names.dead_letters],
         1,
     )
@@ -336,7 +342,7 @@ async fn a_stale_host_cannot_overwrite_newer_state() {
         "init is idempotent: {again:?}"
     );
     let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
-    let leases = Leases::new(table.clone(), &names.events);
+    let leases = lease_group(table.clone(), &names.events);
     assert!(leases.create("shard-x", &[]).await.unwrap());
     assert!(
         !leases.create("shard-x", &[]).await.unwrap(),
@@ -812,9 +818,15 @@ async fn readiness_says_why_alerts_wait_in_the_outbox_until_they_can_be_publishe
     );
 
     // Once the stream exists, the next batch publishes both, in order.
-    tocsin::aws::init(&aws.config, &names.events, &names.table, &[&later], 1)
-        .await
-        .unwrap();
+    tocsin::aws::init(
+        &aws.config,
+        Some(&names.events),
+        Some(&names.table),
+        &[&later],
+        1,
+    )
+    .await
+    .unwrap();
     post(r#"{"eventType":"test-event","clientId":"client-01"}"#).await;
     let alerts = alerts_when(&aws, &later, 2, Duration::from_secs(90)).await;
     let keys: Vec<&str> = alerts.iter().map(|a| a.key.as_str()).collect();
@@ -830,7 +842,7 @@ async fn readiness_says_why_alerts_wait_in_the_outbox_until_they_can_be_publishe
 /// A shard-x lease held by host-a, and its fence.
 async fn held_shard(aws: &Aws, names: &Names) -> (tocsin::aws::Table, Fence) {
     let table = tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table);
-    let leases = Leases::new(table.clone(), &names.events);
+    let leases = lease_group(table.clone(), &names.events);
     leases.create("shard-x", &[]).await.unwrap();
     let lease = leases.list().await.unwrap().remove(0);
     let epoch = leases.take(&lease, "host-a").await.unwrap().unwrap();
@@ -922,8 +934,8 @@ async fn a_bucket_forgets_what_it_applied_from_shards_read_to_their_end() {
         .unwrap();
     assert!(store.cached(&id).unwrap().applied.contains_key("shard-x"));
     // The parent is read to its end; the child writes the bucket next.
-    store.shards_finished(["shard-x".to_owned()]);
-    let leases = Leases::new(table.clone(), &names.events);
+    store.partitions_finished(&["shard-x".to_owned()]);
+    let leases = lease_group(table.clone(), &names.events);
     leases
         .create("shard-y", &["shard-x".to_owned()])
         .await
@@ -1030,7 +1042,7 @@ async fn a_slow_tenant_on_a_shard_is_run_apart_and_the_checkpoint_waits_for_it()
         .unwrap()
         .sequence_number()
         .to_owned();
-    let leases = Leases::new(
+    let leases = lease_group(
         tocsin::aws::Table::new(aws.dynamodb.clone(), &names.table),
         &names.events,
     );

@@ -40,7 +40,7 @@ fn batch(seed: &[Incoming], attack: Option<&str>, n: u64) -> Batch {
     for (i, event) in events.iter_mut().enumerate() {
         event.position = format!("{n}:{i}");
     }
-    Batch::new(events, Progress::Nothing)
+    Batch::new(events, Progress::none())
 }
 
 fn zoo(c: &mut Criterion) {

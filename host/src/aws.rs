@@ -114,20 +114,20 @@ impl Table {
     }
 }
 
-/// Create what is missing: the events stream (`shards` shards), the alerts
-/// stream (if it is a Kinesis stream), and the table with time-to-live on
-/// [`EXPIRES`]. What exists is left as it is.
+/// Create what is missing: the events stream (`shards` shards) and the
+/// output streams, and the table with time-to-live on [`EXPIRES`]. What
+/// exists is left as it is.
 pub async fn init(
     config: &aws_config::SdkConfig,
-    events: &str,
-    table: &str,
+    events: Option<&str>,
+    table: Option<&str>,
     outputs: &[&str],
     shards: i32,
 ) -> anyhow::Result<Vec<String>> {
     let kinesis = aws_sdk_kinesis::Client::new(config);
     let dynamodb = aws_sdk_dynamodb::Client::new(config);
     let mut done = Vec::new();
-    for stream in std::iter::once(events).chain(outputs.iter().copied()) {
+    for stream in events.into_iter().chain(outputs.iter().copied()) {
         if create_stream(&kinesis, stream, shards).await? {
             done.push(format!(
                 "created Kinesis stream `{stream}` with {shards} shards"
@@ -136,10 +136,12 @@ pub async fn init(
             done.push(format!("Kinesis stream `{stream}` exists"));
         }
     }
-    if create_table(&dynamodb, table).await? {
-        done.push(format!("created DynamoDB table `{table}`"));
-    } else {
-        done.push(format!("DynamoDB table `{table}` exists"));
+    if let Some(table) = table {
+        if create_table(&dynamodb, table).await? {
+            done.push(format!("created DynamoDB table `{table}`"));
+        } else {
+            done.push(format!("DynamoDB table `{table}` exists"));
+        }
     }
     Ok(done)
 }
@@ -150,7 +152,7 @@ pub async fn init(
 pub async fn check_exists(
     config: &aws_config::SdkConfig,
     streams: &[&str],
-    table: &str,
+    table: Option<&str>,
 ) -> anyhow::Result<()> {
     let kinesis = aws_sdk_kinesis::Client::new(config);
     for stream in streams {
@@ -160,7 +162,9 @@ pub async fn check_exists(
             );
         }
     }
-    if !table_exists(&aws_sdk_dynamodb::Client::new(config), table).await? {
+    if let Some(table) = table
+        && !table_exists(&aws_sdk_dynamodb::Client::new(config), table).await?
+    {
         bail!(
             "DynamoDB table `{table}` does not exist: create it with `tocsin aws init` and the same flags"
         );

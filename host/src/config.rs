@@ -54,8 +54,9 @@ pub struct Config {
     /// Where events come from: `http` (`POST /v1/events`) or
     /// `kinesis:<stream>` (shared by every host through leases).
     pub source: Source,
-    /// Where bucket state lives: `embedded` (redb in the data directory) or
-    /// `dynamodb:<table>` (also holds the Kinesis source's leases).
+    /// Where bucket state lives: `embedded` (redb in the data directory:
+    /// one host) or `dynamodb:<table>` (hosts share it). Either holds the
+    /// source's leases, checkpoints and receipts.
     pub state: StateBackend,
     /// Where alerts go: `file` (`alerts.ndjson` in the data directory) or
     /// `kinesis:<stream>`.
@@ -279,14 +280,19 @@ impl Config {
                 "max_batch_events, max_body_bytes, max_event_bytes and max_instances must be positive".to_owned(),
             );
         }
-        match (&self.source, &self.state) {
-            (Source::Kinesis(_), StateBackend::Embedded) => {
-                return Err("source `kinesis:…` needs state `dynamodb:<table>`: the Kinesis source keeps its shard leases and checkpoints in DynamoDB".to_owned());
+        if !cfg!(feature = "aws") {
+            let aws = [
+                matches!(self.source, Source::Kinesis(_)).then_some("source `kinesis:…`"),
+                matches!(self.state, StateBackend::Dynamodb(_)).then_some("state `dynamodb:…`"),
+                matches!(self.alerts, AlertsBackend::Kinesis(_)).then_some("alerts `kinesis:…`"),
+                matches!(self.dead_letters, DeadLettersBackend::Kinesis(_))
+                    .then_some("dead_letters `kinesis:…`"),
+            ];
+            if let Some(backend) = aws.into_iter().flatten().next() {
+                return Err(format!(
+                    "{backend} needs AWS, and this tocsin was built without it (the `aws` feature): build it with default features"
+                ));
             }
-            (Source::Http, StateBackend::Dynamodb(_)) => {
-                return Err("state `dynamodb:…` is for the Kinesis source (`kinesis:<stream>`); with HTTP ingest use `embedded`".to_owned());
-            }
-            _ => {}
         }
         if self.fair_share_ms > 60_000 {
             return Err(
@@ -366,12 +372,28 @@ mod tests {
     }
 
     #[test]
-    fn kinesis_needs_dynamodb_and_dynamodb_needs_kinesis() {
-        let error = Config::from_toml("source = \"kinesis:events\"").unwrap_err();
-        assert!(error.contains("needs state `dynamodb:<table>`"), "{error}");
-        let error = Config::from_toml("state = \"dynamodb:tocsin\"").unwrap_err();
-        assert!(error.contains("is for the Kinesis source"), "{error}");
-        // HTTP ingest may publish to Kinesis.
+    #[cfg(feature = "aws")]
+    fn any_source_runs_on_any_store() {
+        let config = Config::from_toml("source = \"kinesis:events\"").unwrap();
+        assert_eq!(
+            (config.source, config.state),
+            (Source::Kinesis("events".into()), StateBackend::Embedded)
+        );
+        let config = Config::from_toml("state = \"dynamodb:tocsin\"").unwrap();
+        assert_eq!(
+            (config.source, config.state),
+            (Source::Http, StateBackend::Dynamodb("tocsin".into()))
+        );
         Config::from_toml("alerts = \"kinesis:alerts\"").unwrap();
+    }
+
+    #[test]
+    #[cfg(not(feature = "aws"))]
+    fn a_build_without_aws_refuses_its_backends_by_name() {
+        let error = Config::from_toml("state = \"dynamodb:tocsin\"").unwrap_err();
+        assert!(
+            error.contains("state `dynamodb:…` needs AWS, and this tocsin was built without it"),
+            "{error}"
+        );
     }
 }

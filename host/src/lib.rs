@@ -13,6 +13,7 @@
 
 pub mod alert;
 pub mod api;
+#[cfg(feature = "aws")]
 pub mod aws;
 pub(crate) mod backoff;
 pub mod catalogue;

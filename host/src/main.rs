@@ -67,6 +67,7 @@ enum Command {
     #[command(subcommand)]
     Tenant(TenantCommand),
     /// Set up the AWS resources of the distributed engine.
+    #[cfg(feature = "aws")]
     #[command(subcommand)]
     Aws(AwsCommand),
 }
@@ -146,9 +147,10 @@ impl BackendArgs {
     }
 }
 
+#[cfg(feature = "aws")]
 #[derive(Subcommand)]
 enum AwsCommand {
-    /// Create the events stream, the alerts stream and the DynamoDB table if missing (idempotent).
+    /// Create the streams and the DynamoDB table the backends name, if missing (idempotent).
     Init {
         #[command(flatten)]
         backends: BackendArgs,
@@ -494,6 +496,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rule(command) => async_main(manage_rules(command)),
         Command::Tenant(command) => async_main(manage_tenants(command)),
         Command::Serve(args) => async_main(serve(args)),
+        #[cfg(feature = "aws")]
         Command::Aws(command) => async_main(aws(command)),
         Command::Demo(args) => async_main(cli::demo::run(cli::demo::Options {
             events: args.events,
@@ -514,9 +517,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 fair_share_ms: args.fair_share_ms,
             };
             if args.distributed {
+                #[cfg(feature = "aws")]
                 println!(
                     "{}",
                     cli::bench::run_distributed(options, args.shards).await?
+                );
+                #[cfg(not(feature = "aws"))]
+                bail!(
+                    "--distributed needs AWS, and this tocsin was built without it (the `aws` feature)"
                 );
             } else {
                 println!("{}", cli::bench::run(options).await?);
@@ -626,14 +634,24 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "aws")]
 async fn aws(command: AwsCommand) -> anyhow::Result<()> {
     let AwsCommand::Init { backends, shards } = command;
     let mut config = Config::default();
     backends.apply(&mut config);
-    let (Source::Kinesis(events), StateBackend::Dynamodb(table)) = (&config.source, &config.state)
-    else {
-        bail!("`tocsin aws init` needs --source kinesis:<stream> and --state dynamodb:<table>");
+    let events = match &config.source {
+        Source::Kinesis(events) => Some(events.as_str()),
+        Source::Http => None,
     };
+    let table = match &config.state {
+        StateBackend::Dynamodb(table) => Some(table.as_str()),
+        StateBackend::Embedded => None,
+    };
+    if events.is_none() && table.is_none() {
+        bail!(
+            "`tocsin aws init` needs --source kinesis:<stream> or --state dynamodb:<table> (or both)"
+        );
+    }
     let mut outputs = Vec::new();
     if let AlertsBackend::Kinesis(stream) = &config.alerts {
         outputs.push(stream.as_str());

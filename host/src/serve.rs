@@ -14,22 +14,23 @@ use tokio::task::JoinHandle;
 use crate::api::{self, AppState};
 use crate::catalogue::{LiveCatalogue, StaticCatalogue};
 use crate::clock::Clock;
-use crate::config::{AlertsBackend, Config, DeadLettersBackend, Source, StateBackend};
+#[cfg(feature = "aws")]
+use crate::config::{AlertsBackend, DeadLettersBackend};
+use crate::config::{Config, Source, StateBackend};
 use crate::engine::{Engine, Lane};
 use crate::registry::store::RegistryStore;
 use crate::registry::{FOLLOW_EVERY, Registry};
 use crate::runtime::{Metering, Runtime, RuntimeConfig};
 use crate::sink::AlertSink;
-use crate::sink::dead_letters::{DeadLetterFile, DeadLetterSink, KinesisDeadLetters};
-use crate::sink::file::FileSink;
-use crate::sink::kinesis::{KinesisSink, SdkWriter};
+use crate::sink::dead_letters::DeadLetterSink;
 use crate::source::file::FileSource;
-use crate::source::http::HttpIngest;
+use crate::source::http::{HttpIngest, HttpSource};
 use crate::source::leases::Leases;
+#[cfg(feature = "aws")]
 use crate::source::shards::{ShardSettings, Shards, ShardsState};
-use crate::store::AlertLog;
-use crate::store::dynamo::DynamoStore;
+use crate::source::timers::TimerPartitions;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::{AlertLog, LeaseTable, StateStore};
 
 /// Create the data directory, start the sandbox and compile every
 /// configured rule (once per component file, cached on disk). The runtime
@@ -91,32 +92,108 @@ async fn open_registry(
 
 /// The configured alert sink.
 pub async fn open_sink(config: &Config) -> anyhow::Result<Arc<dyn AlertSink>> {
-    Ok(match &config.alerts {
-        AlertsBackend::File => Arc::new(FileSink::open(&config.data_dir.join("alerts.ndjson"))?),
-        AlertsBackend::Kinesis(stream) => {
-            let aws = crate::aws::sdk_config().await;
-            Arc::new(KinesisSink::new(
-                SdkWriter(aws_sdk_kinesis::Client::new(&aws)),
-                stream,
-            ))
-        }
-    })
+    crate::sink::open_alerts(&config.alerts, &config.data_dir)
+        .await
+        .map_err(Into::into)
 }
 
 /// The configured dead-letter sink.
 pub async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn DeadLetterSink>> {
-    Ok(match &config.dead_letters {
-        DeadLettersBackend::File => Arc::new(DeadLetterFile::open(
-            &config.data_dir.join("dead-letters.ndjson"),
-        )?),
-        DeadLettersBackend::Kinesis(stream) => {
-            let aws = crate::aws::sdk_config().await;
-            Arc::new(KinesisDeadLetters::new(
-                SdkWriter(aws_sdk_kinesis::Client::new(&aws)),
-                stream,
-            ))
+    crate::sink::open_dead_letters(&config.dead_letters, &config.data_dir)
+        .await
+        .map_err(Into::into)
+}
+
+/// The state store a config names, in each of its roles.
+struct Store {
+    state: Arc<dyn StateStore>,
+    leases: Arc<dyn LeaseTable>,
+    registry: Arc<dyn RegistryStore>,
+    /// Other hosts may share it: the registry is followed, and timers are
+    /// fired by whoever holds their partition's lease.
+    shared: bool,
+    /// With a store that keeps the alert log (the embedded one).
+    log: Option<Arc<dyn AlertLog>>,
+    #[cfg(feature = "aws")]
+    usage: Option<Arc<crate::aws::Usage>>,
+}
+
+/// The name of the deployment a host is part of: its events stream, or
+/// `http` for HTTP hosts. Leases and the shared outbox go by it.
+fn deployment(config: &Config) -> &str {
+    match &config.source {
+        Source::Http => crate::source::http::PARTITION,
+        Source::Kinesis(stream) => stream,
+    }
+}
+
+/// Open the configured state store (checking first that the AWS resources
+/// the config names exist).
+async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Store> {
+    #[cfg(feature = "aws")]
+    check_aws(config).await?;
+    match &config.state {
+        StateBackend::Embedded => {
+            let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
+            Ok(Store {
+                state: store.clone(),
+                leases: store.clone(),
+                registry: Arc::new(store.registry()),
+                shared: false,
+                log: Some(store),
+                #[cfg(feature = "aws")]
+                usage: None,
+            })
         }
-    })
+        #[cfg(feature = "aws")]
+        StateBackend::Dynamodb(table) => {
+            let aws = crate::aws::sdk_config().await;
+            let table = crate::aws::Table::new(aws_sdk_dynamodb::Client::new(&aws), table);
+            let store = Arc::new(
+                crate::store::dynamo::DynamoStore::new(table.clone(), deployment(config))
+                    .with_clock(clock),
+            );
+            Ok(Store {
+                state: store.clone(),
+                leases: store,
+                registry: Arc::new(crate::registry::dynamo::DynamoRegistry::new(table.clone())),
+                shared: true,
+                log: None,
+                usage: Some(table.usage.clone()),
+            })
+        }
+        #[cfg(not(feature = "aws"))]
+        StateBackend::Dynamodb(_) => {
+            let _ = clock;
+            // `validate` refuses it, saying why.
+            anyhow::bail!("state `dynamodb:…` needs the `aws` feature")
+        }
+    }
+}
+
+/// Fail with a message naming what is missing if a stream or the table the
+/// config names does not exist.
+#[cfg(feature = "aws")]
+async fn check_aws(config: &Config) -> anyhow::Result<()> {
+    let mut streams = Vec::new();
+    if let Source::Kinesis(stream) = &config.source {
+        streams.push(stream.as_str());
+    }
+    if let AlertsBackend::Kinesis(alerts) = &config.alerts {
+        streams.push(alerts);
+    }
+    if let DeadLettersBackend::Kinesis(dead_letters) = &config.dead_letters {
+        streams.push(dead_letters);
+    }
+    let table = match &config.state {
+        StateBackend::Dynamodb(table) => Some(table.as_str()),
+        StateBackend::Embedded => None,
+    };
+    if streams.is_empty() && table.is_none() {
+        return Ok(());
+    }
+    let aws = crate::aws::sdk_config().await;
+    crate::aws::check_exists(&aws, &streams, table).await
 }
 
 /// A running host, whichever its backends.
@@ -124,21 +201,20 @@ pub struct Server {
     addr: SocketAddr,
     engine: Arc<Engine>,
     runtime: Arc<Runtime>,
+    #[cfg(feature = "aws")]
     shards: Option<Arc<ShardsState>>,
+    #[cfg(feature = "aws")]
     usage: Option<Arc<crate::aws::Usage>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// What a source leaves to wait for once the API stops.
-enum Running {
-    Http(JoinHandle<()>),
-    Shards(Shards),
-}
-
 impl Server {
     /// Open the backends, load the rules, publish what a previous run left
-    /// in the outbox, start the source and listen.
+    /// in the outbox, start the sources and listen. Any source runs on any
+    /// store: the source records its progress in the store's terms, and
+    /// timers are fired by the HTTP lane on a store only this host writes,
+    /// else under the leases of the store's timer partitions.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Server> {
         config.validate().map_err(anyhow::Error::msg)?;
         config.check_exposure().map_err(anyhow::Error::msg)?;
@@ -148,112 +224,103 @@ impl Server {
         let (stop, stopped) = watch::channel(false);
         let (runtime, catalogue) = load_catalogue(&config).await?;
         let sandbox = runtime.clone();
-        let (state, running) = match (&config.source, &config.state) {
-            (Source::Http, StateBackend::Embedded) => {
-                let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
-                let registry = open_registry(
-                    &config,
-                    Arc::new(store.registry()),
-                    runtime,
-                    catalogue.clone(),
-                    false,
-                    stopped.clone(),
-                )
-                .await?;
-                let sink = open_sink(&config).await?;
-                let engine = Arc::new(
-                    Engine::new(catalogue, store.clone(), sink, clock)
-                        .with_dead_letters(open_dead_letters(&config).await?)
-                        .with_fair_share(config.fair_share())
-                        .with_silences(registry.silences()),
-                );
-                registry.on_resume(engine.clone());
-                let (ingest, lane) = HttpIngest::start(
+        let store = open_store(&config, clock.clone()).await?;
+        let registry = open_registry(
+            &config,
+            store.registry.clone(),
+            runtime,
+            catalogue.clone(),
+            store.shared,
+            stopped.clone(),
+        )
+        .await?;
+        let sink = open_sink(&config).await?;
+        let engine = Arc::new(
+            Engine::new(catalogue, store.state.clone(), sink, clock)
+                .with_dead_letters(open_dead_letters(&config).await?)
+                .with_fair_share(config.fair_share())
+                .with_silences(registry.silences()),
+        );
+        registry.on_resume(engine.clone());
+
+        let host = format!(
+            "{}:{}:{:08x}",
+            hostname(),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let lease_duration = Duration::from_millis(config.lease_ms);
+        let mut sources: Vec<Arc<dyn crate::source::Source>> = Vec::new();
+        let lane_fires_timers = matches!(config.source, Source::Http) && !store.shared;
+        let timers_held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        if !lane_fires_timers {
+            let group = format!("{}#timers", deployment(&config));
+            sources.push(Arc::new(TimerPartitions::start(
+                engine.clone(),
+                Leases::new(store.leases.clone(), &group),
+                store.state.timer_partitions(),
+                &host,
+                lease_duration,
+                timers_held.clone(),
+                stopped.clone(),
+            )));
+        }
+        #[cfg(feature = "aws")]
+        let mut shards = None;
+        let ingest = match &config.source {
+            Source::Http => {
+                let (http, lane) = HttpIngest::start(
                     engine.clone(),
                     &config.tenant_field,
                     config.max_batch_events,
                     config.max_event_bytes,
+                    lane_fires_timers,
                 )
                 .await?;
-                let state = AppState {
-                    engine,
-                    registry,
-                    ingest: Some(ingest),
-                    shards: None,
-                    log: Some(store),
-                    usage: None,
-                    shutdown: stopped.clone(),
-                };
-                (state, Running::Http(lane))
+                sources.push(Arc::new(HttpSource::new(&http, lane)));
+                Some(http)
             }
-            (Source::Kinesis(stream), StateBackend::Dynamodb(table)) => {
+            #[cfg(feature = "aws")]
+            Source::Kinesis(stream) => {
                 let aws = crate::aws::sdk_config().await;
-                let mut streams = vec![stream.as_str()];
-                if let AlertsBackend::Kinesis(alerts) = &config.alerts {
-                    streams.push(alerts);
-                }
-                if let DeadLettersBackend::Kinesis(dead_letters) = &config.dead_letters {
-                    streams.push(dead_letters);
-                }
-                crate::aws::check_exists(&aws, &streams, table).await?;
-                let table = crate::aws::Table::new(aws_sdk_dynamodb::Client::new(&aws), table);
-                let usage = table.usage.clone();
-                let store =
-                    Arc::new(DynamoStore::new(table.clone(), stream).with_clock(clock.clone()));
-                let registry = open_registry(
-                    &config,
-                    Arc::new(crate::registry::dynamo::DynamoRegistry::new(table.clone())),
-                    runtime,
-                    catalogue.clone(),
-                    true,
-                    stopped.clone(),
-                )
-                .await?;
-                let sink = open_sink(&config).await?;
-                let engine = Arc::new(
-                    Engine::new(catalogue, store.clone(), sink, clock)
-                        .with_dead_letters(open_dead_letters(&config).await?)
-                        .with_fair_share(config.fair_share())
-                        .with_silences(registry.silences()),
-                );
-                registry.on_resume(engine.clone());
                 let settings = ShardSettings {
                     stream: stream.clone(),
-                    host: format!(
-                        "{}:{}:{:08x}",
-                        hostname(),
-                        std::process::id(),
-                        rand::random::<u32>()
-                    ),
-                    lease_duration: Duration::from_millis(config.lease_ms),
+                    host: host.clone(),
+                    lease_duration,
                     tenant_field: config.tenant_field.clone(),
                     max_event_bytes: config.max_event_bytes,
                 };
-                let shards = Shards::start(
+                let state = Arc::new(ShardsState {
+                    timers: timers_held,
+                    ..ShardsState::default()
+                });
+                sources.push(Arc::new(Shards::start(
                     engine.clone(),
-                    store,
+                    store.state.clone(),
                     aws_sdk_kinesis::Client::new(&aws),
-                    Leases::new(table, stream),
+                    Leases::new(store.leases.clone(), stream),
                     settings.clone(),
+                    state.clone(),
                     stopped.clone(),
-                );
-                let state = AppState {
-                    engine,
-                    registry,
-                    ingest: None,
-                    shards: Some((shards.state.clone(), settings)),
-                    log: None,
-                    usage: Some(usage),
-                    shutdown: stopped.clone(),
-                };
-                (state, Running::Shards(shards))
+                )));
+                shards = Some((state, settings));
+                None
             }
-            // `validate` refuses the other combinations, saying why.
-            (source, state) => anyhow::bail!("unsupported backends: {source:?} with {state:?}"),
+            #[cfg(not(feature = "aws"))]
+            Source::Kinesis(_) => anyhow::bail!("source `kinesis:…` needs the `aws` feature"),
         };
-        let engine = state.engine.clone();
-        let shards = state.shards.as_ref().map(|(s, _)| s.clone());
-        let usage = state.usage.clone();
+        let state = AppState {
+            engine: engine.clone(),
+            registry,
+            ingest,
+            #[cfg(feature = "aws")]
+            shards: shards.clone(),
+            sources: sources.clone(),
+            log: store.log,
+            #[cfg(feature = "aws")]
+            usage: store.usage.clone(),
+            shutdown: stopped.clone(),
+        };
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -268,10 +335,9 @@ impl Server {
                 })
                 .await?;
             // The router (and the ingest with it) is gone: the lane finishes
-            // what is queued; shard workers finish their batch and release.
-            match running {
-                Running::Http(lane) => lane.await?,
-                Running::Shards(shards) => shards.join().await?,
+            // what is queued; lease workers finish their batch and release.
+            for source in sources {
+                source.join().await;
             }
             Ok(())
         });
@@ -280,8 +346,10 @@ impl Server {
             addr,
             engine,
             runtime: sandbox,
-            shards,
-            usage,
+            #[cfg(feature = "aws")]
+            shards: shards.map(|(state, _)| state),
+            #[cfg(feature = "aws")]
+            usage: store.usage,
             stop,
             task,
         })
@@ -301,11 +369,13 @@ impl Server {
     }
 
     /// The Kinesis source's own state, with that source.
+    #[cfg(feature = "aws")]
     pub fn shards(&self) -> Option<&ShardsState> {
         self.shards.as_deref()
     }
 
     /// DynamoDB requests made, with that store.
+    #[cfg(feature = "aws")]
     pub fn usage(&self) -> Option<&crate::aws::Usage> {
         self.usage.as_deref()
     }

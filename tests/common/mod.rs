@@ -65,8 +65,8 @@ pub async fn setup(aws: &Aws, shards: i32) -> Names {
     };
     tocsin::aws::init(
         &aws.config,
-        &names.events,
-        &names.table,
+        Some(&names.events),
+        Some(&names.table),
         &[&names.alerts, &names.dead_letters],
         shards,
     )

@@ -329,7 +329,7 @@ mod tests {
             )
             .with_live_capacity(2),
         );
-        let (ingest, _lane) = HttpIngest::start(engine.clone(), "clientId", 1_000, 1 << 20)
+        let (ingest, _lane) = HttpIngest::start(engine.clone(), "clientId", 1_000, 1 << 20, true)
             .await
             .unwrap();
         // History the subscriber did not ask for.
@@ -356,8 +356,11 @@ mod tests {
             engine,
             registry,
             ingest: Some(ingest.clone()),
+            #[cfg(feature = "aws")]
             shards: None,
+            sources: Vec::new(),
             log: Some(store),
+            #[cfg(feature = "aws")]
             usage: None,
             shutdown,
         });

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+#[cfg(feature = "aws")]
 use std::sync::atomic::Ordering;
 
 use axum::Json;
@@ -37,18 +38,8 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if *state.shutdown.borrow() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "stopping");
     }
-    if let Some(ingest) = &state.ingest
-        && !ingest.running()
-    {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the ingest lane stopped: see the host's log",
-        );
-    }
-    if let Some((shards, _)) = &state.shards
-        && !shards.joined.load(Ordering::Relaxed)
-    {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "joining the lease table");
+    if let Some(reason) = state.sources.iter().find_map(|source| source.not_ready()) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, reason);
     }
     let health = state.engine.health();
     if let Some(reason) = health.commit_error {
@@ -99,11 +90,14 @@ pub(super) async fn post_events(
         Err(refused) => return refused.into_response(),
     };
     let Some(ingest) = &state.ingest else {
+        #[cfg(feature = "aws")]
         let stream = state
             .shards
             .as_ref()
             .map(|(_, settings)| settings.stream.clone())
             .unwrap_or_default();
+        #[cfg(not(feature = "aws"))]
+        let stream = String::new();
         return error(
             StatusCode::CONFLICT,
             format!(
@@ -201,16 +195,28 @@ pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMa
     if let Err(refused) = operator(&state, &headers, "read the host's status") {
         return refused.into_response();
     }
-    let Some((shards, settings)) = &state.shards else {
-        return error(StatusCode::NOT_FOUND, "this host has no Kinesis source");
-    };
+    match shard_status(&state) {
+        Some(status) => Json(status).into_response(),
+        None => error(StatusCode::NOT_FOUND, "this host has no Kinesis source"),
+    }
+}
+
+#[cfg(not(feature = "aws"))]
+fn shard_status(_state: &AppState) -> Option<Status> {
+    None
+}
+
+/// The Kinesis source's status, with that source.
+#[cfg(feature = "aws")]
+fn shard_status(state: &AppState) -> Option<Status> {
+    let (shards, settings) = state.shards.as_ref()?;
     let stats = state.engine.stats();
     let mut held = shards.held.lock().expect("held lock").clone();
     held.sort();
     let mut timer_partitions = shards.timers.lock().expect("timers lock").clone();
     timer_partitions.sort();
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    Json(Status {
+    Some(Status {
         host: settings.host.clone(),
         stream: settings.stream.clone(),
         shards: held,
@@ -233,7 +239,6 @@ pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMa
         dynamodb_lease_requests: state.usage.as_ref().map_or(0, |u| load(&u.lease_requests)),
         dynamodb_timer_requests: state.usage.as_ref().map_or(0, |u| load(&u.timer_requests)),
     })
-    .into_response()
 }
 
 /// Prometheus (OpenMetrics) text: per tenant and rule, events, alerts,
@@ -250,10 +255,13 @@ pub(super) async fn metrics(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     operator(&state, &headers, "read the host's metrics")?;
+    #[cfg(feature = "aws")]
     let leases = state
         .shards
         .as_ref()
         .map(|(shards, _)| shards.held.lock().expect("held lock").len());
+    #[cfg(not(feature = "aws"))]
+    let leases = None;
     let text = state.engine.encode_metrics(
         state.registry.runtime().live_instances(),
         state.registry.serving_count(),

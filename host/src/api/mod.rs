@@ -39,7 +39,9 @@ use crate::engine::Engine;
 use crate::registry::auth::Caller;
 use crate::registry::quota::QuotaExceeded;
 use crate::registry::{Registry, RegistryError};
+use crate::source::Source;
 use crate::source::http::HttpIngest;
+#[cfg(feature = "aws")]
 use crate::source::shards::{ShardSettings, ShardsState};
 use crate::store::AlertLog;
 
@@ -53,13 +55,17 @@ pub const MAX_UPLOAD_BYTES: usize = 64 << 20;
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub registry: Arc<Registry>,
-    /// With the HTTP source.
+    /// With the HTTP source: what `POST /v1/events` submits to.
     pub ingest: Option<Arc<HttpIngest>>,
-    /// With the Kinesis source.
+    /// With the Kinesis source: what `GET /v1/status` shows.
+    #[cfg(feature = "aws")]
     pub shards: Option<(Arc<ShardsState>, ShardSettings)>,
+    /// Every source running, for readiness.
+    pub sources: Vec<Arc<dyn Source>>,
     /// With a store that keeps the alert log (the embedded one).
     pub log: Option<Arc<dyn AlertLog>>,
     /// DynamoDB requests made, with that store.
+    #[cfg(feature = "aws")]
     pub usage: Option<Arc<crate::aws::Usage>>,
     pub shutdown: watch::Receiver<bool>,
 }

@@ -338,6 +338,7 @@ fn process_cpu() -> Option<Duration> {
 
 /// What `tocsin bench --distributed` measured: one host of the distributed
 /// engine catching up on a stream loaded beforehand.
+#[cfg(feature = "aws")]
 #[derive(Debug, Clone)]
 pub struct DistributedReport {
     pub events: u64,
@@ -353,6 +354,7 @@ pub struct DistributedReport {
     pub publish: Duration,
 }
 
+#[cfg(feature = "aws")]
 impl std::fmt::Display for DistributedReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let per_k = |n: u64| n as f64 * 1000.0 / self.events.max(1) as f64;
@@ -394,6 +396,7 @@ impl std::fmt::Display for DistributedReport {
 /// of `shards` shards, then start one host of the distributed engine and
 /// time it until it has processed them all. Needs AWS (or the emulators:
 /// `scripts/emulators`).
+#[cfg(feature = "aws")]
 pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<DistributedReport> {
     use tocsin::config::{AlertsBackend, Source, StateBackend};
     let rules: BTreeMap<String, PathBuf> = tokio::task::spawn_blocking(seed::build_rules)
@@ -407,7 +410,14 @@ pub async fn run_distributed(options: Options, shards: i32) -> anyhow::Result<Di
         format!("bench-alerts-{id}"),
         format!("bench-{id}"),
     );
-    tocsin::aws::init(&aws, &events_stream, &table, &[&alerts_stream], shards).await?;
+    tocsin::aws::init(
+        &aws,
+        Some(&events_stream),
+        Some(&table),
+        &[&alerts_stream],
+        shards,
+    )
+    .await?;
     let kinesis = aws_sdk_kinesis::Client::new(&aws);
     let lines: Vec<String> = bodies(&Options {
         batch_size: 1,

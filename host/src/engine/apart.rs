@@ -334,7 +334,7 @@ impl Engine {
                 })
                 .collect();
             if let Some(receipts) = &part.receipts {
-                computed.set_progress(Progress::Receipts((receipts.0)(&part.indices, &rejected)));
+                computed.set_progress(Progress::receipts((receipts.0)(&part.indices, &rejected)));
             }
             computed.ticket = part.ticket;
             match self.commit(lane, computed).await {

@@ -104,6 +104,14 @@ impl Batch {
         }
     }
 
+    /// The same batch from a source that answers nobody (a stream), with
+    /// its records that were not events, to dead-letter with it.
+    pub fn unanswered(mut self, bad: Vec<DeadLetter>) -> Self {
+        self.unanswered = true;
+        self.bad = bad;
+        self
+    }
+
     /// The events at `indices`, as a batch of their own with this one's
     /// progress.
     fn part(&self, indices: &[usize]) -> Batch {
@@ -884,9 +892,16 @@ impl Engine {
             parts.push((tenant, sub, indices, apart::Run::Queued));
         }
         let mut lane_parts = lane.parts.lock().expect("parts lock");
-        let ticket = match &batch.progress {
-            Progress::Shard { checkpoint, .. } if self.fair_share.is_some() => {
-                Some(lane_parts.open(attempt.ticket, 1 + parts.len(), checkpoint.clone()))
+        // Parts of a partition read by sequence numbers hold back its
+        // checkpoint until they are in.
+        let reads = batch
+            .progress
+            .position
+            .as_ref()
+            .filter(|p| p.last.is_some());
+        let ticket = match reads {
+            Some(position) if self.fair_share.is_some() => {
+                Some(lane_parts.open(attempt.ticket, 1 + parts.len(), position.checkpoint.clone()))
             }
             _ => None,
         };
@@ -1247,7 +1262,7 @@ impl Engine {
             previous = Some(due);
             let at = due.max(clock.now_ms());
             clock.set(at);
-            fired += self.fire_timers(lane, at, Progress::Nothing).await? as u64;
+            fired += self.fire_timers(lane, at, Progress::none()).await? as u64;
         }
         clock.set(to.max(clock.now_ms()));
         Ok(fired)
@@ -1526,6 +1541,7 @@ impl Engine {
             commit: Commit {
                 writes,
                 progress,
+                partition: lane.partition.clone(),
                 now_ms: now,
             },
             rejected,
@@ -1593,7 +1609,7 @@ impl Engine {
         }
         // A shard's checkpoint moves past batches all of whose parts are in.
         let mut written = None;
-        if let Progress::Shard { checkpoint, .. } = &mut commit.progress {
+        if let Some(checkpoint) = commit.progress.checkpoint_mut() {
             if let Some(ticket) = ticket {
                 *checkpoint = lane
                     .parts

@@ -123,7 +123,7 @@ impl Scratch {
                 .await?;
             let committed = self
                 .engine
-                .process(&self.lane, &Batch::new(events, Progress::Nothing))
+                .process(&self.lane, &Batch::new(events, Progress::none()))
                 .await?;
             Ok(Ran {
                 alerts: self.take_published(),
@@ -170,7 +170,8 @@ impl Scratch {
             self.store
                 .commit(Commit {
                     writes,
-                    progress: Progress::Nothing,
+                    progress: Progress::none(),
+                    partition: PARTITION.to_owned(),
                     now_ms: self.clock.now_ms(),
                 })
                 .await?;

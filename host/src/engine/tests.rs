@@ -40,6 +40,12 @@ impl StateStore for Flaky {
     fn forget(&self, ids: &[BucketId]) {
         self.inner.forget(ids)
     }
+    fn timer_partitions(&self) -> Vec<String> {
+        self.inner.timer_partitions()
+    }
+    fn partitions_finished(&self, partitions: &[String]) {
+        self.inner.partitions_finished(partitions)
+    }
     async fn receipt(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         self.inner.receipt(key).await
     }
@@ -151,7 +157,7 @@ const TEST_EVENT: &str = r#"{"eventType":"test-event","clientId":"client-01"}"#;
 fn batch(position: &str) -> Batch {
     let mut event = Incoming::parse(TEST_EVENT, "clientId", 1).unwrap();
     event.position = position.to_owned();
-    Batch::new(vec![event], Progress::Nothing)
+    Batch::new(vec![event], Progress::none())
 }
 
 fn keys(sink: &Collected) -> Vec<String> {
@@ -222,7 +228,7 @@ async fn a_tenant_too_far_behind_while_run_apart_has_its_events_dead_lettered() 
 }
 
 async fn ingest(f: &Fixture) -> Arc<HttpIngest> {
-    HttpIngest::start(f.engine.clone(), "clientId", 1_000, 1 << 20)
+    HttpIngest::start(f.engine.clone(), "clientId", 1_000, 1 << 20, true)
         .await
         .unwrap()
         .0

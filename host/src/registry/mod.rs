@@ -9,6 +9,7 @@
 //! encoding for how a rule decodes or resets them).
 
 pub mod auth;
+#[cfg(feature = "aws")]
 pub mod dynamo;
 pub mod embedded;
 pub mod quota;

@@ -3,7 +3,8 @@
 //! or — from a stream, which cannot be answered — the record was not an
 //! event at all. Behind [`DeadLetterSink`]: a file on one machine
 //! ([`DeadLetterFile`], which `GET /v1/tenants/{tenant}/dead-letters`
-//! reads), a Kinesis stream with many ([`KinesisDeadLetters`]).
+//! reads), a Kinesis stream with many (`sink::kinesis::KinesisDeadLetters`, with
+//! the `aws` feature).
 //!
 //! The engine sends a batch's dead letters before it commits the batch, so
 //! none is lost to a crash; a batch run again after a failed commit sends
@@ -25,7 +26,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::SinkError;
-use super::kinesis::{Entry, KinesisSink, MAX_PARTITION_KEY_CHARS, RecordWriter, SdkWriter};
 
 /// One event not applied, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,52 +293,6 @@ impl DeadLetterLog for DeadLetterFile {
             })?);
         }
         Ok(letters)
-    }
-}
-
-/// Dead letters to a Kinesis stream, one JSON record each, partitioned by
-/// tenant and rule.
-pub struct KinesisDeadLetters<W: RecordWriter = SdkWriter> {
-    sink: KinesisSink<W>,
-    stream: String,
-}
-
-impl<W: RecordWriter> KinesisDeadLetters<W> {
-    pub fn new(writer: W, stream: &str) -> Self {
-        KinesisDeadLetters {
-            sink: KinesisSink::new(writer, stream),
-            stream: stream.to_owned(),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl<W: RecordWriter> DeadLetterSink for KinesisDeadLetters<W> {
-    async fn send(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
-        let entries = letters
-            .iter()
-            .map(|letter| {
-                let key = format!(
-                    "{}/{}",
-                    letter.tenant.as_deref().unwrap_or("-"),
-                    letter.rule.as_deref().unwrap_or("-")
-                );
-                let partition_key = if key.chars().count() <= MAX_PARTITION_KEY_CHARS {
-                    key
-                } else {
-                    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
-                };
-                Entry {
-                    partition_key,
-                    data: serde_json::to_vec(letter).expect("dead letters serialize"),
-                }
-            })
-            .collect();
-        self.sink.put_entries(entries).await
-    }
-
-    fn describe(&self) -> String {
-        format!("kinesis stream {}", self.stream)
     }
 }
 

@@ -15,6 +15,9 @@ use std::future::Future;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
+use sha2::{Digest, Sha256};
+
+use super::dead_letters::{DeadLetter, DeadLetterSink};
 use super::{AlertSink, SinkError};
 use crate::alert::AlertRecord;
 
@@ -246,6 +249,52 @@ impl<W: RecordWriter> KinesisSink<W> {
 impl<W: RecordWriter> AlertSink for KinesisSink<W> {
     async fn publish(&self, alerts: &[AlertRecord]) -> Result<(), SinkError> {
         self.put(alerts).await
+    }
+}
+
+/// Dead letters to a Kinesis stream, one JSON record each, partitioned by
+/// tenant and rule.
+pub struct KinesisDeadLetters<W: RecordWriter = SdkWriter> {
+    sink: KinesisSink<W>,
+    stream: String,
+}
+
+impl<W: RecordWriter> KinesisDeadLetters<W> {
+    pub fn new(writer: W, stream: &str) -> Self {
+        KinesisDeadLetters {
+            sink: KinesisSink::new(writer, stream),
+            stream: stream.to_owned(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<W: RecordWriter> DeadLetterSink for KinesisDeadLetters<W> {
+    async fn send(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
+        let entries = letters
+            .iter()
+            .map(|letter| {
+                let key = format!(
+                    "{}/{}",
+                    letter.tenant.as_deref().unwrap_or("-"),
+                    letter.rule.as_deref().unwrap_or("-")
+                );
+                let partition_key = if key.chars().count() <= MAX_PARTITION_KEY_CHARS {
+                    key
+                } else {
+                    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+                };
+                Entry {
+                    partition_key,
+                    data: serde_json::to_vec(letter).expect("dead letters serialize"),
+                }
+            })
+            .collect();
+        self.sink.put_entries(entries).await
+    }
+
+    fn describe(&self) -> String {
+        format!("kinesis stream {}", self.stream)
     }
 }
 

@@ -100,7 +100,7 @@ impl<R: BufRead> FileSource<R> {
             return Ok(None);
         }
         Ok(Some(FileBatch {
-            batch: Batch::new(events, Progress::Nothing),
+            batch: Batch::new(events, Progress::none()),
             lines,
             bad,
         }))

@@ -23,7 +23,7 @@ use crate::engine::apart::PartReceipts;
 use crate::engine::{Batch, Committed, Computed, Engine, EngineError, Lane, Rejection};
 use crate::event::Incoming;
 use crate::store::Progress;
-pub use crate::store::embedded::RECEIPT_RETENTION_MS;
+pub use crate::store::RECEIPT_RETENTION_MS;
 
 /// The partition of the HTTP ingest's lane.
 pub const PARTITION: &str = "http";
@@ -124,6 +124,42 @@ struct Inflight {
     waiting: Vec<Reply>,
 }
 
+/// The HTTP source as the host runs it: [`HttpIngest`] takes the API's
+/// requests; this waits for its lane.
+pub struct HttpSource {
+    /// Not held strongly: the lane ends once the API drops the ingest.
+    ingest: std::sync::Weak<HttpIngest>,
+    lane: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl HttpSource {
+    pub fn new(ingest: &Arc<HttpIngest>, lane: JoinHandle<()>) -> Self {
+        HttpSource {
+            ingest: Arc::downgrade(ingest),
+            lane: tokio::sync::Mutex::new(Some(lane)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Source for HttpSource {
+    fn not_ready(&self) -> Option<String> {
+        self.ingest
+            .upgrade()
+            .is_some_and(|ingest| !ingest.running())
+            .then(|| "the ingest lane stopped: see the host's log".to_owned())
+    }
+
+    /// What is queued is processed, answered and published.
+    async fn join(&self) {
+        if let Some(lane) = self.lane.lock().await.take()
+            && let Err(error) = lane.await
+        {
+            tracing::error!(%error, "the ingest lane failed");
+        }
+    }
+}
+
 /// The HTTP ingest: submit bodies, get answers once durable.
 pub struct HttpIngest {
     engine: Arc<Engine>,
@@ -139,12 +175,16 @@ pub struct HttpIngest {
 
 impl HttpIngest {
     /// Publish what the lane left in the outbox, then start the lane; it
-    /// runs until every handle is dropped and the queue drains.
+    /// runs until every handle is dropped and the queue drains. With
+    /// `fires_timers` (a store only this host writes) the lane fires the
+    /// store's due timers too; hosts sharing a store share its timer
+    /// partitions instead ([`super::timers`]).
     pub async fn start(
         engine: Arc<Engine>,
         tenant_field: &str,
         max_batch_events: usize,
         max_event_bytes: usize,
+        fires_timers: bool,
     ) -> Result<(Arc<HttpIngest>, JoinHandle<()>), EngineError> {
         let lane = Arc::new(Lane::new(PARTITION));
         engine.flush(&lane).await?;
@@ -159,7 +199,12 @@ impl HttpIngest {
             instance: format!("r{:x}", rand::random::<u64>()),
             requests: AtomicU64::new(0),
         });
-        let task = tokio::spawn(run(Arc::downgrade(&ingest), submissions, max_batch_events));
+        let task = tokio::spawn(run(
+            Arc::downgrade(&ingest),
+            submissions,
+            max_batch_events,
+            fires_timers,
+        ));
         Ok((ingest, task))
     }
 
@@ -359,7 +404,7 @@ impl HttpIngest {
         together.sort();
         together.dedup();
         let requests: Arc<[Request]> = requests.into();
-        let mut batch = Batch::new(events, Progress::Nothing);
+        let mut batch = Batch::new(events, Progress::none());
         batch.together = together;
         batch.receipts = Some({
             let requests = requests.clone();
@@ -422,7 +467,7 @@ impl HttpIngest {
                 }
             });
         }
-        computed.set_progress(Progress::Receipts(receipts));
+        computed.set_progress(Progress::receipts(receipts));
         Some((answered, computed))
     }
 }
@@ -492,6 +537,7 @@ async fn run(
     ingest: std::sync::Weak<HttpIngest>,
     mut queue: mpsc::Receiver<Work>,
     max_events: usize,
+    fires_timers: bool,
 ) {
     // At most two groups in flight: one committing, one computing. What
     // queues meanwhile forms a larger next group. Publishing runs beside
@@ -508,7 +554,7 @@ async fn run(
             engine.publish(&lane, &mut batch).await;
         }
     });
-    let timers = tokio::spawn(super::timers::drive(ingest.clone()));
+    let timers = fires_timers.then(|| tokio::spawn(super::timers::drive(ingest.clone())));
     let mut carried = None;
     loop {
         let first = match carried.take() {
@@ -531,7 +577,7 @@ async fn run(
                 let _ = fired.send(
                     ingest
                         .engine
-                        .fire_timers(&ingest.lane, until, Progress::Nothing)
+                        .fire_timers(&ingest.lane, until, Progress::none())
                         .await,
                 );
                 continue;
@@ -585,7 +631,9 @@ async fn run(
         };
         committing = Some(task);
     }
-    timers.abort();
+    if let Some(timers) = timers {
+        timers.abort();
+    }
     if let Some(task) = committing.take() {
         settle(task).await;
     }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 
-use crate::aws::error_text as err;
+use super::SourceError;
+use crate::aws::error_text;
 use crate::event::{Incoming, SeqNo};
 use crate::sink::dead_letters::{DeadLetter, dead_letter_id};
 
@@ -24,11 +25,17 @@ pub struct Shard {
     pub parents: Vec<String>,
 }
 
+/// A failed call to Kinesis: worth retrying (the source retries with
+/// backoff; a stream that does not exist is refused at start).
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> SourceError {
+    SourceError::Unavailable(format!("Kinesis: {}", error_text(e)))
+}
+
 /// Every shard of `stream`, open and closed.
 pub async fn list_shards(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
-) -> Result<Vec<Shard>, String> {
+) -> Result<Vec<Shard>, SourceError> {
     let mut shards = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -36,7 +43,7 @@ pub async fn list_shards(
             Some(token) => client.list_shards().next_token(token),
             None => client.list_shards().stream_name(stream),
         };
-        let page = request.send().await.map_err(err)?;
+        let page = request.send().await.map_err(unavailable)?;
         for shard in page.shards() {
             shards.push(Shard {
                 id: shard.shard_id().to_owned(),
@@ -84,7 +91,7 @@ impl ShardReader {
         stream: &str,
         shard: &str,
         checkpoint: Option<&str>,
-    ) -> Result<ShardReader, String> {
+    ) -> Result<ShardReader, SourceError> {
         let mut reader = ShardReader {
             client,
             stream: stream.to_owned(),
@@ -97,7 +104,7 @@ impl ShardReader {
         Ok(reader)
     }
 
-    async fn iterator_at(&self) -> Result<String, String> {
+    async fn iterator_at(&self) -> Result<String, SourceError> {
         let request = self
             .client
             .get_shard_iterator()
@@ -109,16 +116,15 @@ impl ShardReader {
                 .starting_sequence_number(seq),
             None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
         };
-        let output = request.send().await.map_err(err)?;
-        output
-            .shard_iterator()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("no iterator for shard {}", self.shard))
+        let output = request.send().await.map_err(unavailable)?;
+        output.shard_iterator().map(str::to_owned).ok_or_else(|| {
+            SourceError::Unavailable(format!("no iterator for shard {}", self.shard))
+        })
     }
 
     /// The next records, waiting out the poll interval; throttling is
     /// retried with backoff, an expired iterator renewed.
-    pub async fn next(&mut self) -> Result<Poll, String> {
+    pub async fn next(&mut self) -> Result<Poll, SourceError> {
         let Some(iterator) = self.iterator.clone() else {
             return Ok(Poll {
                 records: Vec::new(),
@@ -166,7 +172,7 @@ impl ShardReader {
                         "ExpiredIteratorException" => {
                             iterator = self.iterator_at().await?;
                         }
-                        _ => return Err(err(e)),
+                        _ => return Err(unavailable(e)),
                     }
                 }
             }

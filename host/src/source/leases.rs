@@ -1,229 +1,267 @@
-//! Shard leases, kept in the deployment's DynamoDB table: one item per shard
-//! of the events stream with its owner, an epoch (raised whenever the lease
-//! changes hands: commits are fenced by it), a heartbeat counter (raised by
-//! every renewal), the checkpoint and the parent shards.
-//!
-//! A lease is expired when its counter has not moved for the lease duration
-//! as seen by the observer's own clock, so hosts need not agree on time.
+//! Sharing a deployment's partitions among its hosts: [`Leases`], one group
+//! of leases in the store's [`LeaseTable`]; [`coordinate`], which keeps
+//! this host's leases of one kind ([`Leased`]: the stream's shards, the
+//! timer partitions) and starts a worker under each; and [`plan`], which
+//! decides what it takes (see [`crate::store::lease`] for the protocol).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::AttributeValue;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::aws::{PK, SK, Table, Usage, error_text as err, n, s};
-use crate::store::dynamo::SHARD_END;
+use super::SourceError;
+use crate::store::Result;
+pub use crate::store::lease::Lease;
+use crate::store::lease::LeaseTable;
 
-/// The partition key of a stream's leases.
-pub fn lease_pk(stream: &str) -> String {
-    format!("lease#{stream}")
-}
+/// How often leases are renewed and the lease table is read.
+const TICK: Duration = Duration::from_millis(500);
 
-/// One shard's lease as read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub shard: String,
-    pub owner: Option<String>,
-    pub epoch: u64,
-    pub counter: u64,
-    /// `None`: nothing read yet (start at the shard's beginning).
-    pub checkpoint: Option<String>,
-    pub parents: Vec<String>,
-}
-
-impl Lease {
-    pub fn finished(&self) -> bool {
-        self.checkpoint.as_deref() == Some(SHARD_END)
-    }
-}
-
-/// The lease items of one stream.
+/// One group of leases (a stream's shards, the timer partitions).
 #[derive(Clone)]
 pub struct Leases {
-    table: Table,
-    stream: String,
+    table: Arc<dyn LeaseTable>,
+    group: String,
 }
 
 impl Leases {
-    pub fn new(table: Table, stream: &str) -> Self {
+    pub fn new(table: Arc<dyn LeaseTable>, group: &str) -> Self {
         Leases {
             table,
-            stream: stream.to_owned(),
+            group: group.to_owned(),
         }
     }
 
-    pub fn table(&self) -> &Table {
-        &self.table
+    /// The group's name: the `stream` of the fences of commits under it.
+    pub fn group(&self) -> &str {
+        &self.group
     }
 
-    pub fn stream(&self) -> &str {
-        &self.stream
+    /// The same table's group `group`.
+    pub fn other(&self, group: &str) -> Self {
+        Leases::new(self.table.clone(), group)
     }
 
-    fn key(&self, shard: &str) -> HashMap<String, AttributeValue> {
-        HashMap::from([
-            (PK.to_owned(), s(lease_pk(&self.stream))),
-            (SK.to_owned(), s(shard)),
-        ])
+    pub async fn list(&self) -> Result<Vec<Lease>> {
+        self.table.list(&self.group).await
     }
 
-    /// Every lease of the stream, strongly consistent.
-    pub async fn list(&self) -> Result<Vec<Lease>, String> {
-        Usage::count(&self.table.usage.lease_requests);
-        let items = self.table.query_partition(&lease_pk(&self.stream)).await?;
-        let mut leases = Vec::new();
-        for item in items {
-            let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
-            let number = |name: &str| {
-                item.get(name)
-                    .and_then(|v| v.as_n().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
-            leases.push(Lease {
-                shard: text(SK).unwrap_or_default(),
-                owner: text("owner"),
-                epoch: number("epoch"),
-                counter: number("counter"),
-                checkpoint: text("checkpoint"),
-                parents: item
-                    .get("parents")
-                    .and_then(|v| v.as_l().ok())
-                    .map(|l| l.iter().filter_map(|p| p.as_s().ok().cloned()).collect())
-                    .unwrap_or_default(),
-            });
-        }
-        Ok(leases)
+    pub async fn create(&self, name: &str, parents: &[String]) -> Result<bool> {
+        self.table.create(&self.group, name, parents).await
     }
 
-    /// Create a free lease for a newly seen shard; `false` if it exists.
-    pub async fn create(&self, shard: &str, parents: &[String]) -> Result<bool, String> {
-        Usage::count(&self.table.usage.lease_requests);
-        let mut item = self.key(shard);
-        item.insert("epoch".to_owned(), n(0));
-        item.insert("counter".to_owned(), n(0));
-        item.insert(
-            "parents".to_owned(),
-            AttributeValue::L(parents.iter().map(s).collect()),
-        );
-        let put = self
-            .table
-            .client
-            .put_item()
-            .table_name(&self.table.name)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(#pk)")
-            .expression_attribute_names("#pk", PK)
-            .send()
-            .await;
-        match put {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(err(e)),
-        }
+    pub async fn take(&self, lease: &Lease, me: &str) -> Result<Option<u64>> {
+        self.table.take(&self.group, lease, me).await
     }
 
-    /// Take `lease` as read (free, expired, or stolen): succeeds only if
-    /// nobody renewed or took it since. Returns the new epoch.
-    pub async fn take(&self, lease: &Lease, me: &str) -> Result<Option<u64>, String> {
-        Usage::count(&self.table.usage.lease_requests);
-        let epoch = lease.epoch + 1;
-        let update = self
-            .table
-            .client
-            .update_item()
-            .table_name(&self.table.name)
-            .set_key(Some(self.key(&lease.shard)))
-            .update_expression("SET #owner = :me, #epoch = :new, #counter = #counter + :one")
-            .condition_expression("#epoch = :epoch AND #counter = :counter")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_names("#epoch", "epoch")
-            .expression_attribute_names("#counter", "counter")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":new", n(epoch))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":epoch", n(lease.epoch))
-            .expression_attribute_values(":counter", n(lease.counter))
-            .send()
-            .await;
-        conditional(update.map(|_| epoch))
+    pub async fn renew(&self, name: &str, me: &str, epoch: u64) -> Result<bool> {
+        self.table.renew(&self.group, name, me, epoch).await
     }
 
-    /// Prove this host is alive; `false` if the lease is no longer ours.
-    pub async fn renew(&self, shard: &str, me: &str, epoch: u64) -> Result<bool, String> {
-        self.fenced_update(shard, me, epoch, "SET #counter = #counter + :one", None)
-            .await
-    }
-
-    /// Give the lease up so another host takes it at once. Raises the epoch:
-    /// nothing this host still has in flight can commit afterwards.
-    pub async fn release(&self, shard: &str, me: &str, epoch: u64) -> Result<bool, String> {
-        self.fenced_update(
-            shard,
-            me,
-            epoch,
-            "REMOVE #owner SET #epoch = :new, #counter = #counter + :one",
-            Some(epoch + 1),
-        )
-        .await
-    }
-
-    /// Apply `update` (which may use `#owner`, `#epoch`, `#counter`, `:one`
-    /// and, given `new_epoch`, `:new`) if `me` holds the lease at `epoch`;
-    /// `false` if it does not.
-    async fn fenced_update(
-        &self,
-        shard: &str,
-        me: &str,
-        epoch: u64,
-        update: &str,
-        new_epoch: Option<u64>,
-    ) -> Result<bool, String> {
-        Usage::count(&self.table.usage.lease_requests);
-        let mut request = self
-            .table
-            .client
-            .update_item()
-            .table_name(&self.table.name)
-            .set_key(Some(self.key(shard)))
-            .update_expression(update)
-            .condition_expression("#owner = :me AND #epoch = :epoch")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_names("#epoch", "epoch")
-            .expression_attribute_names("#counter", "counter")
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":epoch", n(epoch));
-        if let Some(new) = new_epoch {
-            request = request.expression_attribute_values(":new", n(new));
-        }
-        conditional(request.send().await.map(|_| ())).map(|r| r.is_some())
+    pub async fn release(&self, name: &str, me: &str, epoch: u64) -> Result<bool> {
+        self.table.release(&self.group, name, me, epoch).await
     }
 }
 
-/// `Ok(None)` when the call failed its condition.
-fn conditional<T, E, R>(
-    result: Result<T, aws_sdk_dynamodb::error::SdkError<E, R>>,
-) -> Result<Option<T>, String>
-where
-    E: std::error::Error + Send + Sync + 'static + aws_sdk_dynamodb::error::ProvideErrorMetadata,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    match result {
-        Ok(value) => Ok(Some(value)),
-        Err(e)
-            if e.as_service_error()
-                .and_then(|e| e.code())
-                .is_some_and(|code| code == "ConditionalCheckFailedException") =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(err(e)),
+/// What a host does with the leases of one kind: the stream's shards, or
+/// the timer partitions of its buckets.
+#[async_trait::async_trait]
+pub(crate) trait Leased: Send + Sync + 'static {
+    /// What there is to lease now, each with the leases that must finish
+    /// first; a lease is created for each one not seen yet.
+    async fn list(&self) -> std::result::Result<Vec<(String, Vec<String>)>, SourceError>;
+
+    /// How often to list again (also after a worker ends).
+    fn list_every(&self) -> Duration;
+
+    /// Every lease, as just read.
+    fn read(&self, _leases: &[Lease]) {}
+
+    /// What this host holds now.
+    fn held(&self, names: Vec<String>);
+
+    /// Leases whose worker stopped on an error that cannot heal: kept, see
+    /// the module docs.
+    fn failed(&self) -> Vec<String> {
+        Vec::new()
     }
+
+    /// The lease of `name` is no longer this host's.
+    fn lost(&self, _name: &str) {}
+
+    /// Work under `lease`, taken at `epoch`, until the host stops or the
+    /// lease is lost.
+    fn start(
+        &self,
+        lease: Lease,
+        epoch: u64,
+        stop: watch::Receiver<bool>,
+        lost: Arc<AtomicBool>,
+    ) -> JoinHandle<()>;
+}
+
+/// One lease this host works under.
+struct Worker {
+    epoch: u64,
+    /// Set when the lease was lost: stop without releasing.
+    lost: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+/// How a lease looked when last read, and since when.
+struct Seen {
+    owner: Option<String>,
+    counter: u64,
+    since: Instant,
+}
+
+/// Keep `me`'s leases of one kind: renew what it holds, notice what it
+/// lost, create leases for what is new, and take free, expired or (to
+/// balance) stolen ones, starting a worker for each.
+pub(crate) async fn coordinate(
+    what: Arc<dyn Leased>,
+    leases: Leases,
+    me: String,
+    lease_duration: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut workers: HashMap<String, Worker> = HashMap::new();
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    let mut listed: Option<Instant> = None;
+    loop {
+        // Workers that ended: a finished shard (list shards again for its
+        // children), a lost lease, or an error that cannot heal (kept: its
+        // lease stays this host's, see the module docs).
+        let ended: Vec<String> = workers
+            .iter()
+            .filter(|(_, w)| w.task.is_finished())
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !ended.is_empty() {
+            listed = None;
+        }
+        let failed = what.failed();
+        for name in ended {
+            if !failed.contains(&name) {
+                workers.remove(&name);
+            }
+        }
+
+        // Renew.
+        let renewals = workers.iter().map(|(name, worker)| {
+            let leases = leases.clone();
+            let me = me.clone();
+            let name = name.clone();
+            let epoch = worker.epoch;
+            async move { (name.clone(), leases.renew(&name, &me, epoch).await) }
+        });
+        for (name, renewed) in futures::future::join_all(renewals).await {
+            match renewed {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(lease = %name, "lease lost to another host; stopping its worker");
+                    if let Some(worker) = workers.remove(&name) {
+                        worker.lost.store(true, Ordering::Relaxed);
+                    }
+                    what.lost(&name);
+                }
+                Err(error) => tracing::warn!(lease = %name, %error, "cannot renew lease"),
+            }
+        }
+
+        if listed.is_none_or(|at| at.elapsed() >= what.list_every()) {
+            match what.list().await {
+                Ok(names) => {
+                    listed = Some(Instant::now());
+                    for (name, parents) in names {
+                        if !seen.contains_key(&name)
+                            && let Err(error) = leases.create(&name, &parents).await
+                        {
+                            tracing::warn!(lease = %name, %error, "cannot create lease");
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot list what to lease"),
+            }
+        }
+
+        match leases.list().await {
+            Ok(all) => {
+                what.read(&all);
+                for lease in &all {
+                    let entry = seen.entry(lease.shard.clone()).or_insert(Seen {
+                        owner: lease.owner.clone(),
+                        counter: lease.counter,
+                        since: Instant::now(),
+                    });
+                    if entry.owner != lease.owner || entry.counter != lease.counter {
+                        *entry = Seen {
+                            owner: lease.owner.clone(),
+                            counter: lease.counter,
+                            since: Instant::now(),
+                        };
+                    }
+                    // Held by someone else now: ours is gone.
+                    if let Some(worker) = workers.get(&lease.shard)
+                        && (lease.owner.as_deref() != Some(&me) || lease.epoch != worker.epoch)
+                    {
+                        tracing::warn!(lease = %lease.shard, "lease taken by another host; stopping its worker");
+                        worker.lost.store(true, Ordering::Relaxed);
+                        workers.remove(&lease.shard);
+                        what.lost(&lease.shard);
+                    }
+                }
+                let expired = |lease: &Lease| {
+                    lease.owner.as_deref() != Some(&me)
+                        && seen
+                            .get(&lease.shard)
+                            .is_some_and(|s| s.since.elapsed() >= lease_duration)
+                };
+                if !*stop.borrow() {
+                    for lease in plan(&all, &expired, &me).take {
+                        match leases.take(&lease, &me).await {
+                            Ok(Some(epoch)) => {
+                                tracing::info!(lease = %lease.shard, epoch, previous = ?lease.owner, "took lease");
+                                let lost = Arc::new(AtomicBool::new(false));
+                                let task =
+                                    what.start(lease.clone(), epoch, stop.clone(), lost.clone());
+                                workers.insert(lease.shard.clone(), Worker { epoch, lost, task });
+                            }
+                            Ok(None) => {
+                                tracing::debug!(lease = %lease.shard, "lease changed before it could be taken")
+                            }
+                            Err(error) => {
+                                tracing::warn!(lease = %lease.shard, %error, "cannot take lease")
+                            }
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the lease table"),
+        }
+        what.held(workers.keys().cloned().collect());
+
+        if *stop.borrow() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+    }
+    // Stopping: each worker finishes its batch and releases its lease; keep
+    // renewing until they are done.
+    while !workers.is_empty() {
+        workers.retain(|_, w| !w.task.is_finished());
+        for (name, worker) in &workers {
+            let _ = leases.renew(name, &me, worker.epoch).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    what.held(Vec::new());
 }
 
 /// What the balancer decides in one round: leases to take.
@@ -287,6 +325,7 @@ pub fn plan(leases: &[Lease], expired: &dyn Fn(&Lease) -> bool, me: &str) -> Pla
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SHARD_END;
 
     fn lease(shard: &str, owner: Option<&str>) -> Lease {
         Lease {

@@ -6,26 +6,138 @@
 //! before each wait, so timers survive a restart and fire after it.
 //!
 //! Who fires them:
-//! - With the HTTP ingest ([`drive`]), its one lane: through the lane like a
-//!   request, so they are ordered with the events of their bucket.
-//! - With Kinesis and DynamoDB ([`fire_partition`]), the holder of each
-//!   timer partition's lease, through a lane of the partition's own, fenced
-//!   by that lease; the bucket's version orders a firing against events
-//!   that another host's shard lane commits to the same bucket. A host that
-//!   crashes with timers pending loses its leases when they expire, and
-//!   the hosts that take them over fire what is due, late by at most the
-//!   lease duration.
+//! - With the HTTP ingest on a store only this host writes ([`drive`]), its
+//!   one lane: through the lane like a request, so they are ordered with
+//!   the events of their bucket.
+//! - Otherwise ([`TimerPartitions`]: Kinesis on any store, HTTP hosts
+//!   sharing DynamoDB), the holder of each of the store's timer partitions'
+//!   leases, through a lane of the partition's own, fenced by that lease;
+//!   the bucket's version orders a firing against events that another
+//!   host's lane commits to the same bucket. A host that crashes with
+//!   timers pending loses its leases when they expire, and the hosts that
+//!   take them over fire what is due, late by at most the lease duration.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
+use super::SourceError;
 use super::http::{HttpIngest, PARTITION};
-use super::leases::Leases;
+use super::leases::{Lease, Leased, Leases, coordinate};
 use crate::engine::{Engine, EngineError, Lane};
 use crate::store::{Fence, Progress, StoreError};
+
+/// How often the partitions are listed again: they never change, so only
+/// to create a lease that could not be created before.
+const LIST_EVERY: Duration = Duration::from_secs(60);
+
+/// The store's timer partitions, shared among the hosts under leases: a
+/// worker fires each held partition's due timers.
+pub struct TimerPartitions {
+    /// The partitions held now.
+    pub held: Arc<Mutex<Vec<String>>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl TimerPartitions {
+    /// Start sharing `partitions` (leases of the group `leases` names) as
+    /// host `me`, until `stop` is set; `held` lists those it holds.
+    pub fn start(
+        engine: Arc<Engine>,
+        leases: Leases,
+        partitions: Vec<String>,
+        me: &str,
+        lease_duration: Duration,
+        held: Arc<Mutex<Vec<String>>>,
+        stop: watch::Receiver<bool>,
+    ) -> TimerPartitions {
+        let task = tokio::spawn(coordinate(
+            Arc::new(Partitions {
+                engine,
+                held: held.clone(),
+                partitions,
+                me: me.to_owned(),
+                leases: leases.clone(),
+            }),
+            leases,
+            me.to_owned(),
+            lease_duration,
+            stop,
+        ));
+        TimerPartitions {
+            held,
+            task: tokio::sync::Mutex::new(Some(task)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Source for TimerPartitions {
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+
+    /// Every worker finished its firing and released its lease.
+    async fn join(&self) {
+        if let Some(task) = self.task.lock().await.take()
+            && let Err(error) = task.await
+        {
+            tracing::error!(%error, "the timer partitions' coordinator failed");
+        }
+    }
+}
+
+struct Partitions {
+    engine: Arc<Engine>,
+    held: Arc<Mutex<Vec<String>>>,
+    partitions: Vec<String>,
+    me: String,
+    leases: Leases,
+}
+
+#[async_trait::async_trait]
+impl Leased for Partitions {
+    async fn list(&self) -> Result<Vec<(String, Vec<String>)>, SourceError> {
+        Ok(self
+            .partitions
+            .iter()
+            .map(|p| (p.clone(), Vec::new()))
+            .collect())
+    }
+
+    fn list_every(&self) -> Duration {
+        LIST_EVERY
+    }
+
+    fn held(&self, names: Vec<String>) {
+        *self.held.lock().expect("held lock") = names;
+    }
+
+    fn start(
+        &self,
+        lease: Lease,
+        epoch: u64,
+        stop: watch::Receiver<bool>,
+        lost: Arc<AtomicBool>,
+    ) -> JoinHandle<()> {
+        let fence = Fence {
+            stream: self.leases.group().to_owned(),
+            shard: lease.shard,
+            owner: self.me.clone(),
+            epoch,
+        };
+        tokio::spawn(fire_partition(
+            self.engine.clone(),
+            self.leases.clone(),
+            fence,
+            stop,
+            lost,
+        ))
+    }
+}
 
 /// The longest wait between looks at the HTTP lane's next timer: a timer
 /// set meanwhile by another writer is seen within it.
@@ -80,7 +192,7 @@ pub(super) async fn drive(ingest: Weak<HttpIngest>) {
 
 /// Fire the due timers of the timer partition `fence` leases, until the
 /// host stops or the lease is lost; then release it.
-pub(super) async fn fire_partition(
+async fn fire_partition(
     engine: Arc<Engine>,
     leases: Leases,
     fence: Fence,
@@ -105,9 +217,7 @@ pub(super) async fn fire_partition(
         let now = engine.clock().now_ms();
         let wait = match engine.next_due(&partition).await {
             Ok(Some(due)) if due <= now => {
-                let progress = Progress::Timers {
-                    fence: fence.clone(),
-                };
+                let progress = Progress::timers(fence.clone());
                 match engine.fire_timers(&lane, now, progress).await {
                     Ok(fired) => {
                         failures = 0;

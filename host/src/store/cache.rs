@@ -29,10 +29,12 @@ impl<V> BucketCache<V> {
         self.entries.get(id)
     }
 
+    #[cfg(any(feature = "aws", test))]
     pub(super) fn contains(&self, id: &BucketId) -> bool {
         self.entries.contains_key(id)
     }
 
+    #[cfg(any(feature = "aws", test))]
     pub(super) fn len(&self) -> usize {
         self.entries.len()
     }

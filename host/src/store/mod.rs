@@ -1,17 +1,30 @@
 //! Where bucket state lives, behind [`StateStore`]: one atomic commit per
 //! processed batch holds the new states, timers, the alerts to publish (an
-//! outbox) and the source's progress (idempotency receipts of the requests
-//! it answers, or a shard's checkpoint fenced by its lease).
+//! outbox) and the source's [`Progress`] (idempotency receipts of the
+//! requests it answers, a partition's checkpoint fenced by its lease).
+//! Beside it every store keeps the deployment's [`lease`]s, so any source
+//! runs on any store.
 //!
-//! The embedded store ([`embedded`]) is the default; DynamoDB ([`dynamo`])
-//! implements the same trait. The engine never names a backend type.
+//! The embedded store ([`embedded`]) is the default; DynamoDB ([`dynamo`],
+//! with the `aws` feature) implements the same traits. The engine never
+//! names a backend type, and each store records progress and retires its
+//! outbox its own way ([`OutboxMark`] is opaque).
 
 mod alert_index;
 mod cache;
 pub use cache::BucketMap;
+#[cfg(feature = "aws")]
 pub mod dynamo;
 pub mod embedded;
+pub mod lease;
 mod state_log;
+
+pub use lease::{Lease, LeaseTable, SHARD_END};
+
+/// How long a request's receipt answers its retries: a day covers any
+/// client's retry policy, and receipts cost storage for as long as they
+/// live.
+pub const RECEIPT_RETENTION_MS: i64 = 24 * 3600 * 1000;
 
 use std::sync::Arc;
 
@@ -79,25 +92,81 @@ pub enum Checkpoint {
     End,
 }
 
-/// How far a commit moves its source, written with it.
-#[derive(Debug, Clone)]
-pub enum Progress {
+/// How far a commit moves its source, written with it: what the source
+/// achieved, in no store's terms. Every store records every part of it in
+/// the commit's own atomic write, its own way (see each store's docs).
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
     /// Answers to requests by idempotency key, replayed to retries.
-    Receipts(Vec<(String, Vec<u8>)>),
-    /// A shard read up to `last` under the lease `fence` proves. The
-    /// checkpoint moves to `checkpoint`, or stays where it is with `None`
-    /// (part of an earlier batch, run apart, has not committed yet).
-    Shard {
-        fence: Fence,
-        last: SeqNo,
-        checkpoint: Option<Checkpoint>,
-    },
+    pub receipts: Vec<(String, Vec<u8>)>,
+    /// Where the batch was read from, under a lease; `None` for a source
+    /// without partitions or leases (HTTP, a file replayed from its start).
+    pub position: Option<Position>,
+}
+
+/// A leased partition's part in a commit.
+#[derive(Debug, Clone)]
+pub struct Position {
+    /// The lease the commit is made under: nothing is written unless its
+    /// holder still holds it at this epoch.
+    pub fence: Fence,
+    /// The partition's last sequence number the batch read: each bucket
+    /// written remembers it, so a batch read again is applied once. `None`:
+    /// nothing read (timers of a timer partition fired).
+    pub last: Option<SeqNo>,
+    /// Where the lease's checkpoint moves; `None`: it stays (part of an
+    /// earlier batch, run apart, has not committed yet).
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl Progress {
+    /// Nothing to record (a file replayed from its start, a timer firing of
+    /// a store only this host writes).
+    pub fn none() -> Self {
+        Progress::default()
+    }
+
+    /// Answers to requests, stored under their idempotency keys.
+    pub fn receipts(receipts: Vec<(String, Vec<u8>)>) -> Self {
+        Progress {
+            receipts,
+            position: None,
+        }
+    }
+
+    /// A shard read up to `last` under the lease `fence` proves.
+    pub fn shard(fence: Fence, last: SeqNo, checkpoint: Option<Checkpoint>) -> Self {
+        Progress {
+            receipts: Vec::new(),
+            position: Some(Position {
+                fence,
+                last: Some(last),
+                checkpoint,
+            }),
+        }
+    }
+
     /// Timers of a timer partition fired under the lease `fence` proves
-    /// (its `shard` is the partition): several hosts share the firing of
-    /// the DynamoDB store's timers as they share the stream's shards.
-    Timers { fence: Fence },
-    /// Nothing to record (a file replayed from its start).
-    Nothing,
+    /// (its `shard` is the partition): hosts sharing a store share the
+    /// firing of its timers as they share the stream's shards.
+    pub fn timers(fence: Fence) -> Self {
+        Progress {
+            receipts: Vec::new(),
+            position: Some(Position {
+                fence,
+                last: None,
+                checkpoint: None,
+            }),
+        }
+    }
+
+    /// The checkpoint of a partition this commit read from, to move.
+    pub fn checkpoint_mut(&mut self) -> Option<&mut Option<Checkpoint>> {
+        self.position
+            .as_mut()
+            .filter(|position| position.last.is_some())
+            .map(|position| &mut position.checkpoint)
+    }
 }
 
 /// Everything one processed batch changes, written atomically.
@@ -105,6 +174,9 @@ pub enum Progress {
 pub struct Commit {
     pub writes: Vec<BucketWrite>,
     pub progress: Progress,
+    /// The source partition whose batch this is (a shard, a timer
+    /// partition, `http`, `file`): its outbox holds the alerts.
+    pub partition: String,
     /// Processing time of the batch, epoch milliseconds.
     pub now_ms: i64,
 }
@@ -118,18 +190,38 @@ pub struct Outbox {
     pub mark: OutboxMark,
 }
 
-/// What [`StateStore::published`] needs to retire an [`Outbox`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum OutboxMark {
-    #[default]
-    Nothing,
-    /// Every alert up to this `seq` (the embedded store's cursor).
-    UpTo(u64),
-    /// These outbox items of a shard (DynamoDB).
-    Items {
-        shard: String,
-        keys: Vec<dynamo::OutboxKey>,
-    },
+/// What [`StateStore::published`] needs to retire an [`Outbox`]: each
+/// store's own token (the embedded store's cursor, DynamoDB's outbox item
+/// keys), opaque to everyone else. A mark goes back to the store that made
+/// it.
+#[derive(Clone, Default)]
+pub struct OutboxMark(Option<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl OutboxMark {
+    /// A store's token.
+    pub fn new(token: impl std::any::Any + Send + Sync) -> Self {
+        OutboxMark(Some(Arc::new(token)))
+    }
+
+    /// Nothing to retire.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The token, if this store made it.
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.as_ref().and_then(|token| token.downcast_ref())
+    }
+}
+
+impl std::fmt::Debug for OutboxMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_empty() {
+            "OutboxMark(none)"
+        } else {
+            "OutboxMark(..)"
+        })
+    }
 }
 
 /// A failure of the state store, by what the caller can do about it.
@@ -173,6 +265,15 @@ pub trait StateStore: Send + Sync {
 
     /// Drop what the store caches of `ids`, to be read again.
     fn forget(&self, ids: &[BucketId]);
+
+    /// The partitions its pending timers are indexed in: the hosts sharing
+    /// the store fire them, each the partitions whose lease it holds.
+    fn timer_partitions(&self) -> Vec<String>;
+
+    /// These partitions were read to their end (their leases say so):
+    /// buckets written from now on need not remember what they applied
+    /// from them.
+    fn partitions_finished(&self, partitions: &[String]);
 
     /// The receipt stored under an idempotency key, if that request was
     /// already applied.

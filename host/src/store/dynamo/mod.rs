@@ -29,30 +29,43 @@
 //! any two writers, through the bucket's version.
 //!
 //! The outbox is this store's too: a commit's alerts are written as outbox
-//! items of its shard; once published they are deleted along with the
-//! shard's next commits (as many as fit beside its writes; the rest wait
-//! for the commit after). A new lease owner, or a host whose publish or
-//! commit failed, reads what is left through [`StateStore::unpublished`].
+//! items of its partition (a shard, a timer partition, or `http`); once
+//! published they are deleted along with the partition's next commits (as
+//! many as fit beside its writes; the rest wait for the commit after). A new
+//! lease owner, or a host whose publish or commit failed, reads what is left
+//! through [`StateStore::unpublished`]. HTTP hosts behind one balancer share
+//! the `http` partition: a host starting, or catching up after a failure,
+//! publishes what the others have not published yet too, so an alert may
+//! reach the sink twice (with one `id`), never not at all.
+//!
+//! Request receipts (the HTTP source's idempotency keys) are items of their
+//! own, written in the commit's last transaction and kept a day by the TTL:
+//! a retry reaching any host of the deployment is answered from them.
+//!
+//! Leases ([`leases`]) are items of the same table; a commit made under one
+//! checks it in every transaction and moves its checkpoint in the last.
+//! [`commit`] is the write path, step by step.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+mod commit;
+pub mod leases;
+
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, ConditionCheck, Delete, KeysAndAttributes, Put, TransactWriteItem, Update,
+    AttributeValue, ConditionCheck, Delete, KeysAndAttributes, Put, TransactWriteItem,
 };
 
 use super::cache::BucketCache;
 use super::{
-    BucketId, BucketWrite, Checkpoint, Commit, Fence, Outbox, OutboxMark, Prior, Progress, Result,
-    StateStore, StoreError,
+    BucketId, Checkpoint, Commit, Outbox, OutboxMark, Prior, Result, SHARD_END, StateStore,
+    StoreError,
 };
 use crate::alert::AlertRecord;
 use crate::aws::{EXPIRES, PK, SK, Table, Usage, n, s};
 use crate::event::SeqNo;
-use crate::runtime::{StateChange, TimerChange};
 
 fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(format!("DynamoDB: {}", crate::aws::error_text(e)))
@@ -80,8 +93,8 @@ const MAX_BATCH_GET: usize = 100;
 const OUTBOX_TTL_SECS: i64 = 7 * 24 * 3600;
 /// How long a deleted bucket's item (its applied positions) is kept.
 const DELETED_TTL_SECS: i64 = 24 * 3600;
-/// Checkpoint of a shard that has been read to its end.
-pub const SHARD_END: &str = "SHARD_END";
+/// The sort key of a request's receipt item.
+const RECEIPT_SK: &str = "receipt";
 
 /// What this host knows of one bucket item.
 #[derive(Debug, Clone, Default)]
@@ -109,18 +122,6 @@ fn checkpoint_text(checkpoint: &Checkpoint) -> &str {
 pub struct OutboxKey {
     pub pk: String,
     pub sk: String,
-}
-
-/// One bucket's item as a commit will write it.
-struct Planned {
-    id: BucketId,
-    new: Cached,
-    put: Put,
-    /// Its timer's index items to write and remove.
-    index: Vec<TransactWriteItem>,
-    alerts: Vec<AlertRecord>,
-    /// Bytes it adds to the transaction, alerts included.
-    size: usize,
 }
 
 /// The partition key of a bucket item: its identity as a JSON array, so no
@@ -188,11 +189,27 @@ pub fn outbox_pk(stream: &str, shard: &str) -> String {
     format!("outbox#{stream}#{shard}")
 }
 
+/// The partition key of the receipt stored under an idempotency key.
+fn receipt_pk(key: &str) -> String {
+    let key = serde_json::to_string(key).expect("a string");
+    if key.len() <= MAX_PLAIN_KEY_BYTES {
+        return format!("receipt#{key}");
+    }
+    use sha2::Digest;
+    format!(
+        "receipt#sha256:{}",
+        hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    )
+}
+
 /// Bucket state in DynamoDB, with this host's cache in front.
 pub struct DynamoStore {
     table: Table,
-    /// The events stream whose shards' outboxes this store keeps.
+    /// The deployment's name in its keys: the events stream (whose shards'
+    /// outboxes and leases this store keeps), or `http`.
     stream: String,
+    /// This store's own, in its outbox items' keys.
+    nonce: u32,
     cache: Mutex<BucketCache<Cached>>,
     /// Outbox items per shard written by this host: a counter for their keys.
     outbox_serial: std::sync::atomic::AtomicU64,
@@ -209,7 +226,8 @@ pub struct DynamoStore {
 pub const DEFAULT_MAX_CACHED: usize = 1_000_000;
 
 impl DynamoStore {
-    /// The store of the host reading `stream`.
+    /// The store of a host of the deployment `stream` names (the events
+    /// stream, or `http` for HTTP hosts).
     pub fn new(table: Table, stream: &str) -> Self {
         Self::with_cache(table, stream, DEFAULT_MAX_CACHED)
     }
@@ -221,6 +239,7 @@ impl DynamoStore {
         DynamoStore {
             table,
             stream: stream.to_owned(),
+            nonce: rand::random(),
             cache: Mutex::new(BucketCache::new(max_cached)),
             outbox_serial: std::sync::atomic::AtomicU64::new(0),
             retired: Mutex::default(),
@@ -235,13 +254,6 @@ impl DynamoStore {
 
     pub fn usage(&self) -> &Usage {
         &self.table.usage
-    }
-
-    /// `shards` were read to their end (their leases say so): buckets
-    /// written from now on forget what they applied from them, so the
-    /// per-shard positions of a bucket do not grow with every reshard.
-    pub fn shards_finished(&self, shards: impl IntoIterator<Item = String>) {
-        self.finished.lock().expect("finished lock").extend(shards);
     }
 
     /// Buckets in the cache.
@@ -380,332 +392,6 @@ impl DynamoStore {
         }
         buckets.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(buckets)
-    }
-
-    /// Commit one batch of `fence`'s shard (read up to `last`), or one
-    /// firing of `fence`'s timer partition (nothing read); see the module
-    /// docs.
-    async fn commit_shard(
-        &self,
-        fence: &Fence,
-        writes: Vec<BucketWrite>,
-        last: Option<SeqNo>,
-        checkpoint: Option<Checkpoint>,
-        now_ms: i64,
-    ) -> Result<Outbox> {
-        let lease_key = HashMap::from([
-            (
-                PK.to_owned(),
-                s(crate::source::leases::lease_pk(&fence.stream)),
-            ),
-            (SK.to_owned(), s(&fence.shard)),
-        ]);
-        let fence_values = HashMap::from([
-            (":owner".to_owned(), s(&fence.owner)),
-            (":epoch".to_owned(), n(fence.epoch)),
-        ]);
-        const FENCE: &str = "#owner = :owner AND #epoch = :epoch";
-        let fence_names = HashMap::from([
-            ("#owner".to_owned(), "owner".to_owned()),
-            ("#epoch".to_owned(), "epoch".to_owned()),
-        ]);
-        let expires_at = |secs: i64| n(now_ms / 1000 + secs);
-
-        // Each bucket's new item, and the alerts it raised.
-        let mut planned: Vec<Planned> = Vec::new();
-        for write in writes {
-            let old = self.cached(&write.id).unwrap_or_default();
-            let mut new = old.clone();
-            new.version = old.version + 1;
-            if let Some(last) = &last {
-                new.applied.insert(fence.shard.clone(), last.clone());
-            }
-            {
-                let finished = self.finished.lock().expect("finished lock");
-                new.applied.retain(|shard, _| !finished.contains(shard));
-            }
-            match write.state {
-                StateChange::Unchanged => {}
-                StateChange::Set(bytes) => new.state = Some(Arc::from(bytes)),
-                StateChange::Delete => new.state = None,
-            }
-            match write.timer {
-                TimerChange::Keep => {}
-                TimerChange::Set(at) => new.timer = Some(at),
-                TimerChange::Cancel => new.timer = None,
-            }
-            let mut item = HashMap::from([
-                (PK.to_owned(), s(bucket_pk(&write.id))),
-                (SK.to_owned(), s(BUCKET_SK)),
-                ("tenant".to_owned(), s(&write.id.tenant)),
-                ("rule".to_owned(), s(&write.id.rule)),
-                ("bucket".to_owned(), s(&write.id.bucket)),
-                ("version".to_owned(), n(new.version)),
-                (
-                    "applied".to_owned(),
-                    AttributeValue::M(
-                        new.applied
-                            .iter()
-                            .map(|(shard, seq)| (shard.clone(), s(seq.as_str())))
-                            .collect(),
-                    ),
-                ),
-            ]);
-            let mut size = 200
-                + write.id.tenant.len() * 2
-                + write.id.rule.len() * 2
-                + write.id.bucket.len() * 2;
-            if let Some(state) = &new.state {
-                item.insert(
-                    "state".to_owned(),
-                    AttributeValue::B(Blob::new(state.to_vec())),
-                );
-                size += state.len();
-            }
-            if let Some(timer) = new.timer {
-                item.insert("timer".to_owned(), n(timer));
-            }
-            new.expires_at = match (&new.state, write.ttl_ms) {
-                (None, _) => Some(now_ms / 1000 + DELETED_TTL_SECS),
-                (Some(_), Some(ttl)) => Some((now_ms + ttl as i64) / 1000 + 1),
-                (Some(_), None) => None,
-            };
-            if let Some(at) = new.expires_at {
-                item.insert(EXPIRES.to_owned(), n(at));
-            }
-            let mut put = Put::builder()
-                .table_name(&self.table.name)
-                .set_item(Some(item));
-            put = if old.version == 0 {
-                put.condition_expression("attribute_not_exists(#pk)")
-                    .expression_attribute_names("#pk", PK)
-            } else {
-                put.condition_expression("#version = :version")
-                    .expression_attribute_names("#version", "version")
-                    .expression_attribute_values(":version", n(old.version))
-            };
-            let put = put.build().map_err(build_err)?;
-            let index = self.index_changes(&write.id, old.timer, new.timer)?;
-            let alert_bytes: usize = write
-                .alerts
-                .iter()
-                .map(|a| a.title.len() + a.key.len() + a.bucket.len() + a.detail.get().len() + 400)
-                .sum();
-            planned.push(Planned {
-                id: write.id,
-                new,
-                put,
-                index,
-                alerts: write.alerts,
-                size: size + alert_bytes,
-            });
-        }
-
-        // Transactions: as few as the limits allow; the last one moves the
-        // checkpoint, the others check the fence.
-        let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];
-        let mut actions = 0;
-        let mut bytes = 0;
-        for (
-            i,
-            Planned {
-                alerts,
-                size,
-                index,
-                ..
-            },
-        ) in planned.iter().enumerate()
-        {
-            let outbox_items = if alerts.is_empty() {
-                0
-            } else {
-                1 + size / MAX_OUTBOX_ITEM_BYTES
-            };
-            let bucket_actions = 1 + index.len() + outbox_items;
-            if !chunks.last().expect("a chunk").is_empty()
-                && (actions + bucket_actions + 2 > MAX_ACTIONS - 4
-                    || bytes + size > MAX_TRANSACTION_BYTES)
-            {
-                chunks.push(Vec::new());
-                actions = 0;
-                bytes = 0;
-            }
-            chunks.last_mut().expect("a chunk").push(i);
-            actions += bucket_actions;
-            bytes += size;
-        }
-
-        let mut committed = Outbox::default();
-        let mut outbox_keys: Vec<OutboxKey> = Vec::new();
-        // Taken out: a shard with nothing to delete has no entry.
-        let mut deletes = self
-            .retired
-            .lock()
-            .expect("retired lock")
-            .remove(&fence.shard)
-            .unwrap_or_default();
-        let mut deleted: Vec<OutboxKey> = Vec::new();
-        let last_chunk = chunks.len() - 1;
-        let mut planned: Vec<Option<Planned>> = planned.into_iter().map(Some).collect();
-        for (n_chunk, chunk) in chunks.into_iter().enumerate() {
-            let mut items: Vec<TransactWriteItem> = Vec::new();
-            // What each action is, to read cancellation reasons.
-            let mut roles: Vec<Option<BucketId>> = Vec::new();
-            let mut chunk_alerts: Vec<AlertRecord> = Vec::new();
-            let mut updated: Vec<(BucketId, Cached)> = Vec::new();
-            for i in chunk {
-                let Planned {
-                    id,
-                    new,
-                    put,
-                    index,
-                    alerts,
-                    ..
-                } = planned[i].take().expect("planned once");
-                items.push(TransactWriteItem::builder().put(put).build());
-                roles.push(Some(id.clone()));
-                for action in index {
-                    items.push(action);
-                    roles.push(None);
-                }
-                chunk_alerts.extend(alerts);
-                updated.push((id, new));
-            }
-            let mut outbox = Vec::new();
-            for part in outbox_parts(&chunk_alerts) {
-                let serial = self
-                    .outbox_serial
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let key = OutboxKey {
-                    pk: outbox_pk(&self.stream, &fence.shard),
-                    sk: format!("{:012}#{:014}#{serial:012}", fence.epoch, now_ms),
-                };
-                let put = Put::builder()
-                    .table_name(&self.table.name)
-                    .item(PK, s(&key.pk))
-                    .item(SK, s(&key.sk))
-                    .item("alerts", s(part))
-                    .item(EXPIRES, expires_at(OUTBOX_TTL_SECS))
-                    .build()
-                    .map_err(build_err)?;
-                items.push(TransactWriteItem::builder().put(put).build());
-                roles.push(None);
-                outbox.push(key);
-            }
-            let first_delete = deleted.len();
-            while items.len() < MAX_ACTIONS - 1
-                && let Some(key) = deletes.pop()
-            {
-                let delete = Delete::builder()
-                    .table_name(&self.table.name)
-                    .key(PK, s(&key.pk))
-                    .key(SK, s(&key.sk))
-                    .build()
-                    .map_err(build_err)?;
-                items.push(TransactWriteItem::builder().delete(delete).build());
-                roles.push(None);
-                deleted.push(key);
-            }
-            let lease = if n_chunk == last_chunk
-                && let Some(checkpoint) = &checkpoint
-            {
-                let update = Update::builder()
-                    .table_name(&self.table.name)
-                    .set_key(Some(lease_key.clone()))
-                    .update_expression("SET #checkpoint = :checkpoint")
-                    .condition_expression(FENCE)
-                    .set_expression_attribute_names(Some(fence_names.clone()))
-                    .expression_attribute_names("#checkpoint", "checkpoint")
-                    .set_expression_attribute_values(Some(fence_values.clone()))
-                    .expression_attribute_values(":checkpoint", s(checkpoint_text(checkpoint)))
-                    .build()
-                    .map_err(build_err)?;
-                TransactWriteItem::builder().update(update).build()
-            } else {
-                let check = ConditionCheck::builder()
-                    .table_name(&self.table.name)
-                    .set_key(Some(lease_key.clone()))
-                    .condition_expression(FENCE)
-                    .set_expression_attribute_names(Some(fence_names.clone()))
-                    .set_expression_attribute_values(Some(fence_values.clone()))
-                    .build()
-                    .map_err(build_err)?;
-                TransactWriteItem::builder().condition_check(check).build()
-            };
-            items.push(lease);
-            let lease_index = items.len() - 1;
-
-            let mut attempt = 0;
-            loop {
-                Usage::count(&self.table.usage.commits);
-                let sent = self
-                    .table
-                    .client
-                    .transact_write_items()
-                    .set_transact_items(Some(items.clone()))
-                    .send()
-                    .await;
-                let failure = match sent {
-                    Ok(_) => break,
-                    Err(error) => match cancelled(&error, lease_index, &roles, &fence.shard) {
-                        Some(Err(e)) => e,
-                        // Contention on an item: try again shortly.
-                        Some(Ok(())) | None if attempt < 5 && retryable(&error) => {
-                            attempt += 1;
-                            crate::backoff::sleep(attempt).await;
-                            continue;
-                        }
-                        _ if retryable(&error) => store_err(error),
-                        _ => StoreError::Invalid(format!(
-                            "DynamoDB refused the commit: {}",
-                            crate::aws::error_text(error)
-                        )),
-                    },
-                };
-                // Earlier chunks are durable: their outbox items stay in
-                // the table for `unpublished`. The deletes not done wait
-                // for the next commit.
-                deletes.extend(deleted.drain(first_delete..));
-                if !deletes.is_empty() {
-                    let mut retired = self.retired.lock().expect("retired lock");
-                    retired
-                        .entry(fence.shard.clone())
-                        .or_default()
-                        .extend(deletes);
-                }
-                return Err(failure);
-            }
-            let mut cache = self.cache.lock().expect("cache lock");
-            for (id, new) in updated {
-                // Another shard's batch on this host may have written newer.
-                match cache.get(&id) {
-                    Some(known) if known.version > new.version => {}
-                    _ => {
-                        cache.insert(id, new);
-                    }
-                }
-            }
-            committed.alerts.extend(chunk_alerts);
-            outbox_keys.extend(outbox);
-        }
-        // Deletes that did not fit wait for the next commit.
-        if !deletes.is_empty() {
-            self.retired
-                .lock()
-                .expect("retired lock")
-                .entry(fence.shard.clone())
-                .or_default()
-                .extend(deletes);
-        }
-        committed.mark = if outbox_keys.is_empty() {
-            OutboxMark::Nothing
-        } else {
-            OutboxMark::Items {
-                shard: fence.shard.clone(),
-                keys: outbox_keys,
-            }
-        };
-        Ok(committed)
     }
 
     /// The index actions of a bucket whose timer goes from `old` to `new`.
@@ -910,7 +596,7 @@ fn outbox_parts(alerts: &[AlertRecord]) -> Vec<String> {
 /// conflict, `Some(Ok)` for transient contention, `None` if not cancelled.
 fn cancelled<R>(
     error: &SdkError<TransactWriteItemsError, R>,
-    lease_index: usize,
+    lease_index: Option<usize>,
     roles: &[Option<BucketId>],
     shard: &str,
 ) -> Option<Result<()>> {
@@ -920,7 +606,9 @@ fn cancelled<R>(
         return None;
     };
     let reasons = cancel.cancellation_reasons();
-    if reasons.get(lease_index).and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+    if let Some(lease_index) = lease_index
+        && reasons.get(lease_index).and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+    {
         return Some(Err(StoreError::Fenced(shard.to_owned())));
     }
     let conflicts: Vec<BucketId> = reasons
@@ -1009,32 +697,54 @@ impl StateStore for DynamoStore {
         }
     }
 
-    async fn receipt(&self, _key: &str) -> Result<Option<Vec<u8>>> {
-        // Requests are not idempotent here: the Kinesis source has none.
-        Ok(None)
+    fn timer_partitions(&self) -> Vec<String> {
+        timer_partitions().collect()
+    }
+
+    fn partitions_finished(&self, partitions: &[String]) {
+        self.finished
+            .lock()
+            .expect("finished lock")
+            .extend(partitions.iter().cloned());
+    }
+
+    async fn receipt(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Usage::count(&self.table.usage.bucket_reads);
+        let item = self
+            .table
+            .client
+            .get_item()
+            .table_name(&self.table.name)
+            .key(PK, s(receipt_pk(key)))
+            .key(SK, s(RECEIPT_SK))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(store_err)?;
+        let Some(item) = item.item() else {
+            return Ok(None);
+        };
+        // Past its time to live: DynamoDB's deletion lags.
+        let now_secs = self.clock.now_ms().div_euclid(1000);
+        if item
+            .get(EXPIRES)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .is_some_and(|at| at <= now_secs)
+        {
+            return Ok(None);
+        }
+        match item.get("answer") {
+            Some(AttributeValue::B(answer)) => Ok(Some(answer.as_ref().to_vec())),
+            _ => Err(unreadable(format!("the receipt of `{key}` has no answer"))),
+        }
     }
 
     async fn commit(&self, commit: Commit) -> Result<Outbox> {
-        let (fence, last, checkpoint) = match commit.progress {
-            Progress::Shard {
-                fence,
-                last,
-                checkpoint,
-            } => (fence, Some(last), checkpoint),
-            Progress::Timers { fence } => (fence, None, None),
-            Progress::Receipts(_) | Progress::Nothing => {
-                return Err(StoreError::Invalid(
-                    "the DynamoDB store commits shard batches and timer firings only: its source must be `kinesis:<stream>`"
-                        .to_owned(),
-                ));
-            }
-        };
-        self.commit_shard(&fence, commit.writes, last, checkpoint, commit.now_ms)
-            .await
+        self.commit_batch(commit).await
     }
 
     async fn unpublished(&self, partition: &str) -> Result<Outbox> {
-        // Published items not yet deleted are not published again.
         let retired: std::collections::HashSet<OutboxKey> = self
             .retired
             .lock()
@@ -1045,31 +755,20 @@ impl StateStore for DynamoStore {
         let (alerts, keys) = self.outbox(partition, &retired).await?;
         Ok(Outbox {
             alerts,
-            mark: OutboxMark::Items {
-                shard: partition.to_owned(),
+            mark: OutboxMark::new(commit::Written {
+                partition: partition.to_owned(),
                 keys,
-            },
+            }),
         })
     }
 
     async fn published(&self, mark: OutboxMark) -> Result<()> {
-        match mark {
-            OutboxMark::Nothing => Ok(()),
-            OutboxMark::Items { shard, keys } => {
-                let mut retired = self.retired.lock().expect("retired lock");
-                let waiting = retired.entry(shard).or_default();
-                for key in keys {
-                    if !waiting.contains(&key) {
-                        waiting.push(key);
-                    }
-                }
-                Ok(())
-            }
-            OutboxMark::UpTo(_) => Err(StoreError::Invalid(
-                "the DynamoDB store's outbox is kept per shard, not by sequence".to_owned(),
-            )),
+        if let Some(written) = mark.get::<commit::Written>() {
+            self.retire_later(&written.partition, written.keys.clone());
         }
+        Ok(())
     }
+
     async fn due_timers(
         &self,
         partition: &str,

@@ -8,10 +8,22 @@
 //! behind the alert log (see [`alert_index`](super::alert_index)). After a
 //! crash, opening the store replays the state log and rebuilds what the
 //! index file lacks from the alert log.
+//!
+//! Progress is recorded in the same transaction as the batch: request
+//! receipts, and for a leased partition (a Kinesis shard read by this
+//! host) its checkpoint ([`leases`]) and, per bucket written, the last
+//! sequence number applied from it, so a batch read again after a crash is
+//! applied once even if parts of it committed apart. The outbox is every
+//! logged alert not yet published: lanes publish in any order, and the
+//! durable `published` cursor only moves past alerts all published.
 
-use std::collections::BTreeMap;
+mod leases;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -22,9 +34,11 @@ use super::alert_index::AlertIndex;
 use super::cache::BucketCache;
 use super::state_log::{self, Logged, STATE_LOG};
 use super::{
-    AlertLog, BucketId, Commit, Outbox, OutboxMark, Prior, Progress, Result, StateStore, StoreError,
+    AlertLog, BucketId, Commit, Outbox, OutboxMark, Position, Prior, RECEIPT_RETENTION_MS, Result,
+    StateStore, StoreError,
 };
 use crate::alert::AlertRecord;
+use crate::event::SeqNo;
 use crate::runtime::{StateChange, TimerChange};
 
 /// (tenant, rule, bucket) → encoded state.
@@ -47,6 +61,9 @@ const LEGACY_INDEX: TableDefinition<(&str, u64), ()> = TableDefinition::new("ten
 const RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("receipts");
 /// (stored at, idempotency key): which receipts are due to expire.
 const RECEIPT_TIMES: TableDefinition<(i64, &str), ()> = TableDefinition::new("receipt_times");
+/// (tenant, rule, bucket, partition) → the partition's last sequence number
+/// the bucket applied (written by batches of leased partitions only).
+const APPLIED: TableDefinition<(&str, &str, &str, &str), &str> = TableDefinition::new("applied");
 /// Counters: `next_seq`; `published` (every alert up to it reached the
 /// sink).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -56,11 +73,10 @@ const INDEX_BATCH: usize = 16 * 1024;
 /// State changes the log holds before a commit writes them into `states`:
 /// bounds their memory and the replay at open.
 const STATE_BATCH: usize = 64 * 1024;
-/// How long a request's receipt answers its retries: a day covers any
-/// client's retry policy, and receipts cost disk for as long as they live.
-pub const RECEIPT_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// Expired receipts one commit removes, so pruning never makes one slow.
 const RECEIPTS_PRUNED_PER_COMMIT: usize = 1024;
+/// The one timer partition: this process fires every timer.
+pub const TIMER_PARTITION: &str = "timers";
 /// Bucket states kept in memory: about 200 MB of small states.
 pub const DEFAULT_MAX_CACHED: usize = 1_000_000;
 
@@ -77,6 +93,11 @@ pub(super) struct Changes {
     pub alerts: Vec<AlertRecord>,
     /// Answers to requests by idempotency key.
     pub receipts: Vec<(String, Vec<u8>)>,
+    /// The leased partition read, if any: its fence is checked, its
+    /// checkpoint moved, and each bucket of `applied` remembers its `last`.
+    pub position: Option<Position>,
+    /// Buckets that applied the position's `last`.
+    pub applied: Vec<BucketId>,
     pub now_ms: i64,
 }
 
@@ -97,9 +118,14 @@ pub(crate) struct Embedded {
     /// log and the table as of one commit.
     logged: Mutex<Logged>,
     state_batch: usize,
-    /// Every alert up to this seq reached the sink: written to `meta` with
-    /// the next commit (and at close), not in a transaction of its own.
-    published: AtomicU64,
+    /// Alerts logged and not yet published; what the `published` cursor
+    /// (written to `meta` with the next commit, and at close) follows.
+    outbox: Mutex<Pending>,
+    /// Leases held in this process ([`leases`]).
+    leases: Mutex<leases::HeldLeases>,
+    /// Some bucket remembers what it applied from a partition: loads read
+    /// `applied`.
+    applies: std::sync::atomic::AtomicBool,
     /// Some bucket has an expiry: writes of rules without a time-to-live
     /// then clear theirs (a new version may have dropped it).
     expiring: std::sync::atomic::AtomicBool,
@@ -108,13 +134,28 @@ pub(crate) struct Embedded {
     writer: Option<JoinHandle<()>>,
 }
 
+/// The outbox: alerts logged and not yet published.
+#[derive(Debug, Default)]
+struct Pending {
+    seqs: BTreeSet<u64>,
+    /// The `seq` the next alert logged gets.
+    next: u64,
+}
+
+impl Pending {
+    /// Every alert up to this one reached the sink.
+    fn cursor(&self) -> u64 {
+        self.seqs.first().map_or(self.next - 1, |first| first - 1)
+    }
+}
+
 /// The one field of a logged alert that rebuilding the index needs.
 #[derive(serde::Deserialize)]
 struct TenantOf {
     tenant: String,
 }
 
-fn err(e: impl std::fmt::Display) -> StoreError {
+pub(super) fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
@@ -141,7 +182,7 @@ impl EmbeddedStore {
     }
 
     /// Run `work` on the store on a blocking thread.
-    async fn blocking<T: Send + 'static>(
+    pub(super) async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&Embedded) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -162,6 +203,8 @@ impl Embedded {
         let last_seq;
         let published;
         let expiring;
+        let applies;
+        let mut unpublished = BTreeSet::new();
         {
             tx.open_table(STATES).map_err(err)?;
             let timers = tx.open_table(TIMERS).map_err(err)?;
@@ -182,7 +225,12 @@ impl Embedded {
                 .is_empty()
                 .map_err(err)?;
             tx.open_table(EXPIRES).map_err(err)?;
-            tx.open_table(ALERTS).map_err(err)?;
+            tx.open_table(leases::LEASES).map_err(err)?;
+            applies = !tx
+                .open_table(APPLIED)
+                .map_err(err)?
+                .is_empty()
+                .map_err(err)?;
             tx.open_table(RECEIPTS).map_err(err)?;
             tx.open_table(RECEIPT_TIMES).map_err(err)?;
             tx.open_table(STATE_LOG).map_err(err)?;
@@ -190,6 +238,11 @@ impl Embedded {
             meta.remove("indexed").map_err(err)?;
             last_seq = meta.get("next_seq").map_err(err)?.map_or(1, |v| v.value()) - 1;
             published = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
+            drop(meta);
+            let log = tx.open_table(ALERTS).map_err(err)?;
+            for entry in log.range(published + 1..).map_err(err)? {
+                unpublished.insert(entry.map_err(err)?.0.value());
+            }
         }
         tx.delete_table(LEGACY_INDEX).map_err(err)?;
         tx.commit().map_err(err)?;
@@ -221,7 +274,12 @@ impl Embedded {
             db,
             logged,
             state_batch: STATE_BATCH,
-            published: AtomicU64::new(published),
+            outbox: Mutex::new(Pending {
+                seqs: unpublished,
+                next: last_seq + 1,
+            }),
+            leases: Mutex::default(),
+            applies: std::sync::atomic::AtomicBool::new(applies),
             expiring: std::sync::atomic::AtomicBool::new(expiring),
             index,
             writer,
@@ -238,7 +296,7 @@ impl Embedded {
     fn write_published(&self, tx: &redb::WriteTransaction) -> Result<()> {
         let mut meta = tx.open_table(META).map_err(err)?;
         let stored = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
-        let published = self.published.load(Ordering::Relaxed);
+        let published = self.outbox.lock().expect("outbox lock").cursor();
         if published > stored {
             meta.insert("published", published).map_err(err)?;
         }
@@ -288,6 +346,29 @@ impl Embedded {
                 }
                 let key = (id.tenant.as_str(), id.rule.as_str(), id.bucket.as_str());
                 Ok(table.get(key).map_err(err)?.map(|v| v.value().to_vec()))
+            })
+            .collect()
+    }
+
+    /// The last sequence number of `partition` each of `ids` applied.
+    pub(super) fn applied(&self, ids: &[BucketId], partition: &str) -> Result<Vec<Option<SeqNo>>> {
+        if !self.applies.load(Ordering::Relaxed) {
+            return Ok(vec![None; ids.len()]);
+        }
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(APPLIED).map_err(err)?;
+        ids.iter()
+            .map(|id| {
+                let key = (
+                    id.tenant.as_str(),
+                    id.rule.as_str(),
+                    id.bucket.as_str(),
+                    partition,
+                );
+                Ok(table
+                    .get(key)
+                    .map_err(err)?
+                    .and_then(|seq| SeqNo::new(seq.value())))
             })
             .collect()
     }
@@ -375,6 +456,11 @@ impl Embedded {
         // Held across the write: readers see these alerts in the log and in
         // the index's waiting entries at once.
         let mut logged = self.logged.lock().expect("state log lock");
+        // Held across the write: a lease released meanwhile fences it.
+        let held = self.leases.lock().expect("leases lock");
+        if let Some(position) = &commit.position {
+            leases::check(&held, &position.fence)?;
+        }
         let mut waiting = self.index.waiting();
         let tx = self.db.begin_write().map_err(err)?;
         let mut alerts = commit.alerts;
@@ -450,6 +536,25 @@ impl Embedded {
             }
             meta.insert("next_seq", seq).map_err(err)?;
             drop(meta);
+            if let Some(position) = &commit.position {
+                if let Some(last) = &position.last {
+                    let mut applied = tx.open_table(APPLIED).map_err(err)?;
+                    let partition = position.fence.shard.as_str();
+                    for id in &commit.applied {
+                        let key = (
+                            id.tenant.as_str(),
+                            id.rule.as_str(),
+                            id.bucket.as_str(),
+                            partition,
+                        );
+                        applied.insert(key, last.as_str()).map_err(err)?;
+                    }
+                    self.applies.store(true, Ordering::Relaxed);
+                }
+                if let Some(checkpoint) = &position.checkpoint {
+                    leases::set_checkpoint(&tx, &position.fence, checkpoint_text(checkpoint))?;
+                }
+            }
             self.write_published(&tx)?;
             let mut receipts = tx.open_table(RECEIPTS).map_err(err)?;
             let mut times = tx.open_table(RECEIPT_TIMES).map_err(err)?;
@@ -475,6 +580,14 @@ impl Embedded {
             }
         }
         tx.commit().map_err(err)?;
+        drop(held);
+        {
+            let mut outbox = self.outbox.lock().expect("outbox lock");
+            outbox.seqs.extend(alerts.iter().filter_map(|a| a.seq));
+            outbox.next = outbox
+                .next
+                .max(alerts.last().and_then(|a| a.seq).map_or(0, |s| s + 1));
+        }
         if flush_states {
             logged.flushed();
         } else if !commit.states.is_empty() {
@@ -490,24 +603,36 @@ impl Embedded {
     }
 
     pub(super) fn unpublished(&self) -> Result<Vec<AlertRecord>> {
+        let seqs: Vec<u64> = {
+            let outbox = self.outbox.lock().expect("outbox lock");
+            outbox.seqs.iter().copied().collect()
+        };
         let tx = self.db.begin_read().map_err(err)?;
-        let meta = tx.open_table(META).map_err(err)?;
-        let stored = meta.get("published").map_err(err)?.map_or(0, |v| v.value());
-        let published = stored.max(self.published.load(Ordering::Relaxed));
         let log = tx.open_table(ALERTS).map_err(err)?;
-        let mut alerts = Vec::new();
-        for entry in log.range(published + 1..).map_err(err)? {
-            let (_, json) = entry.map_err(err)?;
-            alerts.push(serde_json::from_slice(json.value()).map_err(corrupt)?);
+        let mut alerts = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if let Some(json) = log.get(seq).map_err(err)? {
+                alerts.push(serde_json::from_slice(json.value()).map_err(corrupt)?);
+            }
         }
         Ok(alerts)
     }
 
-    pub(super) fn mark_published(&self, up_to: u64) -> Result<()> {
+    pub(super) fn mark_published(&self, seqs: &[u64]) {
         // Not worth a transaction of its own: after a crash the outbox
         // merely republishes, and sinks skip what they already have.
-        self.published.fetch_max(up_to, Ordering::Relaxed);
-        Ok(())
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        for seq in seqs {
+            outbox.seqs.remove(seq);
+        }
+    }
+}
+
+/// The text of a checkpoint, as leases keep it.
+fn checkpoint_text(checkpoint: &super::Checkpoint) -> &str {
+    match checkpoint {
+        super::Checkpoint::At(seq) => seq.as_str(),
+        super::Checkpoint::End => super::SHARD_END,
     }
 }
 
@@ -591,12 +716,17 @@ impl AlertLog for Embedded {
 }
 
 /// Alerts of the log, retired by the cursor up to the last of them.
+/// The seqs of an outbox's alerts: this store's mark.
+#[derive(Debug)]
+struct Seqs(Vec<u64>);
+
 fn outbox(alerts: Vec<AlertRecord>) -> Outbox {
-    let mark = alerts
-        .iter()
-        .filter_map(|a| a.seq)
-        .max()
-        .map_or(OutboxMark::Nothing, OutboxMark::UpTo);
+    let seqs: Vec<u64> = alerts.iter().filter_map(|a| a.seq).collect();
+    let mark = if seqs.is_empty() {
+        OutboxMark::default()
+    } else {
+        OutboxMark::new(Seqs(seqs))
+    };
     Outbox { alerts, mark }
 }
 
@@ -607,8 +737,18 @@ impl StateStore for EmbeddedStore {
         usize::MAX
     }
 
-    async fn load(&self, ids: &[BucketId], _partition: &str) -> Result<Vec<Prior>> {
+    async fn load(&self, ids: &[BucketId], partition: &str) -> Result<Vec<Prior>> {
         let mut priors = vec![Prior::default(); ids.len()];
+        if self.inner.applies.load(Ordering::Relaxed) {
+            let wanted = ids.to_vec();
+            let partition = partition.to_owned();
+            let applied = self
+                .blocking(move |store| store.applied(&wanted, &partition))
+                .await?;
+            for (prior, applied) in priors.iter_mut().zip(applied) {
+                prior.applied = applied;
+            }
+        }
         let mut missing = Vec::new();
         {
             let cache = self.cache.lock().expect("state cache lock");
@@ -640,6 +780,15 @@ impl StateStore for EmbeddedStore {
         }
     }
 
+    fn timer_partitions(&self) -> Vec<String> {
+        // One process writes the file: one partition, all its timers.
+        vec![TIMER_PARTITION.to_owned()]
+    }
+
+    fn partitions_finished(&self, _partitions: &[String]) {
+        // Kept: a bucket's entries of finished partitions are a few bytes.
+    }
+
     async fn receipt(&self, key: &str) -> Result<Option<Vec<u8>>> {
         // A read transaction: no write waits for it and it syncs nothing,
         // so it is not worth a trip to a blocking thread.
@@ -649,17 +798,14 @@ impl StateStore for EmbeddedStore {
     async fn commit(&self, commit: Commit) -> Result<Outbox> {
         let mut changes = Changes {
             now_ms: commit.now_ms,
+            receipts: commit.progress.receipts,
             ..Changes::default()
         };
-        match commit.progress {
-            Progress::Receipts(receipts) => changes.receipts = receipts,
-            Progress::Nothing => {}
-            Progress::Shard { fence, .. } | Progress::Timers { fence } => {
-                return Err(StoreError::Invalid(format!(
-                    "the embedded store keeps no leases (`{}`): use state `dynamodb:<table>` with a Kinesis source",
-                    fence.shard
-                )));
+        if let Some(position) = commit.progress.position {
+            if position.last.is_some() {
+                changes.applied = commit.writes.iter().map(|w| w.id.clone()).collect();
             }
+            changes.position = Some(position);
         }
         let expiring = self.inner.expiring.load(Ordering::Relaxed);
         for write in commit.writes {
@@ -753,327 +899,9 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn published(&self, mark: OutboxMark) -> Result<()> {
-        match mark {
-            OutboxMark::UpTo(seq) => self.inner.mark_published(seq),
-            OutboxMark::Nothing => Ok(()),
-            OutboxMark::Items { shard, .. } => Err(StoreError::Invalid(format!(
-                "the embedded store has no outbox items of shard `{shard}`"
-            ))),
+        if let Some(Seqs(seqs)) = mark.get::<Seqs>() {
+            self.inner.mark_published(seqs);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn alert(tenant: &str, key: &str) -> AlertRecord {
-        let json = serde_json::json!({
-            "id": key, "tenant": tenant, "rule": "r", "rule_version": "1.0.0", "bucket": "",
-            "key": key, "status": "firing", "severity": "info", "title": key,
-            "detail": null, "at": 0
-        });
-        serde_json::from_str(&json.to_string()).unwrap()
-    }
-
-    fn commit(store: &Embedded, alerts: &[(&str, &str)]) {
-        let commit = Changes {
-            alerts: alerts.iter().map(|(t, k)| alert(t, k)).collect(),
-            ..Changes::default()
-        };
-        store.commit(commit).unwrap();
-    }
-
-    fn keys(store: &Embedded, tenant: &str, after: u64, limit: usize) -> Vec<String> {
-        let alerts = store.alerts(tenant, after, limit).unwrap();
-        alerts.into_iter().map(|a| a.key).collect()
-    }
-
-    /// Pages of two through a tenant's alerts, by cursor.
-    fn paged(store: &Embedded, tenant: &str) -> Vec<String> {
-        let (mut all, mut after) = (Vec::new(), 0);
-        loop {
-            let page = store.alerts(tenant, after, 2).unwrap();
-            let Some(last) = page.last() else { break };
-            after = last.seq.unwrap();
-            all.extend(page.into_iter().map(|a| a.key));
-        }
-        all
-    }
-
-    /// Where a test's store lives (gone with the directory).
-    fn store_path() -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
-        (dir, path)
-    }
-
-    /// A store whose index the test writes itself, with `batch` 4.
-    fn open(path: &Path) -> Embedded {
-        Embedded::open_with(path, 4, false).unwrap()
-    }
-
-    fn bucket(name: &str) -> BucketId {
-        BucketId {
-            tenant: "t".into(),
-            rule: "r".into(),
-            bucket: name.into(),
-        }
-    }
-
-    fn set_timers(store: &Embedded, timers: &[(&str, Option<i64>)]) {
-        let commit = Changes {
-            timers: timers.iter().map(|(b, at)| (bucket(b), *at)).collect(),
-            ..Changes::default()
-        };
-        store.commit(commit).unwrap();
-    }
-
-    fn due(store: &Embedded, until: i64) -> Vec<(String, i64)> {
-        let due = store.due_timers(until, 10).unwrap();
-        due.into_iter().map(|(id, at)| (id.bucket, at)).collect()
-    }
-
-    #[test]
-    fn timers_are_indexed_by_due_time_through_sets_moves_cancels_and_a_reopen() {
-        let (_dir, path) = store_path();
-        let store = open(&path);
-        assert_eq!(store.next_timer().unwrap(), None);
-        set_timers(&store, &[("a", Some(30)), ("b", Some(10)), ("c", Some(20))]);
-        assert_eq!(store.next_timer().unwrap(), Some(10));
-        assert_eq!(due(&store, 20), [("b".into(), 10), ("c".into(), 20)]);
-        // Moved later, and cancelled: each bucket is indexed once, at its
-        // latest due time.
-        set_timers(&store, &[("b", Some(40)), ("c", None)]);
-        assert_eq!(due(&store, 100), [("a".into(), 30), ("b".into(), 40)]);
-        assert_eq!(
-            store.due_timers(100, 1).unwrap().len(),
-            1,
-            "at most the limit"
-        );
-        drop(store);
-        let store = open(&path);
-        assert_eq!(due(&store, 35), [("a".into(), 30)]);
-        assert_eq!(store.next_timer().unwrap(), Some(30));
-    }
-
-    #[test]
-    fn listing_sees_every_committed_alert_whether_it_waits_or_is_in_the_index_file() {
-        let (_dir, path) = store_path();
-        let store = open(&path);
-        commit(&store, &[("a", "a1"), ("b", "b1"), ("a", "a2")]);
-        assert_eq!(keys(&store, "a", 0, 10), ["a1", "a2"], "all waiting");
-        store.index.flush().unwrap();
-        assert_eq!(store.index.indexed().unwrap(), 3);
-        commit(&store, &[("a", "a3"), ("b", "b2"), ("a", "a4")]);
-        assert_eq!(keys(&store, "a", 0, 10), ["a1", "a2", "a3", "a4"]);
-        assert_eq!(
-            paged(&store, "a"),
-            ["a1", "a2", "a3", "a4"],
-            "across the boundary"
-        );
-        assert_eq!(
-            keys(&store, "a", 0, 3),
-            ["a1", "a2", "a3"],
-            "the limit holds"
-        );
-        assert_eq!(keys(&store, "b", 2, 10), ["b2"], "after a cursor");
-
-        // A crash loses the waiting entries: opening rebuilds them from the log.
-        drop(store);
-        let store = open(&path);
-        assert_eq!(store.index.indexed().unwrap(), 3);
-        assert_eq!(paged(&store, "a"), ["a1", "a2", "a3", "a4"]);
-        assert_eq!(paged(&store, "b"), ["b1", "b2"]);
-        store.index.flush().unwrap();
-        assert_eq!(store.index.indexed().unwrap(), 6);
-        commit(&store, &[("a", "a5")]);
-        assert_eq!(paged(&store, "a"), ["a1", "a2", "a3", "a4", "a5"]);
-    }
-
-    #[test]
-    fn the_writer_thread_writes_a_waiting_batch_and_the_rest_when_the_store_closes() {
-        let (_dir, path) = store_path();
-        let store = Embedded::open_with(&path, 2, true).unwrap();
-        commit(&store, &[("a", "a1"), ("a", "a2"), ("b", "b1")]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while store.index.indexed().unwrap() < 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the batch was never written"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        commit(&store, &[("b", "b2")]);
-        drop(store);
-        let store = open(&path);
-        assert_eq!(store.index.indexed().unwrap(), 4, "written at close");
-        assert_eq!(paged(&store, "b"), ["b1", "b2"]);
-    }
-
-    #[test]
-    fn a_store_without_its_index_file_or_with_an_old_index_table_lists_every_alert() {
-        let (_dir, path) = store_path();
-        {
-            // What an earlier version left: the index inside the store.
-            let store = open(&path);
-            commit(&store, &[("a", "a1"), ("b", "b1"), ("a", "a2")]);
-            let tx = store.db.begin_write().unwrap();
-            tx.open_table(LEGACY_INDEX)
-                .unwrap()
-                .insert(("a", 1), ())
-                .unwrap();
-            tx.open_table(META).unwrap().insert("indexed", 3).unwrap();
-            tx.commit().unwrap();
-        }
-        std::fs::remove_file(EmbeddedStore::index_path(&path)).unwrap();
-        let store = open(&path);
-        assert_eq!(paged(&store, "a"), ["a1", "a2"]);
-        let tx = store.db.begin_read().unwrap();
-        assert!(
-            tx.open_table(LEGACY_INDEX).is_err(),
-            "the old table is gone"
-        );
-        drop(tx);
-        store.index.flush().unwrap();
-        assert_eq!(keys(&store, "b", 0, 10), ["b1"]);
-    }
-
-    fn id(tenant: &str, bucket: &str) -> BucketId {
-        BucketId {
-            tenant: tenant.to_owned(),
-            rule: "r".to_owned(),
-            bucket: bucket.to_owned(),
-        }
-    }
-
-    fn set_states(store: &Embedded, states: &[(&str, &str, Option<&[u8]>)]) {
-        let commit = Changes {
-            states: states
-                .iter()
-                .map(|(t, b, s)| (id(t, b), s.map(<[u8]>::to_vec)))
-                .collect(),
-            ..Changes::default()
-        };
-        store.commit(commit).unwrap();
-    }
-
-    fn state(store: &Embedded, tenant: &str, bucket: &str) -> Option<Vec<u8>> {
-        store.load(&[id(tenant, bucket)]).unwrap().pop().unwrap()
-    }
-
-    fn in_table(store: &Embedded) -> usize {
-        let tx = store.db.begin_read().unwrap();
-        let table = tx.open_table(STATES).unwrap();
-        ReadableTableMetadata::len(&table).unwrap() as usize
-    }
-
-    #[test]
-    fn states_read_the_same_from_the_log_the_table_and_after_a_crash() {
-        let (_dir, path) = store_path();
-        let mut store = open(&path);
-        store.state_batch = 5;
-        set_states(&store, &[("a", "x", Some(b"1")), ("a", "y", Some(b"2"))]);
-        set_states(&store, &[("a", "x", Some(b"3")), ("b", "x", Some(b"4"))]);
-        assert_eq!(in_table(&store), 0, "logged only");
-        assert_eq!(state(&store, "a", "x").as_deref(), Some(&b"3"[..]));
-        assert_eq!(state(&store, "a", "z"), None);
-        let listed = |store: &Embedded, tenant| -> Vec<(String, Vec<u8>)> {
-            let buckets = store.buckets(tenant).unwrap();
-            buckets.into_iter().map(|(id, s)| (id.bucket, s)).collect()
-        };
-        assert_eq!(
-            listed(&store, "a"),
-            [("x".into(), b"3".to_vec()), ("y".into(), b"2".to_vec())]
-        );
-
-        // The fifth change writes everything into the table.
-        set_states(&store, &[("a", "y", None)]);
-        assert_eq!(in_table(&store), 2);
-        assert!(store.logged.lock().unwrap().of_tenant("a").is_empty());
-        assert_eq!(listed(&store, "a"), [("x".into(), b"3".to_vec())]);
-
-        // Logged changes over the table, then a crash: the log is replayed.
-        set_states(&store, &[("a", "x", None), ("a", "w", Some(b"5"))]);
-        assert_eq!(listed(&store, "a"), [("w".into(), b"5".to_vec())]);
-        drop(store);
-        let store = open(&path);
-        assert_eq!(state(&store, "a", "x"), None, "deleted in the log");
-        assert_eq!(state(&store, "a", "w").as_deref(), Some(&b"5"[..]));
-        assert_eq!(state(&store, "b", "x").as_deref(), Some(&b"4"[..]));
-        assert_eq!(listed(&store, "a"), [("w".into(), b"5".to_vec())]);
-    }
-
-    #[test]
-    fn the_published_cursor_rides_on_the_next_commit_and_is_kept_at_close() {
-        let (_dir, path) = store_path();
-        let unpublished = |store: &Embedded| -> Vec<u64> {
-            let alerts = store.unpublished().unwrap();
-            alerts.into_iter().map(|a| a.seq.unwrap()).collect()
-        };
-        let store = open(&path);
-        commit(&store, &[("a", "a1"), ("a", "a2")]);
-        assert_eq!(unpublished(&store), [1, 2]);
-        store.mark_published(1).unwrap();
-        assert_eq!(unpublished(&store), [2], "at once, in this process");
-        commit(&store, &[("a", "a3")]);
-        let stored = |store: &Embedded| {
-            let tx = store.db.begin_read().unwrap();
-            let meta = tx.open_table(META).unwrap();
-            meta.get("published").unwrap().map(|v| v.value())
-        };
-        assert_eq!(stored(&store), Some(1), "written with the next commit");
-        store.mark_published(3).unwrap();
-        drop(store);
-        let store = open(&path);
-        assert_eq!(stored(&store), Some(3), "written at close");
-        assert!(unpublished(&store).is_empty());
-    }
-
-    #[test]
-    fn an_index_file_ahead_of_the_log_is_started_anew() {
-        let (_dir, path) = store_path();
-        {
-            let store = open(&path);
-            commit(&store, &[("a", "a1"), ("a", "a2")]);
-            store.index.flush().unwrap();
-        }
-        // The store replaced by a newer, shorter one; its index kept.
-        std::fs::remove_file(&path).unwrap();
-        let store = open(&path);
-        assert_eq!(store.index.indexed().unwrap(), 0);
-        commit(&store, &[("b", "b1")]);
-        store.index.flush().unwrap();
-        assert!(keys(&store, "a", 0, 10).is_empty());
-        assert_eq!(keys(&store, "b", 0, 10), ["b1"]);
-    }
-
-    #[test]
-    fn receipts_answer_retries_for_their_retention_and_are_pruned_after() {
-        let (_dir, path) = store_path();
-        let store = open(&path);
-        let at = |now_ms: i64, receipts: &[(&str, &[u8])]| Changes {
-            receipts: receipts
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_vec()))
-                .collect(),
-            now_ms,
-            ..Changes::default()
-        };
-        let start = 1_700_000_000_000;
-        store.commit(at(start, &[("old", b"1")])).unwrap();
-        store
-            .commit(at(start + RECEIPT_RETENTION_MS - 1, &[("new", b"2")]))
-            .unwrap();
-        assert_eq!(store.receipt("old").unwrap().as_deref(), Some(&b"1"[..]));
-        // Past its retention, the next commit removes it; younger ones stay.
-        store
-            .commit(at(start + RECEIPT_RETENTION_MS + 1, &[]))
-            .unwrap();
-        assert_eq!(store.receipt("old").unwrap(), None);
-        assert_eq!(store.receipt("new").unwrap().as_deref(), Some(&b"2"[..]));
-        let tx = store.db.begin_read().unwrap();
-        let times = tx.open_table(RECEIPT_TIMES).unwrap();
-        assert_eq!(ReadableTableMetadata::len(&times).unwrap(), 1);
+        Ok(())
     }
 }
