@@ -324,22 +324,32 @@ async fn repeats_keep_the_fingerprint_and_silenced_alerts_are_kept_and_marked() 
         id.as_str()
     );
 
-    let metrics = host
-        .http
-        .get(format!("{}/metrics", host.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let silenced = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("tocsin_rule_alerts_silenced_total{") && l.contains("still-running")
-        })
-        .unwrap_or_else(|| panic!("no silenced count in {metrics}"));
-    assert!(silenced.ends_with(" 2"), "{silenced}");
+    // The alert log shows a batch's alerts once committed; its metrics
+    // follow a moment later (the commit's bookkeeping): poll for them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = host
+            .http
+            .get(format!("{}/metrics", host.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let silenced = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("tocsin_rule_alerts_silenced_total{") && l.contains("still-running")
+            })
+            .unwrap_or_else(|| panic!("no silenced count in {metrics}"))
+            .to_owned();
+        if silenced.ends_with(" 2") || std::time::Instant::now() > deadline {
+            assert!(silenced.ends_with(" 2"), "{silenced}");
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
 
     // Deleted, the silence marks nothing more; a second delete names it.
     let deleted = host
