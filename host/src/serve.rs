@@ -149,10 +149,13 @@ async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<St
         StateBackend::Dynamodb(table) => {
             let aws = crate::aws::sdk_config().await;
             let table = crate::aws::Table::new(aws_sdk_dynamodb::Client::new(&aws), table);
-            let store = Arc::new(
+            let mut store =
                 crate::store::dynamo::DynamoStore::new(table.clone(), deployment(config))
-                    .with_clock(clock),
-            );
+                    .with_clock(clock);
+            if matches!(config.source, Source::Http) {
+                store = store.read_through();
+            }
+            let store = Arc::new(store);
             Ok(Store {
                 state: store.clone(),
                 leases: store,

@@ -220,6 +220,9 @@ pub struct DynamoStore {
     finished: Mutex<std::collections::HashSet<String>>,
     /// The host's clock: what has expired.
     clock: Arc<dyn crate::clock::Clock>,
+    /// No host owns a partition of the events (HTTP hosts behind one
+    /// balancer): every batch reads its buckets afresh.
+    read_through: bool,
 }
 
 /// Buckets a host keeps in memory by default: about 200 MB of small states.
@@ -245,6 +248,7 @@ impl DynamoStore {
             retired: Mutex::default(),
             finished: Mutex::default(),
             clock: Arc::new(crate::clock::SystemClock),
+            read_through: false,
         }
     }
 
@@ -259,6 +263,15 @@ impl DynamoStore {
     /// Buckets in the cache.
     pub fn cached_len(&self) -> usize {
         self.cache.lock().expect("cache lock").len()
+    }
+
+    /// Read every batch's buckets from the table, not from this host's
+    /// cache: for hosts that share the events themselves (HTTP hosts
+    /// behind one balancer), where any of them may have written a bucket
+    /// last. Costs one `BatchGetItem` per 100 buckets of a batch.
+    pub fn read_through(mut self) -> Self {
+        self.read_through = true;
+        self
     }
 
     /// Read expiry against `clock` (the host's).
@@ -686,6 +699,9 @@ impl StateStore for DynamoStore {
     }
 
     async fn load(&self, ids: &[BucketId], partition: &str) -> Result<Vec<Prior>> {
+        if self.read_through {
+            self.forget(ids);
+        }
         self.fetch(ids.iter().cloned()).await?;
         Ok(ids.iter().map(|id| self.prior(id, partition)).collect())
     }
