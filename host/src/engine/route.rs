@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use super::RejectCause;
 use crate::event::{Incoming, Value};
 use crate::runtime::{Condition, EventBatch, EventTime, Manifest, Scalar, Test, ValueKind};
 
@@ -39,12 +40,12 @@ pub const MAX_BUCKET_KEY_BYTES: usize = 1024;
 
 /// An event a rule wants but cannot take: its event time cannot be read,
 /// or its bucket key is too long.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("event #{index}: {reason}")]
 pub struct Unroutable {
     pub index: usize,
-    /// `event_time` or `bucket_key`, as dead letters name the cause.
-    pub cause: &'static str,
+    /// [`RejectCause::EventTime`] or [`RejectCause::BucketKey`].
+    pub cause: RejectCause,
     pub reason: String,
 }
 
@@ -124,7 +125,7 @@ pub fn event_time(manifest: &Manifest, index: usize, event: &Incoming) -> Result
     };
     let bad = |reason: &str| Unroutable {
         index,
-        cause: "event_time",
+        cause: RejectCause::EventTime,
         reason: format!("event-time field `{field}` {reason}"),
     };
     match event.field(field) {
@@ -165,7 +166,7 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Unr
         if key.len() > MAX_BUCKET_KEY_BYTES {
             unroutable.push(Unroutable {
                 index,
-                cause: "bucket_key",
+                cause: RejectCause::BucketKey,
                 reason: format!(
                     "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
                     key.len()
@@ -312,7 +313,7 @@ mod tests {
             unroutable,
             [Unroutable {
                 index: 1,
-                cause: "bucket_key",
+                cause: RejectCause::BucketKey,
                 reason: format!(
                     "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
                     long.len()
