@@ -153,7 +153,7 @@ impl Server {
                 let store = Arc::new(EmbeddedStore::open(&config.data_dir.join("state.redb"))?);
                 let registry = open_registry(
                     &config,
-                    Arc::new(store.registry()),
+                    Arc::new(crate::registry::embedded::EmbeddedRegistry::new(&store)),
                     runtime,
                     catalogue.clone(),
                     false,
@@ -402,7 +402,7 @@ pub async fn replay(
     let (_stop, stopped) = watch::channel(false);
     let registry = open_registry(
         config,
-        Arc::new(store.registry()),
+        Arc::new(crate::registry::embedded::EmbeddedRegistry::new(&store)),
         runtime,
         catalogue.clone(),
         false,

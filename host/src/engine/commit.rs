@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::batch::Turn;
-use super::contain::LogEntry;
 use super::{Committed, Computed, Engine, EngineError, Lane, add_elapsed};
 use crate::metrics::RuleTally;
+use crate::rule_log::LogEntry;
 use crate::runtime::TimerChange;
 use crate::sink::dead_letters::DeadLetter;
 use crate::store::{Progress, StoreError};

@@ -64,14 +64,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 
 use crate::alert::AlertRecord;
+use crate::alert::silences::Silences;
 use crate::catalogue::Catalogue;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::registry::silences::Silences;
+use crate::rule_log::{LogEntry, RuleLogs};
 use crate::sink::AlertSink;
 use crate::sink::dead_letters::DeadLetterSink;
 use crate::store::StateStore;
-use contain::{LogEntry, Quarantine, Quarantines, RuleLogs};
+use contain::{Quarantine, Quarantines};
 
 /// Alerts kept for live subscribers that fall behind; past this they catch
 /// up from the alert log.
@@ -174,7 +175,7 @@ impl Engine {
                 .thread_name(|n| format!("tocsin-rules-{n}"))
                 .build()
                 .expect("a thread pool for the rules"),
-            fair_share: Some(apart::DEFAULT_FAIR_SHARE),
+            fair_share: Some(crate::quota::DEFAULT_FAIR_SHARE),
             timers_set: watch::Sender::new(0),
             silences: None,
         }

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use super::RejectCause;
 use crate::event::{Incoming, Value};
+// How event times are read; `serve` names it here too.
 use crate::runtime::{Condition, EventBatch, EventTime, Manifest, Scalar, Test, ValueKind};
+pub(crate) use crate::timestamp::parse_rfc3339;
 
 /// One bucket's share of a batch for one rule.
 #[derive(Debug, Clone)]
@@ -134,12 +136,6 @@ pub fn event_time(manifest: &Manifest, index: usize, event: &Incoming) -> Result
         Some(Value::Str(s)) => parse_rfc3339(s).ok_or_else(|| bad("is not an RFC 3339 time")),
         Some(_) => Err(bad("must be an RFC 3339 string or epoch milliseconds")),
     }
-}
-
-/// An RFC 3339 time as epoch milliseconds, as the host reads event times.
-pub(crate) fn parse_rfc3339(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 /// Filter `events` through the manifest and group them into buckets, each

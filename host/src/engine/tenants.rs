@@ -12,10 +12,10 @@ use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use super::compute::TenantWork;
-use super::contain::LogEntry;
 use super::{Engine, RejectCause, Rejection, run};
 use crate::event::Incoming;
 use crate::metrics::RuleTally;
+use crate::rule_log::LogEntry;
 use crate::runtime::StateChange;
 use crate::store::{BucketId, BucketWrite};
 

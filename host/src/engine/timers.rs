@@ -8,14 +8,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::contain::{self, LogEntry};
 use super::outcome::Finish;
 use super::tenants::{TenantOutcome, state_too_large};
 use super::{Batch, Computed, Engine, EngineError, Lane, RejectCause, run};
 use crate::clock::{Clock, ManualClock};
 use crate::metrics::RuleTally;
+use crate::rule_log::LogEntry;
 use crate::runtime::{StateChange, TimerChange};
 use crate::store::{BucketId, BucketWrite, Progress};
+use crate::timestamp;
 
 /// Timers one batch of timers fires.
 pub const MAX_TIMERS_PER_BATCH: usize = 1024;
@@ -227,7 +228,7 @@ impl Engine {
                     // that failed would fail again.
                     let reason = format!(
                         "{error}; the timer due at {} is dropped",
-                        contain::rfc3339(*due)
+                        timestamp::rfc3339(*due)
                     );
                     tracing::warn!(tenant = %id.tenant, rule = %id.rule, bucket = %id.bucket, "{reason}");
                     tally.failed_calls = 1;
