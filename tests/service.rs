@@ -344,7 +344,7 @@ fn the_example_config_parses_and_unknown_keys_are_refused() {
     assert_eq!(config.listen.to_string(), "127.0.0.1:7878");
     assert_eq!(config.rules.len(), 4);
     assert_eq!(config.limits, tocsin::runtime::Limits::default());
-    assert_eq!(config.quotas, tocsin::registry::quota::Quotas::default());
+    assert_eq!(config.quotas, tocsin::quota::Quotas::default());
     assert_eq!(config.operator_token, None);
     let flapping = &config.rules[3];
     assert_eq!(flapping.name.as_deref(), Some("any-machine-flapping"));

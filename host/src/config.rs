@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::catalogue::Assignment;
 use crate::event::DEFAULT_TENANT_FIELD;
-use crate::registry::quota::Quotas;
+use crate::quota::Quotas;
 use crate::runtime::Limits;
 
 /// Loopback only: exposing the API is a deliberate choice.
@@ -214,7 +214,7 @@ impl Default for Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
             max_instances: DEFAULT_MAX_INSTANCES,
-            fair_share_ms: crate::engine::apart::DEFAULT_FAIR_SHARE.as_millis() as u64,
+            fair_share_ms: crate::quota::DEFAULT_FAIR_SHARE.as_millis() as u64,
             limits: Limits::default(),
             source: Source::Http,
             state: StateBackend::Embedded,
@@ -304,11 +304,11 @@ impl Config {
             return Err("lease_ms must be at least 1000: renewals run every 500 ms".to_owned());
         }
         if let Some(token) = &self.operator_token
-            && token.len() < crate::registry::auth::MIN_OPERATOR_TOKEN
+            && token.len() < crate::auth::MIN_OPERATOR_TOKEN
         {
             return Err(format!(
                 "the operator token must be at least {} characters (for example `openssl rand -hex 32`)",
-                crate::registry::auth::MIN_OPERATOR_TOKEN
+                crate::auth::MIN_OPERATOR_TOKEN
             ));
         }
         self.quotas.validate().map_err(|e| format!("quotas: {e}"))?;

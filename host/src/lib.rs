@@ -13,6 +13,7 @@
 
 pub mod alert;
 pub mod api;
+pub mod auth;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub(crate) mod backoff;
@@ -22,9 +23,12 @@ pub mod config;
 pub mod engine;
 pub mod event;
 pub mod metrics;
+pub mod quota;
 pub mod registry;
+pub(crate) mod rule_log;
 pub mod runtime;
 pub mod serve;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod timestamp;

@@ -825,7 +825,7 @@ async fn manage_rules(command: RuleCommand) -> anyhow::Result<()> {
                 let bucket = line["bucket"].as_str().unwrap_or("");
                 println!(
                     "{} {:<6} {:<4} {}{}",
-                    tocsin::engine::contain::rfc3339(at),
+                    tocsin::timestamp::rfc3339(at),
                     line["level"].as_str().unwrap_or("?"),
                     line["source"].as_str().unwrap_or("?"),
                     if bucket.is_empty() {

@@ -91,7 +91,7 @@ pub struct RuleTally {
     /// Quarantined: not called in this batch.
     pub quarantined: bool,
     /// Lines for the rule's log.
-    pub log: Vec<crate::engine::contain::LogEntry>,
+    pub log: Vec<crate::rule_log::LogEntry>,
 }
 
 pub struct Metrics {

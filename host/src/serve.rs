@@ -138,7 +138,7 @@ async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<St
             Ok(Store {
                 state: store.clone(),
                 leases: store.clone(),
-                registry: Arc::new(store.registry()),
+                registry: Arc::new(crate::registry::embedded::EmbeddedRegistry::new(&store)),
                 shared: false,
                 log: Some(store),
                 #[cfg(feature = "aws")]
@@ -475,7 +475,7 @@ pub async fn replay(
     let (_stop, stopped) = watch::channel(false);
     let registry = open_registry(
         config,
-        Arc::new(store.registry()),
+        Arc::new(crate::registry::embedded::EmbeddedRegistry::new(&store)),
         runtime,
         catalogue.clone(),
         false,

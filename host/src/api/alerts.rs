@@ -344,7 +344,7 @@ mod tests {
         })
         .unwrap();
         let registry = Registry::open(
-            Arc::new(store.registry()),
+            Arc::new(crate::registry::embedded::EmbeddedRegistry::new(&store)),
             Arc::new(runtime),
             Arc::new(LiveCatalogue::new(StaticCatalogue::default())),
             Default::default(),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::Body;
 use super::{ApiError, AppState, ErrorBody, caller, error, forbidden, operator};
-use crate::registry::auth::Caller;
+use crate::auth::Caller;
 use crate::source::http::{Answer, Refusal};
 
 /// Longest `Idempotency-Key` accepted: room for a UUID and a prefix.

@@ -35,9 +35,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
+use crate::auth::Caller;
 use crate::engine::Engine;
-use crate::registry::auth::Caller;
-use crate::registry::quota::QuotaExceeded;
+use crate::quota::QuotaExceeded;
 use crate::registry::{Registry, RegistryError};
 use crate::source::Source;
 use crate::source::http::HttpIngest;

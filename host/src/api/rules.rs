@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::extract::{Body, Path, Query, json_body};
 use super::{ApiError, AppState, ErrorBody, for_tenant};
-use crate::engine::contain::LogEntry;
 use crate::registry::{RuleView, VersionRecord};
+use crate::rule_log::LogEntry;
 
 /// A component's bytes, as the document describes an upload: binary, not
 /// an array of numbers.

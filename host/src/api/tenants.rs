@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::{Body, Path, from_json};
 use super::{ApiError, AppState, ErrorBody, for_tenant, operator};
-use crate::registry::quota::Quotas;
+use crate::quota::Quotas;
 use crate::registry::{TokenView, validate_tenant};
 
 /// A new token: the only time its secret is shown.

@@ -5,7 +5,7 @@
 //! Within a batch, tenants run in parallel. Once every other tenant is
 //! done, the ones still running get as long again as the others took, and
 //! at least the fair share (`fair_share_ms`, default
-//! [`DEFAULT_FAIR_SHARE`]); past that, the batch commits without them. A
+//! [`DEFAULT_FAIR_SHARE`](crate::quota::DEFAULT_FAIR_SHARE)); past that, the batch commits without them. A
 //! tenant alone in its batch is run apart the same way: the lane's next
 //! batches are the others it would hold. Each straggler's run goes on and commits as a *part* of its own,
 //! on the tenant's *chain* in the lane: its parts, one after the other, in
@@ -27,19 +27,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Batch, Engine, EngineError, Lane, MAX_CONFLICTS, Rejection, TenantOutcome};
 use crate::event::Incoming;
 use crate::store::{Checkpoint, Progress, StoreError};
-
-/// How long a straggler may hold its batch at least, once the other
-/// tenants are done: a tenth of a second holds no one's answer noticeably,
-/// and keeps a batch whole (one commit) whenever its tenants are about as
-/// fast as each other.
-pub const DEFAULT_FAIR_SHARE: Duration = Duration::from_millis(100);
 
 /// Parts a tenant's chain may hold before the tenant's further events are
 /// dead-lettered: at the default batch size, several seconds of its events.

@@ -4,8 +4,11 @@
 
 use std::collections::HashMap;
 
+use super::RejectCause;
 use crate::event::{Incoming, Value};
+// How event times are read; `serve` names it here too.
 use crate::runtime::{Condition, EventBatch, EventTime, Manifest, Scalar, Test, ValueKind};
+pub(crate) use crate::timestamp::parse_rfc3339;
 
 /// One bucket's share of a batch for one rule.
 #[derive(Debug, Clone)]
@@ -39,12 +42,12 @@ pub const MAX_BUCKET_KEY_BYTES: usize = 1024;
 
 /// An event a rule wants but cannot take: its event time cannot be read,
 /// or its bucket key is too long.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("event #{index}: {reason}")]
 pub struct Unroutable {
     pub index: usize,
-    /// `event_time` or `bucket_key`, as dead letters name the cause.
-    pub cause: &'static str,
+    /// [`RejectCause::EventTime`] or [`RejectCause::BucketKey`].
+    pub cause: RejectCause,
     pub reason: String,
 }
 
@@ -124,7 +127,7 @@ pub fn event_time(manifest: &Manifest, index: usize, event: &Incoming) -> Result
     };
     let bad = |reason: &str| Unroutable {
         index,
-        cause: "event_time",
+        cause: RejectCause::EventTime,
         reason: format!("event-time field `{field}` {reason}"),
     };
     match event.field(field) {
@@ -133,12 +136,6 @@ pub fn event_time(manifest: &Manifest, index: usize, event: &Incoming) -> Result
         Some(Value::Str(s)) => parse_rfc3339(s).ok_or_else(|| bad("is not an RFC 3339 time")),
         Some(_) => Err(bad("must be an RFC 3339 string or epoch milliseconds")),
     }
-}
-
-/// An RFC 3339 time as epoch milliseconds, as the host reads event times.
-pub(crate) fn parse_rfc3339(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 /// Filter `events` through the manifest and group them into buckets, each
@@ -165,7 +162,7 @@ pub fn route(manifest: &Manifest, events: &[&Incoming]) -> (Vec<Bucket>, Vec<Unr
         if key.len() > MAX_BUCKET_KEY_BYTES {
             unroutable.push(Unroutable {
                 index,
-                cause: "bucket_key",
+                cause: RejectCause::BucketKey,
                 reason: format!(
                     "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
                     key.len()
@@ -312,7 +309,7 @@ mod tests {
             unroutable,
             [Unroutable {
                 index: 1,
-                cause: "bucket_key",
+                cause: RejectCause::BucketKey,
                 reason: format!(
                     "its bucket key is {} bytes, over the {MAX_BUCKET_KEY_BYTES}-byte limit",
                     long.len()

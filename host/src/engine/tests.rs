@@ -12,10 +12,14 @@ use tokio::sync::Semaphore;
 use super::*;
 use crate::catalogue::{Assignment, StaticCatalogue};
 use crate::clock::ManualClock;
+use crate::event::Incoming;
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::sink::SinkError;
 use crate::source::http::{HttpIngest, Refusal};
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{OutboxMark, Result as StoreResult};
+use crate::store::{
+    BucketId, Commit, Outbox, OutboxMark, Prior, Progress, Result as StoreResult, StoreError,
+};
 
 /// The embedded store, whose commits fail while `failing` is set, panic
 /// while `panicking` is, and wait for a permit while `gated` is.
@@ -215,7 +219,7 @@ async fn a_tenant_too_far_behind_while_run_apart_has_its_events_dead_lettered() 
     let computed = f.engine.compute(&lane, batch("a:1")).await.unwrap();
     let rejected = computed.rejected().to_vec();
     assert_eq!(rejected.len(), 1, "{rejected:?}");
-    assert_eq!(rejected[0].cause, "behind");
+    assert_eq!(rejected[0].cause.name(), "behind");
     assert!(
         rejected[0]
             .reason

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::store::{Doc, Expect, RegistryStore, Result, StoreError};
-use crate::store::embedded::Embedded;
+use crate::store::embedded::{Embedded, EmbeddedStore};
 
 /// key → (revision that wrote it, document).
 const DOCS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("registry_docs");
@@ -25,8 +25,11 @@ pub struct EmbeddedRegistry {
 }
 
 impl EmbeddedRegistry {
-    pub(crate) fn new(store: Arc<Embedded>) -> Self {
-        EmbeddedRegistry { store }
+    /// The registry kept in `store`'s file.
+    pub fn new(store: &EmbeddedStore) -> Self {
+        EmbeddedRegistry {
+            store: store.shared(),
+        }
     }
 
     async fn blocking<T: Send + 'static>(

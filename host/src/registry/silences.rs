@@ -6,19 +6,22 @@
 //!
 //! Silences are registry documents (`silence/{tenant}/{id}`), so every host
 //! follows them as it follows rules; each host keeps the tenants' silences
-//! compiled in a [`Silences`] the engine consults as it commits alerts.
+//! compiled in a [`Silences`] the engine consults as it commits alerts
+//! (which alerts a silence matches is [`crate::alert::silences`]'). This
+//! file owns what a request may ask for and the documents' life: created,
+//! listed, pruned once ended, deleted.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use wildmatch::WildMatch;
 
-use super::RegistryError;
-use crate::alert::AlertRecord;
-use crate::engine::route::parse_rfc3339 as parse_time;
+use super::store::{Expect, StoreError};
+use super::update::Update;
+use super::{Clash, Missing, Registry, RegistryError, decode, encode, validate_tenant};
+use crate::alert::silences::{Matchers, Silence, Silences, millis};
+use crate::auth::{self, Caller};
+use crate::timestamp::{format_rfc3339, now_rfc3339, parse_rfc3339 as parse_time};
 
 /// Silences a tenant may keep, ended ones included.
 pub const MAX_SILENCES: usize = 1_000;
@@ -26,21 +29,6 @@ pub const MAX_SILENCES: usize = 1_000;
 pub const KEEP_ENDED: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest matcher value, comment or author.
 pub const MAX_TEXT_BYTES: usize = 1_024;
-
-/// Which alerts a silence matches: each given field must match (a value,
-/// or a pattern where `*` is any run of characters and `?` any one); a
-/// field left out matches anything. At least one is needed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Matchers {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bucket: Option<String>,
-    /// The alert's key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-}
 
 /// A silence as `POST /v1/tenants/{tenant}/silences` takes it.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -56,24 +44,6 @@ pub struct NewSilence {
     pub created_by: String,
     /// Why.
     pub comment: String,
-}
-
-/// A silence as stored and listed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Silence {
-    pub id: String,
-    pub tenant: String,
-    pub matchers: Matchers,
-    /// RFC 3339.
-    pub starts_at: String,
-    /// RFC 3339.
-    pub ends_at: String,
-    pub created_by: String,
-    pub comment: String,
-    /// RFC 3339.
-    pub created_at: String,
-    /// `operator`, or `token:<id>` of the tenant token that created it.
-    pub recorded_by: String,
 }
 
 /// A silence with where it stands now.
@@ -100,11 +70,6 @@ impl SilenceView {
             state: state.to_owned(),
         }
     }
-}
-
-/// Epoch milliseconds of a time already validated.
-fn millis(rfc3339: &str) -> i64 {
-    parse_time(rfc3339).unwrap_or(i64::MIN)
 }
 
 impl NewSilence {
@@ -177,94 +142,109 @@ impl NewSilence {
     }
 }
 
-/// One silence, ready to match.
-struct Compiled {
-    id: String,
-    rule: Option<WildMatch>,
-    bucket: Option<WildMatch>,
-    key: Option<WildMatch>,
-    starts: i64,
-    ends: i64,
+fn silence_key(tenant: &str, id: &str) -> String {
+    format!("silence/{tenant}/{id}")
 }
 
-impl Compiled {
-    fn new(silence: &Silence) -> Self {
-        let pattern = |p: &Option<String>| p.as_deref().map(WildMatch::new);
-        Compiled {
-            id: silence.id.clone(),
-            rule: pattern(&silence.matchers.rule),
-            bucket: pattern(&silence.matchers.bucket),
-            key: pattern(&silence.matchers.key),
-            starts: millis(&silence.starts_at),
-            ends: millis(&silence.ends_at),
-        }
+impl Registry {
+    /// The tenants' silences, as the engine marks alerts with them.
+    pub fn silences(&self) -> Arc<Silences> {
+        self.silences.clone()
     }
 
-    fn matches(&self, alert: &AlertRecord) -> bool {
-        let field = |pattern: &Option<WildMatch>, value: &str| {
-            pattern.as_ref().is_none_or(|p| p.matches(value))
-        };
-        (self.starts..self.ends).contains(&alert.at)
-            && field(&self.rule, &alert.rule)
-            && field(&self.bucket, &alert.bucket)
-            && field(&self.key, &alert.key)
-    }
-}
-
-/// Every tenant's silences on this host, as the engine checks alerts
-/// against them.
-#[derive(Default)]
-pub struct Silences {
-    by_tenant: RwLock<HashMap<String, Vec<Compiled>>>,
-    /// Whether any tenant has one: the common case costs one load.
-    any: AtomicBool,
-}
-
-impl Silences {
-    /// `tenant`'s silences are now these.
-    pub fn set<'a>(&self, tenant: &str, silences: impl IntoIterator<Item = &'a Silence>) {
-        let compiled: Vec<Compiled> = silences.into_iter().map(Compiled::new).collect();
-        let mut by_tenant = self.by_tenant.write().expect("silences lock");
-        if compiled.is_empty() {
-            by_tenant.remove(tenant);
-        } else {
-            by_tenant.insert(tenant.to_owned(), compiled);
-        }
-        self.any.store(!by_tenant.is_empty(), Ordering::Release);
-    }
-
-    /// Mark the alerts a silence of their tenant matches at their time
-    /// (`silenced_by`, the silence that ends last); how many, per rule.
-    pub fn mark<'a>(
+    /// Keep a new silence for `tenant`; ended ones older than
+    /// [`KEEP_ENDED`] go.
+    pub async fn create_silence(
         &self,
-        alerts: impl IntoIterator<Item = &'a mut AlertRecord>,
-    ) -> Vec<(String, String)> {
-        let mut silenced = Vec::new();
-        if !self.any.load(Ordering::Acquire) {
-            return silenced;
-        }
-        let by_tenant = self.by_tenant.read().expect("silences lock");
-        for alert in alerts {
-            let Some(silences) = by_tenant.get(&alert.tenant) else {
-                continue;
-            };
-            let silence = silences
-                .iter()
-                .filter(|s| s.matches(alert))
-                .max_by_key(|s| s.ends);
-            if let Some(silence) = silence {
-                alert.silenced_by = Some(silence.id.clone());
-                silenced.push((alert.tenant.clone(), alert.rule.clone()));
+        tenant: &str,
+        new: NewSilence,
+        by: &Caller,
+        now_ms: i64,
+    ) -> Result<SilenceView, RegistryError> {
+        validate_tenant(tenant)?;
+        let id = auth::new_token().0;
+        // The host's clock, which also decides whether alerts are silenced.
+        let now = format_rfc3339(now_ms).unwrap_or_else(now_rfc3339);
+        let silence = new.into_silence(tenant, id.clone(), by.name(), &now)?;
+        let stale_before = now_ms.saturating_sub(KEEP_ENDED.as_millis() as i64);
+        let (stale, kept): (Vec<_>, Vec<_>) = self
+            .silence_list(tenant)
+            .into_iter()
+            .partition(|s| SilenceView::new(s.clone(), stale_before).state == "expired");
+        for old in stale {
+            let key = silence_key(tenant, &old.id);
+            if let Some(doc) = self.store.get(&key).await? {
+                match self.store.write(&key, None, Expect::At(doc.revision)).await {
+                    // Another host pruned or deleted it first.
+                    Ok(_) | Err(StoreError::Conflict) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
-        silenced
+        if kept.len() >= MAX_SILENCES {
+            return Err(RegistryError::Conflict(Clash::TooManySilences {
+                tenant: tenant.to_owned(),
+                kept: kept.len(),
+            }));
+        }
+        self.store
+            .write(
+                &silence_key(tenant, &id),
+                Some(&encode(&silence)),
+                Expect::Absent,
+            )
+            .await?;
+        self.refresh().await?;
+        Ok(SilenceView::new(silence, now_ms))
+    }
+
+    /// `tenant`'s silences, ended ones too, by start.
+    pub fn silence_views(&self, tenant: &str, now_ms: i64) -> Vec<SilenceView> {
+        self.silence_list(tenant)
+            .into_iter()
+            .map(|s| SilenceView::new(s, now_ms))
+            .collect()
+    }
+
+    fn silence_list(&self, tenant: &str) -> Vec<Silence> {
+        let view = self.view.read().expect("view lock");
+        let mut list: Vec<Silence> = view
+            .silences
+            .get(tenant)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        list.sort_by(|a, b| (&a.starts_at, &a.id).cmp(&(&b.starts_at, &b.id)));
+        list
+    }
+
+    /// Remove a silence of `tenant`: the alerts it matched are published
+    /// unmarked from then on, on every host within [`FOLLOW_EVERY`].
+    pub async fn delete_silence(
+        &self,
+        tenant: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<SilenceView, RegistryError> {
+        let silence = self
+            .update(&silence_key(tenant, id), |stored| {
+                let Some(doc) = stored else {
+                    return Err(RegistryError::NotFound(Missing::Silence {
+                        tenant: tenant.to_owned(),
+                        id: id.to_owned(),
+                    }));
+                };
+                Ok(Update::Delete(decode::<Silence>(&doc.value)?))
+            })
+            .await?;
+        self.refresh().await?;
+        Ok(SilenceView::new(silence, now_ms))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alert::{Origin, Status};
+    use crate::alert::{AlertRecord, Origin, Status};
 
     fn alert(rule: &str, bucket: &str, key: &str, at: i64) -> AlertRecord {
         let origin = Origin {

@@ -38,6 +38,17 @@ pub enum StoreError {
     Invalid(String),
 }
 
+impl StoreError {
+    /// Whether the same operation may succeed later: another writer got
+    /// there first, or the store was unavailable.
+    pub fn retryable(&self) -> bool {
+        match self {
+            StoreError::Conflict | StoreError::Unavailable(_) => true,
+            StoreError::Invalid(_) => false,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Documents by key, changes by revision, components by hash.

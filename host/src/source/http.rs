@@ -72,7 +72,7 @@ pub enum Refusal {
     Forbidden(String),
     /// A tenant of the request is over a quota: nothing was applied.
     #[error(transparent)]
-    Quota(#[from] crate::registry::quota::QuotaExceeded),
+    Quota(#[from] crate::quota::QuotaExceeded),
 }
 
 /// What may refuse a request once its events are read, before any is

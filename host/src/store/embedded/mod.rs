@@ -171,9 +171,10 @@ impl EmbeddedStore {
         })
     }
 
-    /// The rule registry kept in this store's file.
-    pub fn registry(&self) -> crate::registry::embedded::EmbeddedRegistry {
-        crate::registry::embedded::EmbeddedRegistry::new(self.inner.clone())
+    /// The store itself, shared: the rule registry keeps its tables in
+    /// the same file.
+    pub(crate) fn shared(&self) -> Arc<Embedded> {
+        self.inner.clone()
     }
 
     /// The index file of the store at `path`.

@@ -1,9 +1,13 @@
-//! What one tenant may use, set by the operator per tenant over defaults
-//! from the config. Exceeding a quota is answered with the quota's name.
+//! What one tenant may use of a host: its quotas, set by the operator per
+//! tenant over defaults from the config (exceeding one is answered with the
+//! quota's name), its events-per-second budget, and its share of a batch's
+//! time. Below the config, the registry and the engine, which all name
+//! them.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
@@ -22,6 +26,13 @@ pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 8 << 20;
 /// Events per second one tenant may post over HTTP: a hundred thousand
 /// machines reporting every ten seconds, a tenth of one host's throughput.
 pub const DEFAULT_EVENTS_PER_SECOND: u32 = 10_000;
+
+/// How long a straggler may hold its batch at least, once the other
+/// tenants are done: a tenth of a second holds no one's answer noticeably,
+/// and keeps a batch whole (one commit) whenever its tenants are about as
+/// fast as each other. Past it, the tenant is run apart
+/// ([`crate::engine::apart`]).
+pub const DEFAULT_FAIR_SHARE: Duration = Duration::from_millis(100);
 
 /// One tenant's quotas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -4,6 +4,8 @@
 //! for every notification of one alert (its firing, its repeats, its
 //! resolution), as Alertmanager's is.
 
+pub mod silences;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
