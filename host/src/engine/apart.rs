@@ -63,7 +63,6 @@ impl std::fmt::Debug for PartReceipts {
 /// One tenant's events of a batch, run apart from the rest of it.
 #[derive(Debug)]
 pub struct Apart {
-    pub tenant: String,
     /// The events it holds, by their index in the batch.
     pub indices: Vec<usize>,
     result: oneshot::Receiver<Result<Vec<Rejection>, EngineError>>,
@@ -233,7 +232,6 @@ impl Part {
     ) -> (Part, Apart) {
         let (done, result) = oneshot::channel();
         let apart = Apart {
-            tenant: tenant.clone(),
             indices: indices.clone(),
             result,
         };

@@ -19,27 +19,27 @@ use crate::store::{BucketId, Commit, Outbox, Progress};
 /// One batch from a source: its events in order, each with its position.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    pub events: Arc<[Incoming]>,
+    pub(crate) events: Arc<[Incoming]>,
     /// What the commit records of the source's position.
-    pub progress: Progress,
+    pub(crate) progress: Progress,
     /// Records of the batch that are not events (a stream's bad records):
     /// dead-lettered with it.
-    pub bad: Vec<DeadLetter>,
+    pub(crate) bad: Vec<DeadLetter>,
     /// The source answers nobody (a stream): events at fault themselves
     /// (unknown tenant, unreadable event time) are dead-lettered, not only
     /// rejected. Events a rule failed on are dead-lettered from any source.
-    pub unanswered: bool,
+    pub(crate) unanswered: bool,
     /// Tenants whose events share a request with another tenant's: they
     /// are never run apart ([`apart`]), so a request commits whole.
-    pub together: Vec<String>,
+    pub(crate) together: Vec<String>,
     /// What a part run apart records of the requests it answers.
-    pub receipts: Option<apart::PartReceipts>,
+    pub(crate) receipts: Option<apart::PartReceipts>,
     /// Timers due, each bucket's with its due time: a batch of timers has
     /// no events ([`Engine::fire_timers`](super::Engine::fire_timers)).
-    pub timers: Vec<(BucketId, i64)>,
+    pub(crate) timers: Vec<(BucketId, i64)>,
     /// Buckets untouched past their rule's state time-to-live, to remove
     /// (with a batch of timers).
-    pub expired: Vec<BucketId>,
+    pub(crate) expired: Vec<BucketId>,
 }
 
 impl Batch {
@@ -159,7 +159,7 @@ impl Rejection {
 
 /// A batch whose rules ran, waiting for its commit.
 #[derive(Debug)]
-pub struct Computed {
+pub(crate) struct Computed {
     pub(super) commit: Commit,
     pub(super) rejected: Vec<Rejection>,
     pub(super) events: usize,
@@ -184,18 +184,18 @@ pub struct Computed {
 impl Computed {
     /// The parts of the batch run apart: each tenant's events left out of
     /// this batch, answered when its part commits.
-    pub fn take_apart(&mut self) -> Vec<apart::Apart> {
+    pub(crate) fn take_apart(&mut self) -> Vec<apart::Apart> {
         std::mem::take(&mut self.apart)
     }
 
     /// The events not applied, and why.
-    pub fn rejected(&self) -> &[Rejection] {
+    pub(crate) fn rejected(&self) -> &[Rejection] {
         &self.rejected
     }
 
     /// Replace what the commit records of the source's position (the HTTP
     /// source stores its answers, which depend on the rejections).
-    pub fn set_progress(&mut self, progress: Progress) {
+    pub(crate) fn set_progress(&mut self, progress: Progress) {
         self.commit.progress = progress;
     }
 }

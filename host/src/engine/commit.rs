@@ -19,7 +19,11 @@ impl Engine {
     /// committed in the order they were computed. Once this returns `Ok`,
     /// the batch is durable: the source may acknowledge it, then
     /// [`publish`](Self::publish) it.
-    pub async fn commit(&self, lane: &Lane, computed: Computed) -> Result<Committed, EngineError> {
+    pub(crate) async fn commit(
+        &self,
+        lane: &Lane,
+        computed: Computed,
+    ) -> Result<Committed, EngineError> {
         let _committing = lane.committing.lock().await;
         let Computed {
             mut commit,

@@ -95,7 +95,7 @@ impl Engine {
     /// every tenant's rules; their new states wait in the lane's overlay
     /// for the lane's next batch. Tenants run apart ([`apart`]) are left
     /// out: [`Computed::take_apart`] has them.
-    pub async fn compute(
+    pub(crate) async fn compute(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
         batch: Batch,

@@ -108,7 +108,7 @@ impl Lane {
     /// Forget what batches computed but did not commit, and catch up on
     /// the outbox before the next publish: after a failure whose effect on
     /// the store is unknown (a panic mid-commit).
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.overlay().drop_all();
         self.behind.store(true, Ordering::Relaxed);
     }
@@ -116,13 +116,13 @@ impl Lane {
     /// The source reads again from the last checkpoint the lane committed
     /// (returned; `None` if it committed none): batches it had waiting for
     /// parts run apart are forgotten.
-    pub fn reopened(&self) -> Option<Checkpoint> {
+    pub(crate) fn reopened(&self) -> Option<Checkpoint> {
         self.parts.lock().expect("parts lock").reopened()
     }
 
     /// A part run apart failed: the source must read again from the last
     /// checkpoint committed ([`reopened`](Self::reopened)).
-    pub fn part_failed(&self) -> bool {
+    pub(crate) fn part_failed(&self) -> bool {
         self.parts.lock().expect("parts lock").failed()
     }
 

@@ -35,11 +35,11 @@
 //!   bisection), [`contain`] (quarantines and rule logs), [`Scratch`] (a
 //!   throwaway engine for `rule test` and replays).
 
-pub mod apart;
+pub(crate) mod apart;
 mod batch;
 mod commit;
 mod compute;
-pub mod contain;
+pub(crate) mod contain;
 mod error;
 mod lane;
 mod outcome;
@@ -50,12 +50,12 @@ mod scratch;
 mod tenants;
 mod timers;
 
-pub use batch::{Batch, Committed, Computed, RejectCause, Rejection};
+pub(crate) use batch::Computed;
+pub use batch::{Batch, Committed, RejectCause, Rejection};
 pub use error::EngineError;
 pub use lane::Lane;
 pub use scratch::{Ran, Scratch, ScratchError};
 pub(crate) use tenants::TenantOutcome;
-pub use timers::{MAX_TIMERS_PER_BATCH, MIN_TIMER_STEP_MS};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,7 +119,7 @@ fn add_elapsed(counter: &AtomicU64, since: Instant) {
 /// What is failing now, for `/readyz`: the last commit or publish failed
 /// and none has succeeded since.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Health {
+pub(crate) struct Health {
     pub commit_error: Option<String>,
     pub publish_error: Option<String>,
 }
@@ -182,19 +182,19 @@ impl Engine {
     }
 
     /// Mark the alerts `silences` match as they commit (`silenced_by`).
-    pub fn with_silences(mut self, silences: Arc<Silences>) -> Self {
+    pub(crate) fn with_silences(mut self, silences: Arc<Silences>) -> Self {
         self.silences = Some(silences);
         self
     }
 
     /// Told after each commit that set a timer.
-    pub fn timers_set(&self) -> watch::Receiver<u64> {
+    pub(crate) fn timers_set(&self) -> watch::Receiver<u64> {
         self.timers_set.subscribe()
     }
 
     /// Run a tenant apart once it holds its batch `share` past the others
     /// ([`apart`]); `None` keeps batches whole.
-    pub fn with_fair_share(mut self, share: Option<Duration>) -> Self {
+    pub(crate) fn with_fair_share(mut self, share: Option<Duration>) -> Self {
         self.fair_share = share;
         self
     }
@@ -202,22 +202,22 @@ impl Engine {
     /// Keep dead letters in `sink`. Without one, the events not applied
     /// are only reported to the caller (the rejections of each batch), as
     /// `tocsin rule test` and `tocsin replay` do.
-    pub fn with_dead_letters(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
+    pub(crate) fn with_dead_letters(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
         self.dead_letters = Some(sink);
         self
     }
 
-    pub fn dead_letters(&self) -> Option<&dyn DeadLetterSink> {
+    pub(crate) fn dead_letters(&self) -> Option<&dyn DeadLetterSink> {
         self.dead_letters.as_deref()
     }
 
     /// The rule's quarantine on this host, current or awaiting probation.
-    pub fn quarantine(&self, tenant: &str, rule: &str) -> Option<Quarantine> {
+    pub(crate) fn quarantine(&self, tenant: &str, rule: &str) -> Option<Quarantine> {
         self.quarantines.get(tenant, rule)
     }
 
     /// Lift the rule's quarantine on this host; whether it had one.
-    pub fn resume(&self, tenant: &str, rule: &str) -> bool {
+    pub(crate) fn resume(&self, tenant: &str, rule: &str) -> bool {
         let had = self.quarantines.resume(tenant, rule);
         if had {
             tracing::info!(tenant, rule, "quarantine lifted");
@@ -237,12 +237,12 @@ impl Engine {
     }
 
     /// The rule's recent log lines on this host, oldest first.
-    pub fn rule_logs(&self, tenant: &str, rule: &str) -> Vec<LogEntry> {
+    pub(crate) fn rule_logs(&self, tenant: &str, rule: &str) -> Vec<LogEntry> {
         self.logs.lines(tenant, rule)
     }
 
     /// Wait until every part the lane ran apart is through its commit.
-    pub async fn settle(&self, lane: &Lane) {
+    pub(crate) async fn settle(&self, lane: &Lane) {
         let _ = lane
             .chains
             .subscribe()
@@ -251,7 +251,7 @@ impl Engine {
     }
 
     /// What `GET /metrics` reports, with the gauges read now.
-    pub fn encode_metrics(
+    pub(crate) fn encode_metrics(
         &self,
         live_instances: usize,
         registered_rules: usize,
@@ -263,21 +263,18 @@ impl Engine {
     }
 
     /// Keep `alerts` for live subscribers that fall behind (default 16k):
-    /// past that they catch up from the alert log.
-    pub fn with_live_capacity(mut self, alerts: usize) -> Self {
+    /// past that they catch up from the alert log. Only tests keep fewer.
+    #[cfg(test)]
+    pub(crate) fn with_live_capacity(mut self, alerts: usize) -> Self {
         self.live = broadcast::channel(alerts.max(1)).0;
         self
     }
 
-    pub fn catalogue(&self) -> &dyn Catalogue {
-        self.catalogue.as_ref()
-    }
-
-    pub fn store(&self) -> &dyn StateStore {
+    pub(crate) fn store(&self) -> &dyn StateStore {
         self.store.as_ref()
     }
 
-    pub fn clock(&self) -> &dyn Clock {
+    pub(crate) fn clock(&self) -> &dyn Clock {
         self.clock.as_ref()
     }
 
@@ -286,11 +283,11 @@ impl Engine {
     }
 
     /// What `GET /metrics` reports.
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    pub fn health(&self) -> Health {
+    pub(crate) fn health(&self) -> Health {
         self.health.lock().expect("health lock").clone()
     }
 

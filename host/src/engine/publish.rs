@@ -13,7 +13,7 @@ impl Engine {
     /// Publish a committed batch's alerts (after any the lane's outbox
     /// still holds). A failure only delays them: they stay in the outbox,
     /// and the lane's next batch publishes them first.
-    pub async fn publish(&self, lane: &Lane, committed: &mut Committed) {
+    pub(crate) async fn publish(&self, lane: &Lane, committed: &mut Committed) {
         let Some(mut outbox) = committed.outbox.take() else {
             return;
         };
@@ -44,7 +44,7 @@ impl Engine {
     /// Publish what the lane's partition committed but may not have
     /// published (at start, or after a failure): a new lease owner's
     /// duty before it reads the shard. Same ids, so consumers dedupe.
-    pub async fn flush(&self, lane: &Lane) -> Result<(), EngineError> {
+    pub(crate) async fn flush(&self, lane: &Lane) -> Result<(), EngineError> {
         if !lane.behind.load(Ordering::Relaxed) {
             return Ok(());
         }

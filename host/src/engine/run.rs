@@ -89,7 +89,7 @@ fn call(
 /// One `on-timer` call for `bucket`, whose timer was due at `due`, at
 /// `now`. Its alerts' ids derive from the bucket and `due`, so a timer
 /// fired again after a crash raises the same ids.
-pub fn call_timer(
+pub(crate) fn call_timer(
     rule: &LoadedRule,
     bucket: &str,
     stored: Option<&[u8]>,
@@ -308,7 +308,7 @@ impl Calls<'_> {
 
 /// Each tenant's events in arrival order, with their indices in `events`;
 /// tenants in order of first event.
-pub fn by_tenant(events: &[Incoming]) -> Vec<(&str, Vec<usize>)> {
+pub(crate) fn by_tenant(events: &[Incoming]) -> Vec<(&str, Vec<usize>)> {
     let mut tenants: Vec<(&str, Vec<usize>)> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     for (i, event) in events.iter().enumerate() {

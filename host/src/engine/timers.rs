@@ -19,10 +19,10 @@ use crate::store::{BucketId, BucketWrite, Progress};
 use crate::timestamp;
 
 /// Timers one batch of timers fires.
-pub const MAX_TIMERS_PER_BATCH: usize = 1024;
+pub(crate) const MAX_TIMERS_PER_BATCH: usize = 1024;
 /// A timer `on-timer` sets at or before the time it fired is due this much
 /// later: a rule cannot keep the host firing it.
-pub const MIN_TIMER_STEP_MS: i64 = 1_000;
+pub(crate) const MIN_TIMER_STEP_MS: i64 = 1_000;
 
 impl Engine {
     /// Fire the timers of `lane`'s partition due by `until`, and remove
@@ -30,7 +30,7 @@ impl Engine {
     /// a batch of events with `progress` (a timer partition's lease, or
     /// nothing); how many timers fired. Tenants run apart keep theirs until
     /// their parts are in.
-    pub async fn fire_timers(
+    pub(crate) async fn fire_timers(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
         until: i64,
@@ -84,7 +84,7 @@ impl Engine {
     /// firing each of `lane`'s timers due by then at its due time (or at
     /// the clock's time if that has passed it), in order, so a timer a
     /// firing sets again within the time fires again; how many fired.
-    pub async fn run_clock_to(
+    pub(crate) async fn run_clock_to(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
         clock: &ManualClock,
@@ -109,7 +109,7 @@ impl Engine {
     }
 
     /// When `lane`'s partition next has a timer due or a bucket expiring.
-    pub async fn next_due(&self, lane_partition: &str) -> Result<Option<i64>, EngineError> {
+    pub(crate) async fn next_due(&self, lane_partition: &str) -> Result<Option<i64>, EngineError> {
         let timer = self.store.next_timer(lane_partition).await?;
         let expiry = self.store.next_expiry(lane_partition).await?;
         Ok(timer.into_iter().chain(expiry).min())

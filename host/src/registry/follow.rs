@@ -75,7 +75,7 @@ impl Registry {
 
     /// Follow the registry until `stop`: what any host changes is served
     /// here within [`FOLLOW_EVERY`] plus its loading time.
-    pub async fn follow(
+    pub(crate) async fn follow(
         self: Arc<Self>,
         every: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
@@ -102,7 +102,7 @@ impl Registry {
     }
 
     /// Apply what changed in the registry since this host last looked.
-    pub async fn refresh(&self) -> Result<(), RegistryError> {
+    pub(crate) async fn refresh(&self) -> Result<(), RegistryError> {
         let _one = self.refreshing.lock().await;
         let since = self.view.read().expect("view lock").revision;
         let (revision, keys) = self.store.changes(since).await?;

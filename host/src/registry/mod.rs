@@ -27,23 +27,22 @@
 mod compile;
 #[cfg(feature = "aws")]
 pub mod dynamo;
-pub mod embedded;
+pub(crate) mod embedded;
 mod error;
 mod follow;
 mod quarantine;
 mod quotas;
-pub mod silences;
+pub(crate) mod silences;
 pub mod store;
 mod tokens;
 mod update;
 mod versions;
 mod views;
 
-pub use compile::COMPILE_TIMEOUT;
 pub use error::{Clash, Missing, RegistryError};
-pub use follow::FOLLOW_EVERY;
+pub(crate) use follow::FOLLOW_EVERY;
 pub use tokens::TokenView;
-pub use versions::{MAX_PARAMS_BYTES, MAX_VERSIONS, ManifestView, VersionRecord};
+pub use versions::{ManifestView, VersionRecord};
 pub use views::RuleView;
 
 use std::collections::HashMap;
@@ -61,7 +60,7 @@ use follow::View;
 use store::{RegistryStore, StoreError};
 
 /// Longest tenant id the API takes (it is part of every stored key).
-pub const MAX_TENANT_BYTES: usize = 128;
+pub(crate) const MAX_TENANT_BYTES: usize = 128;
 
 /// The registry as one host uses it.
 pub struct Registry {
@@ -85,7 +84,7 @@ pub struct Registry {
 
 impl Registry {
     /// Read the whole registry and serve every active version.
-    pub async fn open(
+    pub(crate) async fn open(
         store: Arc<dyn RegistryStore>,
         runtime: Arc<Runtime>,
         catalogue: Arc<LiveCatalogue>,
@@ -112,21 +111,21 @@ impl Registry {
     }
 
     /// The sandbox the registry loads rules into.
-    pub fn runtime(&self) -> &Arc<Runtime> {
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
     }
 
     /// Rules this host serves, from the config and the registry.
-    pub fn serving_count(&self) -> usize {
+    pub(crate) fn serving_count(&self) -> usize {
         self.catalogue.rule_count()
     }
 
-    pub fn has_operator_token(&self) -> bool {
+    pub(crate) fn has_operator_token(&self) -> bool {
         self.operator_token.is_some()
     }
 }
 
-pub fn validate_tenant(tenant: &str) -> Result<(), RegistryError> {
+pub(crate) fn validate_tenant(tenant: &str) -> Result<(), RegistryError> {
     if tenant.is_empty() || tenant.len() > MAX_TENANT_BYTES || tenant.chars().any(char::is_control)
     {
         return Err(RegistryError::Invalid(format!(

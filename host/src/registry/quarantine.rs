@@ -15,7 +15,7 @@ use crate::timestamp::now_rfc3339;
 impl Registry {
     /// Lift quarantines in `engine` when a resume is written (here or on
     /// another host) and when a rule's served version changes.
-    pub fn on_resume(&self, engine: Arc<Engine>) {
+    pub(crate) fn on_resume(&self, engine: Arc<Engine>) {
         let _ = self.engine.set(Arc::downgrade(&engine));
     }
 
@@ -29,7 +29,12 @@ impl Registry {
     /// Lift `tenant`'s `rule` quarantine on every host: on this one at once,
     /// on the others when they next follow the registry. Whether this host
     /// had it quarantined.
-    pub async fn resume(&self, tenant: &str, rule: &str, by: &str) -> Result<bool, RegistryError> {
+    pub(crate) async fn resume(
+        &self,
+        tenant: &str,
+        rule: &str,
+        by: &str,
+    ) -> Result<bool, RegistryError> {
         validate_tenant(tenant)?;
         let key = format!("resume/{tenant}/{rule}");
         let record = serde_json::json!({ "by": by, "at": now_rfc3339() });

@@ -12,12 +12,12 @@ fn quota_key(tenant: &str) -> String {
 
 impl Registry {
     /// The quotas of a tenant the operator set none for.
-    pub fn default_quotas(&self) -> &Quotas {
+    pub(crate) fn default_quotas(&self) -> &Quotas {
         &self.defaults
     }
 
     /// `tenant`'s quotas: the operator's for it, or the defaults.
-    pub fn quotas(&self, tenant: &str) -> Quotas {
+    pub(crate) fn quotas(&self, tenant: &str) -> Quotas {
         self.view
             .read()
             .expect("view lock")
@@ -26,7 +26,11 @@ impl Registry {
             .map_or_else(|| self.defaults.clone(), |(q, _)| q.clone())
     }
 
-    pub async fn set_quotas(&self, tenant: &str, quotas: Quotas) -> Result<Quotas, RegistryError> {
+    pub(crate) async fn set_quotas(
+        &self,
+        tenant: &str,
+        quotas: Quotas,
+    ) -> Result<Quotas, RegistryError> {
         quotas.validate().map_err(RegistryError::Invalid)?;
         let value = encode(&quotas);
         self.update(&quota_key(tenant), |_| Ok(Update::Put(value.clone(), ())))
@@ -36,7 +40,7 @@ impl Registry {
     }
 
     /// Take `events` from `tenant`'s events-per-second quota.
-    pub fn admit_events(&self, tenant: &str, events: usize) -> Result<(), QuotaExceeded> {
+    pub(crate) fn admit_events(&self, tenant: &str, events: usize) -> Result<(), QuotaExceeded> {
         let per_second = self.quotas(tenant).events_per_second;
         self.rates.admit(tenant, events, per_second)
     }

@@ -148,13 +148,13 @@ fn silence_key(tenant: &str, id: &str) -> String {
 
 impl Registry {
     /// The tenants' silences, as the engine marks alerts with them.
-    pub fn silences(&self) -> Arc<Silences> {
+    pub(crate) fn silences(&self) -> Arc<Silences> {
         self.silences.clone()
     }
 
     /// Keep a new silence for `tenant`; ended ones older than
     /// [`KEEP_ENDED`] go.
-    pub async fn create_silence(
+    pub(crate) async fn create_silence(
         &self,
         tenant: &str,
         new: NewSilence,
@@ -199,7 +199,7 @@ impl Registry {
     }
 
     /// `tenant`'s silences, ended ones too, by start.
-    pub fn silence_views(&self, tenant: &str, now_ms: i64) -> Vec<SilenceView> {
+    pub(crate) fn silence_views(&self, tenant: &str, now_ms: i64) -> Vec<SilenceView> {
         self.silence_list(tenant)
             .into_iter()
             .map(|s| SilenceView::new(s, now_ms))
@@ -219,7 +219,7 @@ impl Registry {
 
     /// Remove a silence of `tenant`: the alerts it matched are published
     /// unmarked from then on, on every host within [`FOLLOW_EVERY`].
-    pub async fn delete_silence(
+    pub(crate) async fn delete_silence(
         &self,
         tenant: &str,
         id: &str,

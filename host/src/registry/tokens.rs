@@ -38,7 +38,7 @@ fn token_key(id: &str) -> String {
 
 impl Registry {
     /// Who a bearer token belongs to; `None`: nobody (unknown or revoked).
-    pub fn authenticate(&self, token: &str) -> Option<Caller> {
+    pub(crate) fn authenticate(&self, token: &str) -> Option<Caller> {
         if let Some(operator) = &self.operator_token
             && auth::same_secret(token, operator)
         {
@@ -55,7 +55,7 @@ impl Registry {
     }
 
     /// A new token for `tenant`: its record, and the token, shown only now.
-    pub async fn create_token(
+    pub(crate) async fn create_token(
         &self,
         tenant: &str,
         by: &Caller,
@@ -76,7 +76,7 @@ impl Registry {
         Ok((TokenView::from(&record), token))
     }
 
-    pub fn tokens(&self, tenant: &str) -> Vec<TokenView> {
+    pub(crate) fn tokens(&self, tenant: &str) -> Vec<TokenView> {
         let view = self.view.read().expect("view lock");
         let mut tokens: Vec<TokenView> = view
             .tokens
@@ -90,7 +90,11 @@ impl Registry {
 
     /// Revoke a token of `tenant`: it stops working on every host within
     /// [`FOLLOW_EVERY`], and stays listed as revoked.
-    pub async fn revoke_token(&self, tenant: &str, id: &str) -> Result<TokenView, RegistryError> {
+    pub(crate) async fn revoke_token(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<TokenView, RegistryError> {
         let record = self
             .update(&token_key(id), |stored| {
                 let Some(mut record) = stored

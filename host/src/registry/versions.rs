@@ -130,7 +130,7 @@ impl Registry {
     /// false). Returns the version and whether it is new: uploading what
     /// the latest version already is (same bytes, same parameters) adds
     /// none.
-    pub async fn upload(
+    pub(crate) async fn upload(
         &self,
         tenant: &str,
         name: &str,
@@ -263,7 +263,7 @@ impl Registry {
     }
 
     /// Make `version` the one that runs (roll back or forward).
-    pub async fn activate(
+    pub(crate) async fn activate(
         &self,
         tenant: &str,
         name: &str,
@@ -296,7 +296,7 @@ impl Registry {
     /// Remove a registered rule and its versions; it stops running on every
     /// host. Its buckets' state stays in the state store (a rule
     /// registered again under the name reads it).
-    pub async fn delete(&self, tenant: &str, name: &str) -> Result<(), RegistryError> {
+    pub(crate) async fn delete(&self, tenant: &str, name: &str) -> Result<(), RegistryError> {
         self.update(&rule_key(tenant, name), |stored| match stored {
             Some(_) => Ok(Update::Delete(())),
             None => Err(self.no_rule(tenant, name)),

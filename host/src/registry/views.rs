@@ -36,7 +36,7 @@ pub struct RuleView {
 
 impl Registry {
     /// Every rule of `tenant`: from the config, then registered, by name.
-    pub fn rules(&self, tenant: &str) -> Vec<RuleView> {
+    pub(crate) fn rules(&self, tenant: &str) -> Vec<RuleView> {
         let mut rules: Vec<RuleView> = self
             .catalogue
             .fixed(tenant)
@@ -55,7 +55,7 @@ impl Registry {
         rules
     }
 
-    pub fn rule(&self, tenant: &str, name: &str) -> Result<RuleView, RegistryError> {
+    pub(crate) fn rule(&self, tenant: &str, name: &str) -> Result<RuleView, RegistryError> {
         if let Some(rule) = self
             .catalogue
             .fixed(tenant)
