@@ -171,12 +171,20 @@ impl Parts {
     /// The source reads again from the last checkpoint committed: batches
     /// it had open are forgotten (their parts still commit, moving no
     /// checkpoint).
+    #[cfg_attr(
+        not(feature = "aws"),
+        allow(dead_code, reason = "used by the Kinesis source")
+    )]
     pub(super) fn reopened(&mut self) -> Option<Checkpoint> {
         self.open.clear();
         self.failed = false;
         self.durable.clone()
     }
 
+    #[cfg_attr(
+        not(feature = "aws"),
+        allow(dead_code, reason = "used by the Kinesis source")
+    )]
     pub(super) fn failed(&self) -> bool {
         self.failed
     }

@@ -116,12 +116,20 @@ impl Lane {
     /// The source reads again from the last checkpoint the lane committed
     /// (returned; `None` if it committed none): batches it had waiting for
     /// parts run apart are forgotten.
+    #[cfg_attr(
+        not(feature = "aws"),
+        allow(dead_code, reason = "used by the Kinesis source")
+    )]
     pub(crate) fn reopened(&self) -> Option<Checkpoint> {
         self.parts.lock().expect("parts lock").reopened()
     }
 
     /// A part run apart failed: the source must read again from the last
     /// checkpoint committed ([`reopened`](Self::reopened)).
+    #[cfg_attr(
+        not(feature = "aws"),
+        allow(dead_code, reason = "used by the Kinesis source")
+    )]
     pub(crate) fn part_failed(&self) -> bool {
         self.parts.lock().expect("parts lock").failed()
     }

@@ -283,6 +283,10 @@ impl Engine {
     }
 
     /// What `GET /metrics` reports.
+    #[cfg_attr(
+        not(feature = "aws"),
+        allow(dead_code, reason = "used by the Kinesis source")
+    )]
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
