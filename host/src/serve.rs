@@ -174,19 +174,15 @@ async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<St
     }
 }
 
-/// Fail with a message naming what is missing if a stream or the table the
-/// config names does not exist.
+/// Fail with a message naming what is missing if the events stream or the
+/// table the config names does not exist (and then the output streams
+/// too). A host on HTTP and its own disk starts without AWS: alerts for a
+/// stream not there yet wait in the outbox, and readiness says why.
 #[cfg(feature = "aws")]
 async fn check_aws(config: &Config) -> anyhow::Result<()> {
     let mut streams = Vec::new();
     if let Source::Kinesis(stream) = &config.source {
         streams.push(stream.as_str());
-    }
-    if let AlertsBackend::Kinesis(alerts) = &config.alerts {
-        streams.push(alerts);
-    }
-    if let DeadLettersBackend::Kinesis(dead_letters) = &config.dead_letters {
-        streams.push(dead_letters);
     }
     let table = match &config.state {
         StateBackend::Dynamodb(table) => Some(table.as_str()),
@@ -194,6 +190,12 @@ async fn check_aws(config: &Config) -> anyhow::Result<()> {
     };
     if streams.is_empty() && table.is_none() {
         return Ok(());
+    }
+    if let AlertsBackend::Kinesis(alerts) = &config.alerts {
+        streams.push(alerts);
+    }
+    if let DeadLettersBackend::Kinesis(dead_letters) = &config.dead_letters {
+        streams.push(dead_letters);
     }
     let aws = crate::aws::sdk_config().await;
     crate::aws::check_exists(&aws, &streams, table).await
