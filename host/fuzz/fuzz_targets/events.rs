@@ -77,6 +77,6 @@ fuzz_target!(|data: &[u8]| {
 
     let mut file = FileSource::new(data, "fuzz", "clientId", 7);
     while let Ok(Some(batch)) = file.next_batch(0) {
-        assert_eq!(batch.batch.events.len(), batch.lines.len());
+        assert_eq!(batch.batch.events().len(), batch.lines.len());
     }
 });

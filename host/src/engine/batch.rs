@@ -43,6 +43,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Its events, in order.
+    pub fn events(&self) -> &[Incoming] {
+        &self.events
+    }
+
     /// A batch of a source that answers its producers (HTTP, a file).
     pub fn new(events: impl Into<Arc<[Incoming]>>, progress: Progress) -> Self {
         Batch {
